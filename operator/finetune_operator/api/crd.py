@@ -1,0 +1,178 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the API types.
+
+`python -m finetune_operator.api.crd --write` rewrites crds/ and the chart's copy; a test fails
+when the committed files differ from what the types generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import constants as c
+from .rules import ROOT_RULES
+from .spec import FineTuneJobSpec
+from .status import FineTuneJobStatus
+
+# The API server keeps only these keywords of a structural schema.
+_KEEP = {
+    "type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "minLength", "maxLength", "minItems", "maxItems", "pattern", "items", "properties", "required",
+    "additionalProperties", "nullable", "format", "x-kubernetes-validations", "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "minProperties",
+    "maxProperties", "anyOf",
+}
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+            extra = {k: v for k, v in node.items() if k != "$ref"}
+            return _inline({**target, **extra}, defs)
+        return {k: _inline(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def _structural(node: dict[str, Any]) -> dict[str, Any]:
+    node = dict(node)
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if node.get("x-kubernetes-int-or-string") or {o.get("type") for o in options} == {"integer", "string"}:
+            node["x-kubernetes-int-or-string"] = True
+        elif len(options) == 1:
+            merged = {**options[0], **node}
+            if node.get("default", "unset") is None:
+                merged.pop("default")
+            node = merged
+        else:
+            raise ValueError(f"cannot express union in a structural schema: {options}")
+    if node.get("default", "unset") is None:
+        node.pop("default")
+    # OpenAPI v3.0 (what Kubernetes speaks) writes exclusive bounds as booleans.
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(bound), int | float) and not isinstance(node.get(bound), bool):
+            node[plain] = node.pop(bound)
+            node[bound] = True
+    if node.get("type") == "object" or "properties" in node:
+        node["type"] = "object"
+        node["properties"] = {k: _structural(v) for k, v in node.get("properties", {}).items()}
+        if not node["properties"]:
+            node.pop("properties")
+        if isinstance(node.get("additionalProperties"), dict):
+            node["additionalProperties"] = _structural(node["additionalProperties"])
+        elif node.get("additionalProperties") is False:
+            node.pop("additionalProperties")
+    if node.get("type") == "array" and isinstance(node.get("items"), dict):
+        node["items"] = _structural(node["items"])
+    if node.get("x-kubernetes-int-or-string"):
+        node.pop("type", None)
+    return {k: v for k, v in node.items() if k in _KEEP}
+
+
+def _schema(model: type) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    return _structural(_inline(raw, defs))
+
+
+def openapi_schema() -> dict[str, Any]:
+    spec = _schema(FineTuneJobSpec)
+    status = _schema(FineTuneJobStatus)
+    status["properties"]["conditions"].update(
+        {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    )
+    return {
+        "type": "object",
+        "description": "FineTuneJob fine-tunes a model on a dataset with distributed training, presets and early stopping.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": ROOT_RULES,
+    }
+
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+    {"name": "Epoch", "type": "integer", "jsonPath": ".status.epoch"},
+    {"name": "Train-Loss", "type": "number", "jsonPath": ".status.trainLoss"},
+    {"name": "Val-Loss", "type": "number", "jsonPath": ".status.valLoss"},
+    {"name": "Best", "type": "number", "jsonPath": ".status.bestMetric"},
+    {"name": "Best-Epoch", "type": "integer", "jsonPath": ".status.bestEpoch", "priority": 1},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.model.name", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": c.CRD_NAME,
+            "labels": {c.Label.PART_OF: "finetune-operator"},
+        },
+        "spec": {
+            "group": c.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": c.KIND,
+                "listKind": f"{c.KIND}List",
+                "plural": c.PLURAL,
+                "singular": c.SINGULAR,
+                "shortNames": c.SHORT_NAMES,
+                "categories": c.CATEGORIES,
+            },
+            "versions": [
+                {
+                    "name": c.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# GENERATED by `python -m finetune_operator.api.crd --write` from the API types. Do not edit.\n"
+ROOT = Path(__file__).resolve().parents[3]
+CRD_PATHS = [ROOT / "crds" / f"{c.CRD_NAME}.yaml", ROOT / "charts" / "finetune-operator" / "crds" / f"{c.CRD_NAME}.yaml"]
+
+
+def render() -> str:
+    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--write", action="store_true", help="write crds/ and the chart's copy")
+    args = parser.parse_args(argv)
+    text = render()
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    for path in CRD_PATHS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

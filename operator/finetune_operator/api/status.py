@@ -1,0 +1,67 @@
+"""The FineTuneJob status: written by the operator (phase, conditions) and by the trainer's
+rank 0 (training progress). Both sides use merge patches on disjoint fields."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .spec import ApiModel, ShortStr
+
+HISTORY_LIMIT = 200  # one point per epoch; enough for any sane run, bounded so the object stays small
+
+
+class StatusCondition(ApiModel):
+    """A condition in the standard Kubernetes shape (metav1.Condition)."""
+
+    type: ShortStr
+    status: ShortStr = Field(description="`True`, `False` or `Unknown`.")
+    reason: ShortStr = Field(description="CamelCase reason.")
+    message: str = Field("", max_length=32768)
+    last_transition_time: ShortStr = Field(description="RFC 3339 time of the last status change.")
+    observed_generation: int | None = None
+
+
+class HistoryPoint(ApiModel):
+    """One epoch's results (for loss curves)."""
+
+    epoch: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_metric: float | None = None
+    learning_rate: float | None = None
+    time: ShortStr | None = None
+
+
+class FineTuneJobStatus(ApiModel):
+    """Observed state. Operator-owned: phase, reason, message, conditions, jobName, times, earlyStop*.
+    Trainer-owned: the training progress fields and history."""
+
+    observed_generation: int | None = Field(None, description="metadata.generation the operator last acted on.")
+    phase: ShortStr | None = Field(None, description="Pending, Running, Suspended, Succeeded or Failed.")
+    reason: ShortStr | None = Field(None, description="CamelCase reason of the phase (e.g. EarlyStopped, OOMKilled).")
+    message: str | None = Field(None, max_length=32768, description="The phase's reason in words.")
+    conditions: list[StatusCondition] = Field(default_factory=list, max_length=32)
+    job_name: ShortStr | None = Field(None, description="The child batch/v1 Job running the trainer.")
+    start_time: ShortStr | None = None
+    completion_time: ShortStr | None = None
+    epoch: int | None = Field(None, description="Epochs completed.")
+    total_epochs: int | None = None
+    step: int | None = Field(None, description="Optimizer steps completed.")
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_metric: float | None = Field(None, description="Value of earlyStopping.metric (or the task's main metric).")
+    val_metric_name: ShortStr | None = None
+    learning_rate: float | None = None
+    samples_per_second: float | None = None
+    batch_size: int | None = Field(None, description="Resolved per-device batch size (found automatically when unset).")
+    gradient_accumulation_steps: int | None = None
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    epochs_saved: int | None = Field(None, description="Epochs not run because of early stopping.")
+    history: list[HistoryPoint] = Field(default_factory=list, max_length=HISTORY_LIMIT)
+    last_heartbeat_time: ShortStr | None = Field(None, description="Trainer's last progress report (stall watchdog).")
+    trainer_phase: ShortStr | None = Field(None, description="Trainer's own view: Starting, Training, Stopping, Finished.")
+    stop_requested_time: ShortStr | None = Field(None, description="When the operator asked the trainer to stop.")
+    stop_reason: str | None = Field(None, max_length=4096, description="Why the stop was requested, in words.")
+    stop_enforced: bool | None = Field(None, description="True when the operator had to suspend the Job itself.")
+    spec_hash: ShortStr | None = Field(None, description="Hash of the spec fields fixed once training started.")

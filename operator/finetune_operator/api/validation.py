@@ -1,0 +1,197 @@
+"""Validate a FineTuneJob manifest and resolve it into the config the trainer receives.
+
+Every problem is reported (not only the first), each as "<field path>: <what is wrong and
+what is allowed>", so a user fixes a manifest in one round.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from . import constants as c
+from .presets import PATIENCE, resolve_hyperparameters
+from .rules import MAX_METRICS, RULES
+from .spec import FineTuneJobSpec, Hyperparameters
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class InvalidFineTuneJob(ValueError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    name: str
+    namespace: str
+    uid: str | None
+    spec: FineTuneJobSpec  # every hyperparameter filled
+
+    def trainer_config(self) -> dict[str, Any]:
+        """What the trainer reads (the ConfigMap's config.json and `finetune run`)."""
+        return {
+            "apiVersion": c.API_VERSION,
+            "kind": "TrainerConfig",
+            "name": self.name,
+            "namespace": self.namespace,
+            "spec": self.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
+        }
+
+
+def _model_for(path: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    model: Any = root
+    for part in path:
+        if isinstance(part, int) or model is None:
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = None
+        for cand in (ann, *get_args(ann), *(a for x in get_args(ann) for a in get_args(x))):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+            if get_origin(cand) is list:
+                inner = get_args(cand)[0]
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+                    break
+    return model
+
+
+def _pydantic_problems(err: ValidationError, prefix: str, root: type[BaseModel]) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join([prefix, *(f"[{p}]" if isinstance(p, int) else str(p) for p in loc)]).replace(".[", "[")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _model_for(loc[:-1], root)
+            known = sorted((f.alias or n) for n, f in parent.model_fields.items()) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+            msg = "unknown field" + (f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(known)}")
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in e and e["type"] not in ("model_type", "dict_type"):
+            msg = f"{msg} (got {json.dumps(e['input'], default=str)})"
+        problems.append(Problem(path, msg))
+    return problems
+
+
+def _walk(obj: Any, path: str):
+    """Yield (api model, path) for every nested API object."""
+    if isinstance(obj, BaseModel):
+        yield obj, path
+        for name, field in type(obj).model_fields.items():
+            yield from _walk(getattr(obj, name), f"{path}.{field.alias or name}")
+    elif isinstance(obj, list):
+        for i, item in enumerate(obj):
+            yield from _walk(item, f"{path}[{i}]")
+
+
+def rule_problems(spec: FineTuneJobSpec, prefix: str = "spec") -> list[Problem]:
+    problems = []
+    for obj, path in _walk(spec, prefix):
+        for rule in RULES:
+            if rule.owner == type(obj).__name__ and not rule.ok(obj):
+                problems.append(Problem(path + rule.field, rule.message))
+    return problems
+
+
+def parse_spec(raw: Any, prefix: str = "spec") -> FineTuneJobSpec:
+    if not isinstance(raw, dict):
+        raise InvalidFineTuneJob([Problem(prefix, "must be an object with at least model and dataset")])
+    try:
+        spec = FineTuneJobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise InvalidFineTuneJob(_pydantic_problems(err, prefix, FineTuneJobSpec)) from None
+    problems = rule_problems(spec, prefix)
+    if problems:
+        raise InvalidFineTuneJob(problems)
+    return spec
+
+
+def resolve_spec(spec: FineTuneJobSpec) -> FineTuneJobSpec:
+    """Fill every unset hyperparameter from the preset; explicit values win."""
+    user = spec.hyperparameters.model_dump(by_alias=True, exclude_none=True, mode="json")
+    merged = resolve_hyperparameters(spec.preset, spec.task, user, spec.lora.enabled)
+    try:
+        hp = Hyperparameters.model_validate(merged)
+    except ValidationError as err:
+        raise InvalidFineTuneJob(_pydantic_problems(err, "spec.hyperparameters", Hyperparameters)) from None
+    es = spec.early_stopping
+    mode = es.mode if es.mode != "auto" else ("max" if es.metric in MAX_METRICS else "min")
+    patience = es.patience if es.patience is not None else PATIENCE[spec.preset]
+    ds = spec.dataset
+    fraction = ds.validation_fraction if ds.validation_fraction is not None else (None if ds.validation_source else 0.1)
+    zero = spec.distributed.zero_stage
+    if spec.distributed.strategy == "deepspeed" and zero is None:
+        zero = 2
+    resolved = spec.model_copy(
+        update={
+            "hyperparameters": hp,
+            "early_stopping": es.model_copy(update={"mode": mode, "patience": patience}),
+            "dataset": ds.model_copy(update={"validation_fraction": fraction}),
+            "distributed": spec.distributed.model_copy(update={"zero_stage": zero}),
+        }
+    )
+    problems = rule_problems(resolved)
+    if problems:
+        raise InvalidFineTuneJob(problems)
+    return resolved
+
+
+def validate_manifest(obj: Any) -> ResolvedJob:
+    """A whole FineTuneJob object (dict from YAML or the API) -> resolved job, or InvalidFineTuneJob."""
+    if not isinstance(obj, dict):
+        raise InvalidFineTuneJob([Problem("(document)", "must be a YAML mapping describing a FineTuneJob")])
+    problems = []
+    if obj.get("apiVersion") != c.API_VERSION:
+        problems.append(Problem("apiVersion", f"must be {c.API_VERSION} (got {obj.get('apiVersion')!r})"))
+    if obj.get("kind") != c.KIND:
+        problems.append(Problem("kind", f"must be {c.KIND} (got {obj.get('kind')!r})"))
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        problems.append(Problem("metadata.name", "required: a DNS-1123 name such as my-finetune"))
+    elif len(name) > c.MAX_JOB_NAME_LENGTH:
+        problems.append(Problem("metadata.name", f"must be at most {c.MAX_JOB_NAME_LENGTH} characters (children add suffixes to it)"))
+    spec = None
+    try:
+        spec = parse_spec(obj.get("spec"))
+    except InvalidFineTuneJob as err:
+        problems.extend(err.problems)
+    if problems:
+        raise InvalidFineTuneJob(problems)
+    return ResolvedJob(name=name, namespace=meta.get("namespace") or "default", uid=meta.get("uid"), spec=resolve_spec(spec))
+
+
+# Fields that define *what* is trained; they cannot change once training has started.
+IMMUTABLE_AFTER_START = ("model", "task", "dataset", "distributed")
+
+
+def immutable_hash(spec: FineTuneJobSpec) -> str:
+    data = {k: getattr(spec, k).model_dump(mode="json") if hasattr(getattr(spec, k), "model_dump") else getattr(spec, k)
+            for k in ("model", "task", "dataset", "distributed")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
