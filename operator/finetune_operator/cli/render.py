@@ -1,0 +1,86 @@
+"""Text views of a FineTuneJob for the terminal (pure: object in, text out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..api import constants as c
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
+
+
+def early_stop_line(obj: dict[str, Any]) -> str:
+    status = obj.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == c.Condition.EARLY_STOP_REQUESTED and cond.get("status") == "True":
+            return f"stop requested ({cond.get('reason')}): {cond.get('message')}"
+    if status.get("stopReason"):
+        return f"stop requested: {status['stopReason']}"
+    return "continue (no stop requested)"
+
+
+def list_table(items: list[dict[str, Any]], all_namespaces: bool = False) -> str:
+    header = (["NAMESPACE"] if all_namespaces else []) + ["NAME", "PHASE", "REASON", "EPOCH", "TRAIN-LOSS", "VAL-LOSS", "BEST"]
+    rows = [header]
+    for obj in items:
+        s = obj.get("status") or {}
+        epoch = f"{_num(s.get('epoch'))}/{_num(s.get('totalEpochs'))}"
+        rows.append(
+            ([obj["metadata"].get("namespace", "")] if all_namespaces else [])
+            + [obj["metadata"]["name"], s.get("phase") or "Pending", s.get("reason") or "-", epoch,
+               _num(s.get("trainLoss")), _num(s.get("valLoss")), _num(s.get("bestMetric"))]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def status_text(obj: dict[str, Any], width: int = 72, curves: bool = True) -> str:
+    meta, spec, s = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    metric = (spec.get("earlyStopping") or {}).get("metric", "val_loss")
+    lines = [
+        f"Name:        {meta.get('namespace', 'default')}/{meta['name']}",
+        f"Phase:       {s.get('phase') or 'Pending'}" + (f" ({s['reason']})" if s.get("reason") else ""),
+    ]
+    if s.get("message"):
+        lines.append(f"Message:     {s['message']}")
+    lines += [
+        f"Epoch:       {_num(s.get('epoch'))}/{_num(s.get('totalEpochs'))}   step {_num(s.get('step'))}",
+        f"Loss:        train {_num(s.get('trainLoss'))}   validation {_num(s.get('valLoss'))}",
+        f"Metric:      {s.get('valMetricName') or metric} {_num(s.get('valMetric'))}",
+        f"Best:        {metric} {_num(s.get('bestMetric'))} at epoch {_num(s.get('bestEpoch'))}",
+        f"Batch:       {_num(s.get('batchSize'))} per device x {_num(s.get('gradientAccumulationSteps'))} accumulation",
+        f"Early stop:  {early_stop_line(obj)}",
+    ]
+    if s.get("epochsSaved"):
+        lines.append(f"Saved:       {s['epochsSaved']} epoch(s) not run thanks to early stopping")
+    if s.get("jobName"):
+        lines.append(f"Job:         {s['jobName']}")
+    conds = s.get("conditions") or []
+    if conds:
+        lines.append("Conditions:")
+        for cond in conds:
+            lines.append(f"  {cond.get('type')}={cond.get('status')} {cond.get('reason')}: {cond.get('message', '')}".rstrip(": "))
+    history = s.get("history") or []
+    if curves:
+        lines.append("")
+        lines.append(loss_curves(history, width=width) if history else "(no epochs finished yet: no loss curves)")
+    return "\n".join(lines)
+
+
+def loss_curves(history: list[dict[str, Any]], width: int = 72, height: int = 16) -> str:
+    """Train and validation loss per epoch, drawn with plotext."""
+    import plotext as plt
+
+    plt.clear_figure()
+    plt.plotsize(width, height)
+    plt.theme("clear")
+    epochs = [p["epoch"] for p in history]
+    for key, label, marker in (("trainLoss", "train loss", "dot"), ("valLoss", "validation loss", "x")):
+        pts = [(e, p[key]) for e, p in zip(epochs, history, strict=True) if isinstance(p.get(key), int | float)]
+        if pts:
+            plt.plot([e for e, _ in pts], [v for _, v in pts], label=label, marker=marker)
+    plt.xlabel("epoch")
+    plt.title("loss")
+    return plt.build()
