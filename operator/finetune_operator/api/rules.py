@@ -174,13 +174,25 @@ RULES: list[Rule] = [
     ),
 ]
 
-# Rules on the whole object (metadata is only reachable from the root).
+# Job names become Service names and pod hostnames, so they must be RFC 1035 labels (a Service
+# name must start with a letter), at most 50 characters because children append suffixes.
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_MAX_LENGTH = 50
+
+# Rules on the whole object (metadata is only reachable from the root; the API server lets CEL
+# see metadata.name and metadata.generateName only).
 ROOT_RULES: list[dict[str, str]] = [
     {
-        "rule": "self.metadata.name.size() <= 50",
-        "message": "metadata.name must be at most 50 characters (children add suffixes to it)",
+        "rule": f"self.metadata.name.size() <= {NAME_MAX_LENGTH}",
+        "message": f"metadata.name must be at most {NAME_MAX_LENGTH} characters (children add suffixes to it)",
         "fieldPath": ".metadata.name",
-    }
+    },
+    {
+        "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "message": "metadata.name must start with a lowercase letter and contain only lowercase letters, digits and '-' "
+        "(it names the job's Service and pods), e.g. bbc-news-classifier",
+        "fieldPath": ".metadata.name",
+    },
 ]
 
 

@@ -7,10 +7,11 @@ Hyperparameters have no defaults here on purpose: an unset field is filled by th
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from .rules import cel_rules_for
@@ -19,6 +20,18 @@ from .rules import cel_rules_for
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 Path = Annotated[str, Field(min_length=1, max_length=1024)]
 ShortStr = Annotated[str, Field(max_length=253)]
+# PyYAML reads YAML 1.1, where `5e-5` (no dot) and `1.0e5` (no exponent sign) are strings, while
+# kubectl's parser reads them as numbers. Number fields accept exactly those spellings so a manifest
+# that kubectl applies also passes `finetune run`; any other string in a number field is an error.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _takes_float(annotation: Any) -> bool:
+    if annotation is float:
+        return True
+    return any(_takes_float(a) for a in get_args(annotation))
+
+
 Quantity = Annotated[
     int | str,
     Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
@@ -32,7 +45,28 @@ class ApiModel(BaseModel):
         extra="forbid",
         use_enum_values=True,
         validate_default=True,
+        # The API server does not coerce: "3" is not an integer and "true" not a boolean. Strict
+        # validation keeps `finetune run` and the operator rejecting what `kubectl apply` rejects.
+        # Enum fields opt out (strict=False) because strict enums refuse their own string values.
+        strict=True,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml11_numbers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fixed = dict(data)
+        for name, field in cls.model_fields.items():
+            key = field.alias if field.alias in data else name
+            value = data.get(key)
+            if not _takes_float(field.annotation):
+                continue
+            if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+                fixed[key] = float(value)
+            elif isinstance(value, list):
+                fixed[key] = [float(v) if isinstance(v, str) and _EXPONENT_NUMBER.fullmatch(v.strip()) else v for v in value]
+        return fixed
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema, handler):  # noqa: D105
@@ -155,7 +189,7 @@ class DatasetSpec(ApiModel):
         )
     )
     pvc: Name | None = Field(None, description="PersistentVolumeClaim holding the data, mounted read-only at /data.")
-    format: DataFormat = Field(DataFormat.AUTO, description="File format. Default `auto`: from the file extension, `text-folders` for a directory.")
+    format: DataFormat = Field(strict=False, default=DataFormat.AUTO, description="File format. Default `auto`: from the file extension, `text-folders` for a directory.")
     text_field: ShortStr = Field("text", description="Field (column) holding the input text. Default `text`.")
     text_pair_field: ShortStr | None = Field(
         None, description="For `embedding`: field holding the positive text paired with `textField`. Unset: texts with the same label are positives."
@@ -173,7 +207,7 @@ class DatasetSpec(ApiModel):
 class OptimizerSpec(ApiModel):
     """Optimizer and its coefficients. Unset fields come from the preset."""
 
-    name: OptimizerName | None = Field(None, description="`adamw`, `adam` or `sgd`. Preset default: `adamw`.")
+    name: OptimizerName | None = Field(strict=False, default=None, description="`adamw`, `adam` or `sgd`. Preset default: `adamw`.")
     betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
         None, min_length=2, max_length=2, description="Adam(W) coefficients [beta1, beta2], each in [0, 1). Preset default: [0.9, 0.999]."
     )
@@ -185,7 +219,7 @@ class OptimizerSpec(ApiModel):
 class SchedulerSpec(ApiModel):
     """Learning-rate schedule. Set `warmupRatio` or `warmupSteps`, not both."""
 
-    name: SchedulerName | None = Field(None, description="`constant`, `linear`, `cosine` or `onecycle`. Preset default: `linear`.")
+    name: SchedulerName | None = Field(strict=False, default=None, description="`constant`, `linear`, `cosine` or `onecycle`. Preset default: `linear`.")
     warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Warm-up as a fraction of all optimizer steps, in [0, 1).")
     warmup_steps: int | None = Field(None, ge=0, description="Warm-up in optimizer steps; must be fewer than the run's total steps.")
 
@@ -193,12 +227,12 @@ class SchedulerSpec(ApiModel):
 class LossSpec(ApiModel):
     """Training loss. Classification and causal LM: `cross-entropy` or `focal`; embedding: `contrastive` or `triplet`."""
 
-    name: LossName | None = Field(None, description="Preset default: `cross-entropy` (`contrastive` for embedding).")
+    name: LossName | None = Field(strict=False, default=None, description="Preset default: `cross-entropy` (`contrastive` for embedding).")
     focal_alpha: float | None = Field(None, ge=0.0, le=1.0, description="Focal loss class weight alpha in [0, 1]. Default 0.25 (focal only).")
     focal_gamma: float | None = Field(None, ge=0.0, le=10.0, description="Focal loss focusing gamma; 0 equals cross-entropy. Default 2.0 (focal only).")
     temperature: float | None = Field(None, gt=0.0, le=10.0, description="Contrastive (InfoNCE) softmax temperature. Default 0.05 (contrastive only).")
     margin: float | None = Field(None, gt=0.0, le=10.0, description="Triplet margin in cosine distance. Default 0.2 (triplet only).")
-    miner: Miner | None = Field(None, description="Triplet negatives: `all`, `hard` or `semi-hard`. Default `semi-hard` (triplet only).")
+    miner: Miner | None = Field(strict=False, default=None, description="Triplet negatives: `all`, `hard` or `semi-hard`. Default `semi-hard` (triplet only).")
 
 
 class Hyperparameters(ApiModel):
@@ -224,7 +258,7 @@ class Hyperparameters(ApiModel):
     layerwise_lr_decay: float | None = Field(
         None, gt=0.0, le=1.0, description="Each transformer layer below the top gets this factor times the learning rate of the layer above; 1 disables."
     )
-    mixed_precision: MixedPrecision | None = Field(None, description="`no`, `fp16` or `bf16`.")
+    mixed_precision: MixedPrecision | None = Field(strict=False, default=None, description="`no`, `fp16` or `bf16`.")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; one seed gives identical losses run to run.")
 
 
@@ -244,8 +278,8 @@ class EarlyStoppingSpec(ApiModel):
     """Patience-based early stopping, decided by the operator from the status history."""
 
     enabled: bool = Field(True, description="Stop when the metric stops improving. Default true.")
-    metric: Metric = Field(Metric.VAL_LOSS, description="Metric watched at the end of each epoch. Default `val_loss`.")
-    mode: Mode = Field(Mode.AUTO, description="`min` or `max`; `auto`: max for accuracy/f1/recall, min otherwise. Default `auto`.")
+    metric: Metric = Field(strict=False, default=Metric.VAL_LOSS, description="Metric watched at the end of each epoch. Default `val_loss`.")
+    mode: Mode = Field(strict=False, default=Mode.AUTO, description="`min` or `max`; `auto`: max for accuracy/f1/recall, min otherwise. Default `auto`.")
     patience: int | None = Field(None, ge=0, le=1000, description="Epochs without improvement before stopping. Preset default (balanced: 2).")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement. Default 0.")
     stop_grace_period_seconds: int = Field(
@@ -258,7 +292,7 @@ class DistributedSpec(ApiModel):
 
     nodes: int = Field(1, ge=1, le=256, description="Pods (one per node). Default 1.")
     processes_per_node: int = Field(1, ge=1, le=16, description="Training processes per pod (GPUs per node when `resources.gpu`). Default 1.")
-    strategy: Strategy = Field(Strategy.DDP, description="`ddp` (data parallel) or `deepspeed` (ZeRO). Default `ddp`.")
+    strategy: Strategy = Field(strict=False, default=Strategy.DDP, description="`ddp` (data parallel) or `deepspeed` (ZeRO). Default `ddp`.")
     zero_stage: int | None = Field(None, ge=1, le=3, description="DeepSpeed ZeRO stage 1-3 (deepspeed only). Default 2 with deepspeed.")
 
 
@@ -304,9 +338,9 @@ class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what data, how, and on which compute."""
 
     model: ModelSource = Field(description="The base model.")
-    task: Task = Field(Task.SEQUENCE_CLASSIFICATION, description="`sequence-classification`, `causal-lm` or `embedding`. Default `sequence-classification`.")
+    task: Task = Field(strict=False, default=Task.SEQUENCE_CLASSIFICATION, description="`sequence-classification`, `causal-lm` or `embedding`. Default `sequence-classification`.")
     dataset: DatasetSpec = Field(description="Training and validation data.")
-    preset: Preset = Field(
+    preset: Preset = Field(strict=False, default=
         Preset.BALANCED, description="Fills unset hyperparameters: `fast`, `balanced` or `max-accuracy`. Default `balanced`."
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training hyperparameters; unset fields come from the preset.")

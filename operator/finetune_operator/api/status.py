@@ -3,15 +3,22 @@ rank 0 (training progress). Both sides use merge patches on disjoint fields."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from .spec import ApiModel, ShortStr
+
+# Status is written by our own trainer and operator, never typed by users; reading it leniently
+# (ints where floats are expected, strings for enums) keeps an old trainer's report readable.
+LENIENT = ConfigDict(strict=False)
 
 HISTORY_LIMIT = 200  # one point per epoch; enough for any sane run, bounded so the object stays small
 
 
 class StatusCondition(ApiModel):
     """A condition in the standard Kubernetes shape (metav1.Condition)."""
+
+    model_config = LENIENT
+
 
     type: ShortStr
     status: ShortStr = Field(description="`True`, `False` or `Unknown`.")
@@ -24,6 +31,9 @@ class StatusCondition(ApiModel):
 class HistoryPoint(ApiModel):
     """One epoch's results (for loss curves)."""
 
+    model_config = LENIENT
+
+
     epoch: int
     train_loss: float | None = None
     val_loss: float | None = None
@@ -35,6 +45,9 @@ class HistoryPoint(ApiModel):
 class FineTuneJobStatus(ApiModel):
     """Observed state. Operator-owned: phase, reason, message, conditions, jobName, times, earlyStop*.
     Trainer-owned: the training progress fields and history."""
+
+    model_config = LENIENT
+
 
     observed_generation: int | None = Field(None, description="metadata.generation the operator last acted on.")
     phase: ShortStr | None = Field(None, description="Pending, Running, Suspended, Succeeded or Failed.")

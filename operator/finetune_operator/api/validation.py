@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, get_args, get_origin
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import constants as c
 from .presets import PATIENCE, resolve_hyperparameters
-from .rules import MAX_METRICS, RULES
+from .rules import MAX_METRICS, NAME_MAX_LENGTH, NAME_PATTERN, ROOT_RULES, RULES
 from .spec import FineTuneJobSpec, Hyperparameters
 
 
@@ -88,7 +89,9 @@ def _pydantic_problems(err: ValidationError, prefix: str, root: type[BaseModel])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
             msg = "unknown field" + (f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(known)}")
         elif e["type"] == "missing":
-            msg = "required field is missing"
+            parent = _model_for(loc[:-1], root)
+            field = next((f for n, f in (parent.model_fields.items() if parent else ()) if (f.alias or n) == loc[-1]), None)
+            msg = "required field is missing" + (f": {field.description}" if field and field.description else "")
         elif "input" in e and e["type"] not in ("model_type", "dict_type"):
             msg = f"{msg} (got {json.dumps(e['input'], default=str)})"
         problems.append(Problem(path, msg))
@@ -170,9 +173,13 @@ def validate_manifest(obj: Any) -> ResolvedJob:
     meta = obj.get("metadata") or {}
     name = meta.get("name")
     if not isinstance(name, str) or not name:
-        problems.append(Problem("metadata.name", "required: a DNS-1123 name such as my-finetune"))
-    elif len(name) > c.MAX_JOB_NAME_LENGTH:
-        problems.append(Problem("metadata.name", f"must be at most {c.MAX_JOB_NAME_LENGTH} characters (children add suffixes to it)"))
+        problems.append(Problem("metadata.name", "required: a lowercase name such as bbc-news-classifier"))
+    else:
+        # The same checks as the CRD's root CEL rules (rules.ROOT_RULES), message for message.
+        if len(name) > NAME_MAX_LENGTH:
+            problems.append(Problem("metadata.name", ROOT_RULES[0]["message"].removeprefix("metadata.name ")))
+        if not re.fullmatch(NAME_PATTERN, name):
+            problems.append(Problem("metadata.name", ROOT_RULES[1]["message"].removeprefix("metadata.name ") + f" (got {name!r})"))
     spec = None
     try:
         spec = parse_spec(obj.get("spec"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..api import constants as c
@@ -83,4 +84,5 @@ def loss_curves(history: list[dict[str, Any]], width: int = 72, height: int = 16
             plt.plot([e for e, _ in pts], [v for _, v in pts], label=label, marker=marker)
     plt.xlabel("epoch")
     plt.title("loss")
-    return plt.build()
+    # plotext emits colour resets even with the clear theme; plain text pipes and logs better.
+    return re.sub(r"\x1b\[[0-9;]*m", "", plt.build())
