@@ -1,0 +1,61 @@
+"""The operator's Prometheus metrics (names per docs/contracts.md); one module, low-cardinality labels."""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .api.constants import Phase
+
+REGISTRY = CollectorRegistry()
+
+RECONCILES = Counter(
+    "finetune_operator_reconciles", "Reconcile passes by result (ok, changed, invalid, error).", ["result"], registry=REGISTRY
+)
+RECONCILE_DURATION = Histogram(
+    "finetune_operator_reconcile_duration_seconds",
+    "Wall time of one reconcile pass, API calls included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+JOBS = Gauge("finetune_operator_jobs", "FineTuneJobs this operator knows, by phase.", ["phase"], registry=REGISTRY)
+EARLY_STOPS = Counter(
+    "finetune_operator_early_stops", "Stop requests recorded, by reason (PatienceExhausted, UserRequested, ...).",
+    ["reason"], registry=REGISTRY,
+)
+STALLED = Counter("finetune_operator_stalled_jobs", "Jobs failed by the stall watchdog.", registry=REGISTRY)
+ENFORCED = Counter(
+    "finetune_operator_stops_enforced", "Stops the operator enforced by suspending a Job after the grace period.",
+    registry=REGISTRY,
+)
+
+
+class PhaseTracker:
+    """Keeps `finetune_operator_jobs{phase}` equal to the phases last written, per job."""
+
+    def __init__(self) -> None:
+        self._phases: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        for phase in Phase.ALL:
+            JOBS.labels(phase=phase).set(0)
+
+    def set(self, key: tuple[str, str], phase: str | None) -> None:
+        with self._lock:
+            if phase is None:
+                self._phases.pop(key, None)
+            else:
+                self._phases[key] = phase
+            counts = dict.fromkeys(Phase.ALL, 0)
+            for p in self._phases.values():
+                counts[p] = counts.get(p, 0) + 1
+            for p, n in counts.items():
+                JOBS.labels(phase=p).set(n)
+
+
+PHASES = PhaseTracker()
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port, registry=REGISTRY)
