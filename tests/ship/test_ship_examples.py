@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from finetune_operator.api import validate_manifest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -86,13 +86,6 @@ RULES: list[Rule] = [
     ),
     Rule(
         "LossSpec",
-        "!has(self.temperature) || (has(self.name) && self.name == 'contrastive')",
-        "temperature applies only to loss contrastive: remove it or set name: contrastive",
-        ".temperature",
-        lambda s: not _set(s.temperature) or s.name == "contrastive",
-    ),
-    Rule(
-        "LossSpec",
         "!(has(self.margin) || has(self.miner)) || (has(self.name) && self.name == 'triplet')",
         "margin and miner apply only to loss triplet: remove them or set name: triplet",
         ".margin",
@@ -134,6 +127,17 @@ RULES: list[Rule] = [
         "sequence-classification and causal-lm take cross-entropy or focal",
         ".hyperparameters.loss.name",
         lambda s: _loss(s) is None or (s.task == "embedding") == (_loss(s) in ("contrastive", "triplet")),
+    ),
+    Rule(
+        # On the spec, not LossSpec: without a loss name the task decides (embedding's default is contrastive).
+        "FineTuneJobSpec",
+        "!has(self.hyperparameters) || !has(self.hyperparameters.loss) || !has(self.hyperparameters.loss.temperature)"
+        " || (has(self.hyperparameters.loss.name) ? self.hyperparameters.loss.name == 'contrastive' : self.task == 'embedding')",
+        "temperature applies only to loss contrastive (the default for task embedding): remove it or set name: contrastive",
+        ".hyperparameters.loss.temperature",
+        lambda s: s.hyperparameters.loss is None
+        or not _set(s.hyperparameters.loss.temperature)
+        or (s.hyperparameters.loss.name == "contrastive" if s.hyperparameters.loss.name else s.task == "embedding"),
     ),
     Rule(
         "FineTuneJobSpec",

@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 from .rules import cel_rules_for
@@ -32,9 +32,20 @@ def _takes_float(annotation: Any) -> bool:
     return any(_takes_float(a) for a in get_args(annotation))
 
 
+
+
+def _int_or_string(value: Any) -> int | str:
+    # One validator instead of pydantic's `int | str` union, whose errors carry the member names
+    # (`requests.cpu.int`, `requests.cpu.str`) instead of the field's path.
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be an integer or a quantity string such as 500m, 2 or 4Gi")
+    return value
+
+
 Quantity = Annotated[
     int | str,
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+    PlainValidator(_int_or_string),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
 ]
 
 
@@ -319,11 +330,13 @@ class OutputSpec(ApiModel):
 class Toleration(ApiModel):
     """A pod toleration (core/v1 Toleration)."""
 
-    key: ShortStr | None = None
-    operator: ShortStr | None = Field(None, description="`Exists` or `Equal`.")
-    value: ShortStr | None = None
-    effect: ShortStr | None = Field(None, description="`NoSchedule`, `PreferNoSchedule` or `NoExecute`.")
-    toleration_seconds: int | None = None
+    key: ShortStr | None = Field(None, description="Taint key the toleration applies to; empty with `Exists` matches every taint.")
+    operator: ShortStr | None = Field(None, description="`Exists` or `Equal`. Default `Equal`.")
+    value: ShortStr | None = Field(None, description="Taint value to match (with `Equal`).")
+    effect: ShortStr | None = Field(None, description="`NoSchedule`, `PreferNoSchedule` or `NoExecute`. Empty: all effects.")
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="With `NoExecute`: seconds the pod stays bound after the taint appears. Unset: forever."
+    )
 
 
 class WatchdogSpec(ApiModel):

@@ -82,7 +82,7 @@ def _pydantic_problems(err: ValidationError, prefix: str, root: type[BaseModel])
     for e in err.errors():
         loc = tuple(e["loc"])
         path = ".".join([prefix, *(f"[{p}]" if isinstance(p, int) else str(p) for p in loc)]).replace(".[", "[")
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = _model_for(loc[:-1], root)
             known = sorted((f.alias or n) for n, f in parent.model_fields.items()) if parent else []

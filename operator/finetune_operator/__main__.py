@@ -1,0 +1,49 @@
+"""`python -m finetune_operator`: run the FineTuneJob operator (settings from FTO_* variables)."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from . import logs, metrics
+from .handlers.kopf_handlers import register
+from .handlers.reconcile import Reconciler
+from .handlers.resync import Resync
+from .kube.client import KubeClient, load_configuration
+from .settings import from_env
+
+
+def main() -> None:
+    settings = from_env()
+    logs.configure(settings.log_format, settings.log_level)
+    log = logging.getLogger("finetune_operator")
+    if settings.extra:
+        log.warning("ignoring unknown settings %s", ", ".join(sorted(settings.extra)))
+    metrics.serve(settings.metrics_port)
+    client = KubeClient(load_configuration(settings.api_pool_size), settings.api_timeout_seconds,
+                        settings.api_connect_timeout_seconds)
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(client, settings)
+    register(registry, reconciler, settings)
+    resync = Resync(reconciler, settings.resync_seconds, settings.workers)
+    resync.start()
+    log.info("starting finetune-operator: %s, metrics port %s, health port %s",
+             "cluster-wide" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",
+             settings.metrics_port, settings.health_port)
+    try:
+        kopf.run(
+            registry=registry,
+            clusterwide=settings.clusterwide,
+            namespaces=settings.namespaces,
+            standalone=not settings.peering,
+            peering_name=settings.peering or None,
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        )
+    finally:
+        resync.close()
+        client.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""kopf glue: handlers only trigger the level-based reconcile in reconcile.py."""

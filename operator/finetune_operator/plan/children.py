@@ -1,0 +1,254 @@
+"""What the operator creates for a FineTuneJob: one function, `desired_children`, pure.
+
+Children (all owned by the FineTuneJob, so deleting it removes them through garbage collection):
+ConfigMap (the resolved trainer config), headless Service (rendezvous DNS), Indexed batch/v1 Job
+(one pod per node), and unless spec.serviceAccountName is set a ServiceAccount + Role + RoleBinding
+that let the trainer read its own FineTuneJob and patch its status, nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from ..api import constants as c
+from ..api.validation import ResolvedJob
+from ..settings import Settings
+from . import names
+
+# Order matters only for readability of `kubectl get`: RBAC before the pods that use it, Job last.
+KIND_ORDER = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job")
+
+# Pod Security Standard "restricted": non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp.
+# https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted
+TRAINER_UID = 1000
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "fsGroup": TRAINER_UID,  # emptyDir/PVC output stays writable for the non-root user
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def owner_reference(job: ResolvedJob) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": job.name,
+        "uid": job.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(job: ResolvedJob, name: str, component: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": names.labels(job.name, component),
+        "ownerReferences": [owner_reference(job)],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def config_json(job: ResolvedJob) -> str:
+    return json.dumps(job.trainer_config(), sort_keys=True, indent=2)
+
+
+def config_hash(job: ResolvedJob) -> str:
+    return hashlib.sha256(config_json(job).encode()).hexdigest()[:16]
+
+
+def config_map(job: ResolvedJob) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, names.config_map_name(job.name), "config", {c.Annotation.CONFIG_HASH: config_hash(job)}),
+        "data": {names.CONFIG_KEY: config_json(job)},
+    }
+
+
+def headless_service(job: ResolvedJob) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, names.service_name(job.name), "rendezvous"),
+        "spec": {
+            "clusterIP": "None",
+            # Rendezvous happens before any pod is Ready (there is no readiness probe), so publish them at once.
+            "publishNotReadyAddresses": True,
+            "selector": {c.Label.JOB_NAME: job.name, c.Label.COMPONENT: "trainer"},
+            "ports": [{"name": "rendezvous", "port": names.MASTER_PORT, "targetPort": names.MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def rbac(job: ResolvedJob) -> list[dict[str, Any]]:
+    name = names.service_account_name(job.name)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(job, name, "rbac")},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(job, name, "rbac"),
+            # Exactly what the trainer needs: read (poll/watch for stop requests) its own job, patch its status.
+            "rules": [
+                {"apiGroups": [c.GROUP], "resources": [c.PLURAL], "resourceNames": [job.name], "verbs": ["get", "watch"]},
+                {"apiGroups": [c.GROUP], "resources": [f"{c.PLURAL}/status"], "resourceNames": [job.name], "verbs": ["patch"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(job, name, "rbac"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job.namespace}],
+        },
+    ]
+
+
+def trainer_env(job: ResolvedJob) -> list[dict[str, Any]]:
+    spec = job.spec
+    env = {
+        "FINETUNE_CONFIG": f"{names.CONFIG_DIR}/{names.CONFIG_KEY}",
+        "FINETUNE_OUTPUT_DIR": spec.output.path,
+        "FINETUNE_JOB_NAME": job.name,
+        "FINETUNE_JOB_NAMESPACE": job.namespace,
+        "FINETUNE_NNODES": str(spec.distributed.nodes),
+        "FINETUNE_NPROC_PER_NODE": str(spec.distributed.processes_per_node),
+        "MASTER_ADDR": names.master_addr(job.name),
+        "MASTER_PORT": str(names.MASTER_PORT),
+        "FINETUNE_METRICS_PORT": str(names.TRAINER_METRICS_PORT),
+    }
+    # The user's extra variables come first so ours (the contract with the trainer) cannot be overridden by accident.
+    out = [{"name": k, "value": v} for k, v in sorted(spec.env.items()) if k not in env]
+    out += [{"name": k, "value": v} for k, v in env.items()]
+    return out
+
+
+def _resources(job: ResolvedJob) -> dict[str, Any]:
+    r = job.spec.resources
+    requests = {k: str(v) for k, v in r.requests.items()}
+    limits = {k: str(v) for k, v in r.limits.items()}
+    if r.gpu:
+        # Extended resources cannot be overcommitted: Kubernetes requires requests == limits for them.
+        n = str(job.spec.distributed.processes_per_node)
+        requests[r.gpu_resource_name] = n
+        limits[r.gpu_resource_name] = n
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _volumes(job: ResolvedJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    spec = job.spec
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": names.config_map_name(job.name)}}]
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True}]
+    if spec.output.pvc:
+        volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": spec.output.pvc}})
+    else:
+        volumes.append({"name": "output", "emptyDir": {}})
+    mounts.append({"name": "output", "mountPath": spec.output.path})
+    if spec.model.pvc:
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": "/models", "readOnly": True})
+    if spec.dataset.pvc:
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": spec.dataset.pvc, "readOnly": True}})
+        mounts.append({"name": "data", "mountPath": "/data", "readOnly": True})
+    if spec.resources.shm_size:
+        # Containers get a 64 MiB /dev/shm by default; data-loader workers and NCCL need more.
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}})
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
+    spec = job.spec
+    volumes, mounts = _volumes(job)
+    container: dict[str, Any] = {
+        "name": "trainer",
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        # The launcher: trains in-process for world size 1, else runs torchrun with the node rank
+        # taken from JOB_COMPLETION_INDEX (docs/contracts.md).
+        "command": ["finetune-trainer"],
+        "env": trainer_env(job),
+        "ports": [
+            {"name": "metrics", "containerPort": names.TRAINER_METRICS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": names.MASTER_PORT, "protocol": "TCP"},
+        ],
+        "volumeMounts": mounts,
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+    }
+    resources = _resources(job)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # Indexed Job pods get hostname `<batch job>-<index>`; with this subdomain they resolve through the Service.
+        "subdomain": names.service_name(job.name),
+        "serviceAccountName": spec.service_account_name or names.service_account_name(job.name),
+        "automountServiceAccountToken": True,  # the trainer reports progress with this token
+        "enableServiceLinks": False,
+        "securityContext": POD_SECURITY_CONTEXT,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    labels = names.labels(job.name, "trainer")
+    return {"metadata": {"labels": labels, "annotations": {c.Annotation.CONFIG_HASH: config_hash(job)}}, "spec": pod}
+
+
+def batch_job(job: ResolvedJob, settings: Settings, *, enforced_stop: bool = False) -> dict[str, Any]:
+    spec = job.spec
+    nodes = spec.distributed.nodes
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": spec.backoff_limit,
+        # Kueue-style queueing and our own stop enforcement both work through suspend.
+        "suspend": bool(spec.suspend or enforced_stop),
+        "template": pod_template(job, settings),
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(job, names.batch_job_name(job.name), "trainer"),
+        "spec": job_spec,
+    }
+
+
+def desired_children(job: ResolvedJob, settings: Settings, *, enforced_stop: bool = False) -> list[dict[str, Any]]:
+    """Every child the FineTuneJob should have, in creation order.
+
+    `enforced_stop`: the operator stopped the job itself (grace period over, stall, NaN loss), so the
+    Job stays suspended whatever spec.suspend says.
+    """
+    children = []
+    if not job.spec.service_account_name:
+        children += rbac(job)
+    children += [config_map(job), headless_service(job), batch_job(job, settings, enforced_stop=enforced_stop)]
+    return children

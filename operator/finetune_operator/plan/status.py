@@ -1,0 +1,407 @@
+"""Observed state -> the FineTuneJob's new status and the Events to post. Pure.
+
+`observe` is the whole phase machine: Pending -> Running -> Succeeded/Failed, Suspended; failure reasons
+read from the Job and its pods; refused changes of fields fixed after start; stop requests (early-stopping
+policy or the user), their enforcement after the grace period, and the stall watchdog. It returns only
+the operator-owned status fields (docs/contracts.md), so the trainer's fields are never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ..api import constants as c
+from ..api.constants import Condition, Phase, Reason
+from ..api.validation import (
+    IMMUTABLE_AFTER_START,
+    InvalidFineTuneJob,
+    Problem,
+    ResolvedJob,
+    immutable_hash,
+    validate_manifest,
+)
+from ..policy import early_stopping
+from . import names
+from .conditions import find, is_true, parse_time, rfc3339, set_condition
+
+OPERATOR_FIELDS = (
+    "observedGeneration", "phase", "reason", "message", "conditions", "jobName", "startTime", "completionTime",
+    "stopRequestedTime", "stopReason", "stopEnforced", "epochsSaved", "specHash",
+)
+# Job-level reasons the Job controller writes on its Failed condition, mapped to our constants.
+JOB_FAILURE_REASONS = {"BackoffLimitExceeded": Reason.BACKOFF_LIMIT, "DeadlineExceeded": Reason.DEADLINE}
+IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """The FineTuneJob as the plan needs it: validated (or the problems), plus what is not in the spec."""
+
+    name: str
+    namespace: str
+    uid: str | None
+    generation: int | None
+    resolved: ResolvedJob | None
+    problems: tuple[Problem, ...] = ()
+    stop_annotation: bool = False
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+def job_input(obj: dict[str, Any]) -> JobInput:
+    meta = obj.get("metadata") or {}
+    name, namespace = meta.get("name", ""), meta.get("namespace") or "default"
+    try:
+        resolved, problems = validate_manifest(obj), ()
+    except InvalidFineTuneJob as err:
+        resolved, problems = None, tuple(err.problems)
+    annotation = str((meta.get("annotations") or {}).get(c.Annotation.STOP, "")).lower() == "true"
+    return JobInput(name, namespace, meta.get("uid"), meta.get("generation"), resolved, problems, annotation,
+                    dict(obj.get("status") or {}))
+
+
+# -- fields fixed after start ------------------------------------------------------------------------------
+
+def _field_digest(spec: Any, key: str) -> str:
+    value = getattr(spec, key)
+    data = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def spec_fingerprint(spec: Any) -> str:
+    """status.specHash: api.validation.immutable_hash, then a short digest per field so a refusal can name
+    the fields that changed (`<hash>/<model>.<task>.<dataset>.<distributed>`)."""
+    return immutable_hash(spec) + "/" + ".".join(_field_digest(spec, k) for k in IMMUTABLE_AFTER_START)
+
+
+def changed_immutable_fields(old: str, spec: Any) -> list[str]:
+    if old.split("/")[0] == immutable_hash(spec):
+        return []
+    parts = old.split("/")[1].split(".") if "/" in old else []
+    if len(parts) != len(IMMUTABLE_AFTER_START):
+        return [f"spec.{k}" for k in IMMUTABLE_AFTER_START]  # an older fingerprint: name them all
+    return [f"spec.{k}" for k, d in zip(IMMUTABLE_AFTER_START, parts, strict=True) if d != _field_digest(spec, k)]
+
+
+# -- reading the Job and its pods ----------------------------------------------------------------------------
+
+def _job_condition(job_obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for cond in ((job_obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _container_states(pod: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, state) pairs of every container: kind is waiting/terminated/running, current and last."""
+    out = []
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        for key in ("state", "lastState"):
+            for kind, state in (cs.get(key) or {}).items():
+                out.append((kind, state or {}))
+    return out
+
+
+def _pod_name(pod: dict[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("name", "?")
+
+
+def failure_from_pods(pods: list[dict[str, Any]], spec: Any) -> tuple[str, str] | None:
+    """The most specific failure the pods show, as (reason, message a user can act on)."""
+    for pod in pods:
+        for kind, state in _container_states(pod):
+            if kind == "terminated" and state.get("reason") == "OOMKilled":
+                limit = spec.resources.limits.get("memory") if spec else None
+                return Reason.OOM_KILLED, (
+                    f"pod {_pod_name(pod)} ran out of memory (OOMKilled"
+                    f"{f', memory limit {limit}' if limit else ''}): lower spec.hyperparameters.batchSize "
+                    "(or unset it so the trainer finds one that fits), enable LoRA, or raise spec.resources.limits.memory"
+                )
+    for pod in pods:
+        for kind, state in _container_states(pod):
+            if kind == "terminated" and state.get("exitCode") not in (0, None):
+                detail = state.get("message") or state.get("reason") or ""
+                return Reason.POD_FAILED, (
+                    f"pod {_pod_name(pod)} exited with code {state.get('exitCode')}"
+                    f"{': ' + detail.strip()[-300:] if detail else ''}; see `kubectl logs {_pod_name(pod)}`"
+                )
+    return None
+
+
+def image_pull_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    for pod in pods:
+        for kind, state in _container_states(pod):
+            if kind == "waiting" and state.get("reason") in IMAGE_PULL_REASONS:
+                return Reason.IMAGE_PULL, (
+                    f"pod {_pod_name(pod)} cannot pull its image ({state.get('reason')}: "
+                    f"{(state.get('message') or '').strip()[:300]}): check spec.image (or the operator's trainer image) "
+                    "and the registry's pull secret"
+                )
+    return None
+
+
+def scheduling_problem(pods: list[dict[str, Any]]) -> str | None:
+    for pod in pods:
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("message"):
+                return f"pod {_pod_name(pod)} cannot be scheduled: {cond['message']}"
+    return None
+
+
+def _running_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [p for p in pods if (p.get("status") or {}).get("phase") == "Running" and not (p.get("metadata") or {}).get("deletionTimestamp")]
+
+
+# -- the phase machine -------------------------------------------------------------------------------------------
+
+@dataclass
+class _Pass:
+    """Working state of one observe() call."""
+
+    job: JobInput
+    now: datetime
+    st: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+
+    def cond(self, type_: str, status: bool | str, reason: str, message: str) -> None:
+        self.st["conditions"] = set_condition(self.st["conditions"], type_, status, reason, message, self.now, self.job.generation)
+
+    def clear(self, type_: str, reason: str, message: str) -> None:
+        """Set a condition False only if it exists (no noise on jobs that never had it)."""
+        if find(self.st["conditions"], type_):
+            self.cond(type_, False, reason, message)
+
+    def phase(self, phase: str, reason: str, message: str, event_type: str = "Normal") -> None:
+        changed = (self.st.get("phase"), self.st.get("reason")) != (phase, reason)
+        self.st.update(phase=phase, reason=reason, message=message)
+        for type_ in (Condition.RUNNING, Condition.SUSPENDED, Condition.SUCCEEDED, Condition.FAILED):
+            own = {Condition.RUNNING: Phase.RUNNING, Condition.SUSPENDED: Phase.SUSPENDED,
+                   Condition.SUCCEEDED: Phase.SUCCEEDED, Condition.FAILED: Phase.FAILED}[type_]
+            if own == phase:
+                self.cond(type_, True, reason, message)
+            else:
+                self.clear(type_, reason, f"phase is {phase}")
+        if phase in Phase.TERMINAL and not self.st.get("completionTime"):
+            self.st["completionTime"] = rfc3339(self.now)
+        if changed:
+            self.events.append(Event(event_type, reason, message))
+
+
+def observe(
+    job: JobInput,
+    status: dict[str, Any],
+    job_obj: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    now: datetime,
+) -> tuple[dict[str, Any], list[Event]]:
+    """The operator-owned status fields after this observation, and the Events for what changed."""
+    st = {k: status.get(k) for k in OPERATOR_FIELDS}
+    st["conditions"] = list(status.get("conditions") or [])
+    p = _Pass(job, now, st)
+    if is_terminal(job, status):
+        return st, []
+    st["observedGeneration"] = job.generation
+    st["jobName"] = names.batch_job_name(job.name)
+
+    if job.resolved is None:
+        message = "; ".join(str(x) for x in job.problems)
+        st["jobName"] = None
+        p.cond(Condition.VALID, False, Reason.INVALID_SPEC, message)
+        p.phase(Phase.FAILED, Reason.INVALID_SPEC, f"invalid spec: {message}", "Warning")
+        return st, p.events
+    p.cond(Condition.VALID, True, Reason.VALID, "spec is valid")
+    spec = job.resolved.spec
+
+    _check_immutable(p, spec)
+    p.cond(Condition.READY, True, Reason.CREATED, f"children created; training Job {st['jobName']}")
+
+    if _finish_from_job(p, spec, job_obj, pods):
+        return st, p.events
+    if _decide_stop(p, spec, pods, status):
+        return st, p.events
+    if _watchdog(p, spec, job_obj, pods, status):
+        return st, p.events
+    if st.get("stopRequestedTime") and st.get("stopEnforced") and not _running_pods(pods) and job_obj is not None:
+        _finish_stopped(p, spec, status, enforced=True)
+        return st, p.events
+    _progress_phase(p, spec, job_obj, pods)
+    return st, p.events
+
+
+def is_terminal(job: JobInput, status: dict[str, Any]) -> bool:
+    """Succeeded/Failed are final, except a rejected spec that the user has since edited."""
+    if status.get("phase") not in Phase.TERMINAL:
+        return False
+    return not (status.get("reason") == Reason.INVALID_SPEC and job.generation != status.get("observedGeneration"))
+
+
+def _check_immutable(p: _Pass, spec: Any) -> None:
+    fingerprint = spec_fingerprint(spec)
+    old = p.st.get("specHash")
+    if not old:
+        p.st["specHash"] = fingerprint
+        return
+    changed = changed_immutable_fields(old, spec)
+    if changed:
+        message = (
+            f"{', '.join(changed)} cannot change after training started; the running job keeps its original "
+            "settings. Revert the change, or delete and re-create the FineTuneJob to train with the new ones"
+        )
+        if not is_true(p.st["conditions"], Condition.SPEC_CHANGE_REFUSED) or find(p.st["conditions"], Condition.SPEC_CHANGE_REFUSED).get("message") != message:
+            p.events.append(Event("Warning", Reason.IMMUTABLE_FIELD, message))
+        p.cond(Condition.SPEC_CHANGE_REFUSED, True, Reason.IMMUTABLE_FIELD, message)
+    else:
+        p.clear(Condition.SPEC_CHANGE_REFUSED, Reason.NO_CHANGE_REFUSED, "the spec matches the running job")
+
+
+def spec_change_refused(status: dict[str, Any]) -> bool:
+    return is_true(list(status.get("conditions") or []), Condition.SPEC_CHANGE_REFUSED)
+
+
+def _best_words(status: dict[str, Any]) -> str:
+    best, epoch = status.get("bestMetric"), status.get("bestEpoch")
+    if best is None or epoch is None:
+        return ""
+    name = status.get("valMetricName") or "metric"
+    return f"; best {name} {best:.4g} at epoch {epoch}" if isinstance(best, int | float) else ""
+
+
+def _finish_stopped(p: _Pass, spec: Any, status: dict[str, Any], enforced: bool) -> None:
+    user = p.st.get("stopReason", "") or ""
+    reason = Reason.STOPPED_BY_USER if user.startswith("stop requested by the user") else Reason.EARLY_STOPPED
+    total, done = spec.hyperparameters.epochs, status.get("epoch")
+    if isinstance(total, int) and isinstance(done, int):
+        p.st["epochsSaved"] = max(0, total - done)
+    how = "the operator suspended the Job after the grace period" if enforced else "the trainer stopped gracefully"
+    ran = f" after {done} of {total} epochs" if isinstance(done, int) else ""
+    p.phase(Phase.SUCCEEDED, reason, f"{'stopped by the user' if reason == Reason.STOPPED_BY_USER else 'early stopped'}"
+            f"{ran} ({how}){_best_words(status)}; the best epoch's model is the final model")
+
+
+def _finish_from_job(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: list[dict[str, Any]]) -> bool:
+    status = p.job.status
+    failed = _job_condition(job_obj, "Failed")
+    if failed:
+        reason = JOB_FAILURE_REASONS.get(failed.get("reason", ""), Reason.POD_FAILED)
+        detail = failure_from_pods(pods, spec)
+        if detail and (detail[0] == Reason.OOM_KILLED or reason == Reason.POD_FAILED):
+            reason, message = detail
+        elif reason == Reason.DEADLINE:
+            message = (f"the training Job ran longer than spec.activeDeadlineSeconds ({spec.active_deadline_seconds} s); "
+                       "raise it, or train fewer epochs")
+        else:
+            message = (f"training pods failed {spec.backoff_limit + 1} time(s) (spec.backoffLimit {spec.backoff_limit})"
+                       f"{': last failure: ' + detail[1] if detail else ''}")
+        p.phase(Phase.FAILED, reason, message, "Warning")
+        return True
+    if _job_condition(job_obj, "Complete"):
+        if p.st.get("stopRequestedTime"):
+            _finish_stopped(p, spec, status, enforced=False)
+            return True
+        total, done = spec.hyperparameters.epochs, status.get("epoch")
+        if isinstance(total, int) and isinstance(done, int) and done < total:
+            # The trainer applies the same patience rule itself when it cannot reach the API.
+            p.st["epochsSaved"] = total - done
+            p.phase(Phase.SUCCEEDED, Reason.EARLY_STOPPED,
+                    f"the trainer stopped early after {done} of {total} epochs{_best_words(status)}")
+        else:
+            p.phase(Phase.SUCCEEDED, Reason.COMPLETED, f"trained all {total} epochs{_best_words(status)}")
+        return True
+    return False
+
+
+def _request_stop(p: _Pass, reason: str, message: str) -> None:
+    p.st["stopRequestedTime"] = rfc3339(p.now)
+    p.st["stopReason"] = message
+    epoch = p.job.status.get("epoch")
+    p.cond(Condition.EARLY_STOP_REQUESTED, True, reason, f"{message}{f' (at epoch {epoch})' if epoch is not None else ''}")
+    p.events.append(Event("Normal", reason, f"stop requested: {message}"))
+
+
+def _decide_stop(p: _Pass, spec: Any, pods: list[dict[str, Any]], status: dict[str, Any]) -> bool:
+    """Record stop requests and enforce them; True when the pass is finished (failed by the policy)."""
+    if not p.st.get("stopRequestedTime"):
+        if spec.stop or p.job.stop_annotation:
+            how = "spec.stop" if spec.stop else f"annotation {c.Annotation.STOP}"
+            _request_stop(p, Reason.USER_REQUESTED, f"stop requested by the user ({how})")
+        else:
+            decision = early_stopping.decide(list(status.get("history") or []), early_stopping.Settings.from_spec(spec))
+            if decision.fail:
+                p.st["stopEnforced"] = True  # free the nodes now; there is nothing worth finishing
+                p.cond(Condition.EARLY_STOP_REQUESTED, True, decision.reason, decision.message)
+                p.phase(Phase.FAILED, decision.reason, decision.message, "Warning")
+                return True
+            if decision.stop:
+                _request_stop(p, decision.reason, decision.message)
+    if p.st.get("stopRequestedTime") and not p.st.get("stopEnforced"):
+        requested = parse_time(p.st["stopRequestedTime"]) or p.now
+        grace = spec.early_stopping.stop_grace_period_seconds
+        if not _running_pods(pods) or (p.now - requested).total_seconds() >= grace:
+            p.st["stopEnforced"] = True
+            words = ("no pod was running" if not _running_pods(pods)
+                     else f"the trainer did not stop within the grace period of {grace} s")
+            p.events.append(Event("Warning" if _running_pods(pods) else "Normal", Reason.STOP_ENFORCED,
+                                  f"suspending training Job {p.st['jobName']}: {words}"))
+    return False
+
+
+def _watchdog(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: list[dict[str, Any]], status: dict[str, Any]) -> bool:
+    timeout = spec.watchdog.stall_timeout_seconds
+    if not timeout or p.st.get("phase") != Phase.RUNNING or not _running_pods(pods) or p.st.get("stopEnforced"):
+        return False
+    # The latest sign of life: the trainer's heartbeat, or when the pods (re)started (a resumed Job resets its startTime).
+    marks = [parse_time(status.get("lastHeartbeatTime")), parse_time(p.st.get("startTime")),
+             parse_time(((job_obj or {}).get("status") or {}).get("startTime"))]
+    latest = max((m for m in marks if m), default=None)
+    if latest is None or (p.now - latest).total_seconds() < timeout:
+        return False
+    message = (f"no progress for {int((p.now - latest).total_seconds())} s (spec.watchdog.stallTimeoutSeconds {timeout}) "
+               "while pods were running: a hung collective or data loader; the Job was suspended to free its nodes. "
+               "Check the pods' logs, then re-create the job (it resumes from the last checkpoint on a PVC)")
+    p.st["stopEnforced"] = True
+    p.cond(Condition.STALLED, True, Reason.STALLED, message)
+    p.phase(Phase.FAILED, Reason.STALLED, message, "Warning")
+    return True
+
+
+def _progress_phase(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: list[dict[str, Any]]) -> None:
+    st = p.st
+    if spec.suspend and not st.get("stopEnforced"):
+        p.phase(Phase.SUSPENDED, Reason.JOB_SUSPENDED, "suspended (spec.suspend); set it to false to resume from the last checkpoint")
+        return
+    if st.get("phase") == Phase.SUSPENDED and st.get("reason") == Reason.JOB_SUSPENDED and not spec.suspend:
+        p.events.append(Event("Normal", Reason.JOB_RESUMED, "resumed; training continues from the last checkpoint"))
+    if job_obj is None:
+        p.phase(Phase.PENDING, Reason.CREATED, f"created training Job {st['jobName']}; waiting for its pods")
+        return
+    running = _running_pods(pods)
+    if st.get("stopRequestedTime") and st.get("stopEnforced"):
+        p.phase(Phase.RUNNING, Reason.STOP_ENFORCED, f"stopping: the operator suspended training Job {st['jobName']}")
+        return
+    if running:
+        if not st.get("startTime"):
+            st["startTime"] = rfc3339(p.now)
+        nodes = spec.distributed.nodes
+        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{len(running)} of {nodes} pod(s) running")
+        return
+    pull = image_pull_problem(pods)
+    if pull:
+        p.phase(Phase.PENDING, pull[0], pull[1], "Warning")
+        return
+    unschedulable = scheduling_problem(pods)
+    p.phase(Phase.PENDING, Reason.JOB_PENDING, unschedulable or f"waiting for the pods of training Job {st['jobName']}")
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Merge patch of the operator-owned fields that changed (None removes a field)."""
+    return {k: v for k, v in new.items() if old.get(k) != v and not (v is None and k not in old)}

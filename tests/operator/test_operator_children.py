@@ -1,0 +1,194 @@
+"""The children of a FineTuneJob: shape, the contract with the trainer, and schema validity."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+from ftj_builders import resolved
+
+from finetune_operator.plan import names
+from finetune_operator.plan.children import desired_children
+
+K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+
+
+def by_kind(children):
+    return {c["kind"]: c for c in children}
+
+
+def env_of(job):
+    return {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+CASES = {
+    "1x1": {},
+    "2x4-gpu": {"distributed": {"nodes": 2, "processesPerNode": 4}, "resources": {"gpu": True}},
+    "deepspeed": {"distributed": {"nodes": 2, "processesPerNode": 2, "strategy": "deepspeed", "zeroStage": 3}},
+    "lora": {"lora": {"enabled": True, "rank": 16}},
+    "suspend": {"suspend": True},
+    "pvcs-scheduling": {
+        "model": {"name": "/models/bert", "pvc": "models"},
+        "dataset": {"source": "/data/train.jsonl", "pvc": "data"},
+        "output": {"pvc": "out", "path": "/output/run1"},
+        "nodeSelector": {"pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "high",
+        "activeDeadlineSeconds": 3600,
+        "ttlSecondsAfterFinished": 600,
+        "env": {"HF_HUB_OFFLINE": "1"},
+    },
+    "own-service-account": {"serviceAccountName": "shared-trainer"},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_child_validates_strictly(case, version, settings):
+    for child in desired_children(resolved(**CASES[case]), settings):
+        kubernetes_validate.validate(child, version, strict=True)
+
+
+def test_validation_would_catch_an_unknown_field(settings):
+    # Guards the test above: strict validation must reject what the API server would drop.
+    job = by_kind(desired_children(resolved(), settings))["Job"]
+    job["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, "1.30.0", strict=True)
+
+
+def test_single_node_job(settings):
+    children = desired_children(resolved(), settings)
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
+    job = by_kind(children)["Job"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 1
+    assert spec["suspend"] is False and spec["backoffLimit"] == 3
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["finetune-trainer"]
+    assert container["image"] == "registry.example/finetune-trainer:1.0"
+    assert "resources" not in container  # no GPU, no requests given
+    env = env_of(job)
+    assert env == {
+        "FINETUNE_CONFIG": "/etc/finetune/config.json",
+        "FINETUNE_OUTPUT_DIR": "/output",
+        "FINETUNE_JOB_NAME": "bbc-news",
+        "FINETUNE_JOB_NAMESPACE": "team-a",
+        "FINETUNE_NNODES": "1",
+        "FINETUNE_NPROC_PER_NODE": "1",
+        "MASTER_ADDR": "bbc-news-train-0.bbc-news-workers",
+        "MASTER_PORT": "29500",
+        "FINETUNE_METRICS_PORT": "9400",
+    }
+    assert pod["subdomain"] == by_kind(children)["Service"]["metadata"]["name"]
+    assert pod["serviceAccountName"] == by_kind(children)["ServiceAccount"]["metadata"]["name"]
+    assert pod["restartPolicy"] == "Never"
+
+
+def test_two_nodes_four_gpus(settings):
+    job = by_kind(desired_children(resolved(distributed={"nodes": 2, "processesPerNode": 4}, resources={"gpu": True}), settings))["Job"]
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    res = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "4"
+    env = env_of(job)
+    assert (env["FINETUNE_NNODES"], env["FINETUNE_NPROC_PER_NODE"]) == ("2", "4")
+
+
+def test_config_map_carries_the_resolved_trainer_config(settings):
+    job = resolved(distributed={"nodes": 2, "processesPerNode": 2, "strategy": "deepspeed"}, lora={"enabled": True})
+    cm = by_kind(desired_children(job, settings))["ConfigMap"]
+    config = json.loads(cm["data"]["config.json"])
+    assert config == json.loads(json.dumps(job.trainer_config()))
+    assert config["spec"]["distributed"]["zeroStage"] == 2  # resolved default for deepspeed
+    assert config["spec"]["lora"]["enabled"] is True
+    assert config["spec"]["hyperparameters"]["learningRate"] == pytest.approx(2e-4)  # LoRA factor x balanced 5e-5
+    # The pod template names the config it was built for, so a restarted pod never runs with a different one unseen.
+    pod_hash = by_kind(desired_children(job, settings))["Job"]["spec"]["template"]["metadata"]["annotations"]
+    assert pod_hash["finetune.dev/config-hash"] == cm["metadata"]["annotations"]["finetune.dev/config-hash"]
+
+
+def test_suspend_follows_spec_or_enforced_stop(settings):
+    assert by_kind(desired_children(resolved(suspend=True), settings))["Job"]["spec"]["suspend"] is True
+    assert by_kind(desired_children(resolved(), settings, enforced_stop=True))["Job"]["spec"]["suspend"] is True
+    assert by_kind(desired_children(resolved(), settings))["Job"]["spec"]["suspend"] is False
+
+
+def test_trainer_role_allows_only_its_own_job(settings):
+    role = by_kind(desired_children(resolved(), settings))["Role"]
+    rules = {(tuple(r["resources"]), tuple(r["resourceNames"]), tuple(sorted(r["verbs"]))) for r in role["rules"]}
+    assert rules == {
+        (("finetunejobs",), ("bbc-news",), ("get", "watch")),
+        (("finetunejobs/status",), ("bbc-news",), ("patch",)),
+    }
+    assert all(r["apiGroups"] == ["finetune.dev"] for r in role["rules"])
+    binding = by_kind(desired_children(resolved(), settings))["RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": role["metadata"]["name"], "namespace": "team-a"}]
+
+
+def test_own_service_account_skips_rbac(settings):
+    children = desired_children(resolved(serviceAccountName="shared-trainer"), settings)
+    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "Job"]
+    assert by_kind(children)["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "shared-trainer"
+
+
+def test_restricted_pod_security(settings):
+    pod = by_kind(desired_children(resolved(), settings))["Job"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_volumes_and_scheduling(settings):
+    children = desired_children(resolved(**CASES["pvcs-scheduling"]), settings)
+    job = by_kind(children)["Job"]
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["output"]["persistentVolumeClaim"] == {"claimName": "out"}
+    assert mounts["output"]["mountPath"] == "/output/run1" == env_of(job)["FINETUNE_OUTPUT_DIR"]
+    assert volumes["model"]["persistentVolumeClaim"]["readOnly"] and mounts["model"]["readOnly"]
+    assert volumes["data"]["persistentVolumeClaim"]["readOnly"] and mounts["data"]["readOnly"]
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"} and mounts["shm"]["mountPath"] == "/dev/shm"
+    assert pod["nodeSelector"] == {"pool": "gpu"} and pod["priorityClassName"] == "high"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert job["spec"]["activeDeadlineSeconds"] == 3600 and job["spec"]["ttlSecondsAfterFinished"] == 600
+    assert env_of(job)["HF_HUB_OFFLINE"] == "1"
+    default = {v["name"]: v for v in by_kind(desired_children(resolved(), settings))["Job"]["spec"]["template"]["spec"]["volumes"]}
+    assert default["output"] == {"name": "output", "emptyDir": {}}
+
+
+def test_user_env_cannot_override_the_trainer_contract(settings):
+    job = by_kind(desired_children(resolved(env={"MASTER_PORT": "1", "EXTRA": "x"}), settings))["Job"]
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "MASTER_PORT"] == [{"name": "MASTER_PORT", "value": "29500"}]
+    assert {"name": "EXTRA", "value": "x"} in env
+
+
+def test_ownership_labels_and_deterministic_names(settings):
+    a = desired_children(resolved(), settings)
+    b = desired_children(resolved(), settings)
+    assert a == b
+    for child in a:
+        meta = child["metadata"]
+        assert meta["ownerReferences"] == [{
+            "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "bbc-news",
+            "uid": "0b6c2e8a-1111-2222-3333-444455556666", "controller": True, "blockOwnerDeletion": True,
+        }]
+        assert meta["labels"]["app.kubernetes.io/instance"] == "bbc-news"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "finetune-operator"
+        assert meta["namespace"] == "team-a"
+
+
+def test_long_names_stay_dns_labels():
+    long = "j" * 50  # the API's maximum FineTuneJob name length
+    for fn in (names.service_name, names.config_map_name, names.service_account_name):
+        assert len(fn(long)) <= 63
+    # pod hostnames are `<batch job>-<index>`: room for 3 digits of index plus the pod's random suffix
+    assert len(names.batch_job_name(long)) <= 53
+    assert names.child_name("x" * 70, "config") != names.child_name("x" * 69 + "y", "config")
+    assert len(names.child_name("x" * 70, "config")) == 63

@@ -1,0 +1,225 @@
+"""The phase machine: observe(job, status, job_obj, pods, now) -> (operator-owned status, events)."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+
+from ftj_builders import manifest
+
+from finetune_operator.api.constants import Condition, Phase, Reason
+from finetune_operator.plan.conditions import find, rfc3339
+from finetune_operator.plan.status import OPERATOR_FIELDS, job_input, observe, spec_fingerprint, status_patch
+
+T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+
+
+def batch_job(*conditions, active=0, start=None):
+    status = {"active": active, "conditions": [{"type": t, "status": "True", "reason": r} for t, r in conditions]}
+    if start:
+        status["startTime"] = rfc3339(start)
+    return {"metadata": {"name": "bbc-news-train"}, "spec": {"suspend": False}, "status": status}
+
+
+def pod(phase="Running", name="bbc-news-train-0-abcde", **container_state):
+    cs = [{"name": "trainer", **container_state}] if container_state else []
+    return {"metadata": {"name": name}, "status": {"phase": phase, "containerStatuses": cs}}
+
+
+def run(obj, status, job_obj=None, pods=(), now=T0):
+    """observe, then merge the result into the stored status as the API server would."""
+    obj = copy.deepcopy(obj)
+    obj["status"] = status
+    new, events = observe(job_input(obj), status, job_obj, list(pods), now)
+    merged = {**status, **{k: v for k, v in new.items() if v is not None}}
+    for k, v in new.items():
+        if v is None:
+            merged.pop(k, None)
+    return merged, events
+
+
+def reasons(events):
+    return [e.reason for e in events]
+
+
+def running(obj, now=T0, **trainer):
+    """A job that has been created and has a running pod, plus trainer-written fields."""
+    st, _ = run(obj, {}, now=now)
+    st, _ = run(obj, st, batch_job(active=1, start=now), [pod()], now)
+    st.update(trainer)
+    return st
+
+
+def history(*values, key="valLoss"):
+    return [{"epoch": i + 1, key: v, "trainLoss": 1.0} for i, v in enumerate(values)]
+
+
+def test_first_pass_is_pending_and_records_the_spec_hash():
+    obj = manifest()
+    st, events = run(obj, {})
+    assert st["phase"] == Phase.PENDING and st["reason"] == Reason.CREATED
+    assert st["observedGeneration"] == 1 and st["jobName"] == "bbc-news-train"
+    assert st["specHash"] == spec_fingerprint(job_input(obj).resolved.spec)
+    assert find(st["conditions"], Condition.VALID)["status"] == "True"
+    assert find(st["conditions"], Condition.READY)["observedGeneration"] == 1
+    assert reasons(events) == [Reason.CREATED]
+
+
+def test_running_then_idempotent():
+    obj = manifest()
+    st = running(obj)
+    assert st["phase"] == Phase.RUNNING and st["startTime"] == rfc3339(T0)
+    again, events = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(seconds=5))
+    assert events == [] and status_patch(st, {k: again.get(k) for k in OPERATOR_FIELDS}) == {}
+
+
+def test_invalid_spec_fails_once_naming_the_field():
+    obj = manifest(hyperparameters={"epochs": 0})
+    st, events = run(obj, {})
+    assert st["phase"] == Phase.FAILED and st["reason"] == Reason.INVALID_SPEC
+    assert "spec.hyperparameters.epochs" in st["message"]
+    valid = find(st["conditions"], Condition.VALID)
+    assert valid["status"] == "False" and valid["reason"] == Reason.INVALID_SPEC
+    assert [(e.type, e.reason) for e in events] == [("Warning", Reason.INVALID_SPEC)]
+    again, events = run(obj, st, now=T0 + timedelta(hours=1))
+    assert again == st and events == []  # no retries
+    fixed = manifest()
+    fixed["metadata"]["generation"] = 2
+    st, _ = run(fixed, st)
+    assert st["phase"] == Phase.PENDING  # an edited spec gets a new chance
+
+
+def test_completed():
+    obj = manifest()
+    st = running(obj, epoch=5, bestEpoch=4, bestMetric=0.93, valMetricName="accuracy")
+    st, events = run(obj, st, batch_job(("Complete", "")), [pod("Succeeded")], T0 + timedelta(minutes=5))
+    assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, Reason.COMPLETED)
+    assert "best accuracy 0.93 at epoch 4" in st["message"]
+    assert st["completionTime"] == rfc3339(T0 + timedelta(minutes=5))
+    assert find(st["conditions"], Condition.SUCCEEDED)["status"] == "True"
+    assert find(st["conditions"], Condition.RUNNING)["status"] == "False"
+    assert reasons(events) == [Reason.COMPLETED]
+    later, events = run(obj, st, None, [], T0 + timedelta(days=1))  # Job removed by its TTL: nothing changes
+    assert later == st and events == []
+
+
+def test_oom_killed_says_what_to_change():
+    obj = manifest(resources={"limits": {"memory": "4Gi"}})
+    st = running(obj)
+    oom = pod("Failed", state={"terminated": {"reason": "OOMKilled", "exitCode": 137}})
+    st, events = run(obj, st, batch_job(("Failed", "BackoffLimitExceeded")), [oom])
+    assert (st["phase"], st["reason"]) == (Phase.FAILED, Reason.OOM_KILLED)
+    assert "batchSize" in st["message"] and "4Gi" in st["message"]
+    assert events[0].type == "Warning"
+
+
+def test_backoff_limit_and_deadline():
+    obj = manifest(activeDeadlineSeconds=60)
+    crashed = pod("Failed", state={"terminated": {"reason": "Error", "exitCode": 1, "message": "ValueError: bad data"}})
+    st, _ = run(obj, running(obj), batch_job(("Failed", "BackoffLimitExceeded")), [crashed])
+    assert st["reason"] == Reason.BACKOFF_LIMIT and "exited with code 1" in st["message"] and "bad data" in st["message"]
+    st, _ = run(obj, running(obj), batch_job(("Failed", "DeadlineExceeded")), [])
+    assert st["reason"] == Reason.DEADLINE and "spec.activeDeadlineSeconds (60 s)" in st["message"]
+
+
+def test_image_pull_backoff_is_reported_while_pending():
+    obj = manifest(image="registry.example/typo:1")
+    st, _ = run(obj, {})
+    waiting = pod("Pending", state={"waiting": {"reason": "ImagePullBackOff", "message": "not found"}})
+    st, events = run(obj, st, batch_job(), [waiting])
+    assert (st["phase"], st["reason"]) == (Phase.PENDING, Reason.IMAGE_PULL)
+    assert "spec.image" in st["message"] and events[0].type == "Warning"
+
+
+def test_immutable_change_is_refused_and_named():
+    obj = manifest()
+    st = running(obj)
+    changed = manifest(dataset={"source": "/data/other", "format": "text-folders"})
+    changed["metadata"]["generation"] = 2
+    st2, events = run(changed, st, batch_job(active=1, start=T0), [pod()])
+    cond = find(st2["conditions"], Condition.SPEC_CHANGE_REFUSED)
+    assert cond["status"] == "True" and cond["reason"] == Reason.IMMUTABLE_FIELD
+    assert "spec.dataset" in cond["message"] and "spec.model" not in cond["message"]
+    assert reasons(events) == [Reason.IMMUTABLE_FIELD]
+    assert st2["specHash"] == st["specHash"]  # the running job's fingerprint is kept
+    # a mutable change (hyperparameters) is fine
+    tweak = manifest(hyperparameters={"epochs": 7, "batchSize": 16})
+    st3, _ = run(tweak, st, batch_job(active=1, start=T0), [pod()])
+    assert find(st3["conditions"], Condition.SPEC_CHANGE_REFUSED) is None
+
+
+def test_early_stop_request_then_graceful_finish():
+    obj = manifest()
+    es = history(0.50, 0.41, 0.45, 0.47)
+    st = running(obj, history=es, epoch=4, bestEpoch=2, bestMetric=0.41, valMetricName="val_loss")
+    st, events = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(minutes=1))
+    cond = find(st["conditions"], Condition.EARLY_STOP_REQUESTED)
+    assert cond["status"] == "True" and cond["reason"] == Reason.PATIENCE_EXHAUSTED
+    assert "best 0.41 at epoch 2" in cond["message"] and "epoch 4" in cond["message"]
+    assert st["stopRequestedTime"] == rfc3339(T0 + timedelta(minutes=1)) and not st.get("stopEnforced")
+    assert reasons(events) == [Reason.PATIENCE_EXHAUSTED]
+    assert st["phase"] == Phase.RUNNING
+    st, events = run(obj, st, batch_job(("Complete", "")), [pod("Succeeded")], T0 + timedelta(minutes=2))
+    assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, Reason.EARLY_STOPPED)
+    assert st["epochsSaved"] == 1 and "after 4 of 5 epochs" in st["message"]
+
+
+def test_stop_is_enforced_after_the_grace_period():
+    obj = manifest(earlyStopping={"stopGracePeriodSeconds": 60})
+    st = running(obj, history=history(0.5, 0.6, 0.7), epoch=3)
+    asked = T0 + timedelta(minutes=1)
+    st, _ = run(obj, st, batch_job(active=1, start=T0), [pod()], asked)
+    st, events = run(obj, st, batch_job(active=1, start=T0), [pod()], asked + timedelta(seconds=59))
+    assert not st.get("stopEnforced") and events == []
+    st, events = run(obj, st, batch_job(active=1, start=T0), [pod()], asked + timedelta(seconds=60))
+    assert st["stopEnforced"] is True and Reason.STOP_ENFORCED in reasons(events)
+    assert st["phase"] == Phase.RUNNING  # pods still terminating
+    st, events = run(obj, st, batch_job(("Suspended", "JobSuspended")), [], asked + timedelta(seconds=70))
+    assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, Reason.EARLY_STOPPED)
+    assert "suspended the Job after the grace period" in st["message"] and st["epochsSaved"] == 2
+
+
+def test_user_stop_by_annotation():
+    obj = manifest()
+    obj["metadata"]["annotations"] = {"finetune.dev/stop": "true"}
+    st = running(obj, epoch=1)
+    st, events = run(obj, st, batch_job(active=1, start=T0), [pod()])
+    assert find(st["conditions"], Condition.EARLY_STOP_REQUESTED)["reason"] == Reason.USER_REQUESTED
+    st, _ = run(obj, st, batch_job(("Complete", "")), [])
+    assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, Reason.STOPPED_BY_USER)
+
+
+def test_nan_loss_fails_and_frees_the_nodes():
+    obj = manifest()
+    st = running(obj, history=history(0.5, float("nan")), epoch=2)
+    st, events = run(obj, st, batch_job(active=1, start=T0), [pod()])
+    assert (st["phase"], st["reason"]) == (Phase.FAILED, Reason.NAN_LOSS)
+    assert st["stopEnforced"] is True and "learningRate" in st["message"]
+
+
+def test_stall_watchdog():
+    obj = manifest(watchdog={"stallTimeoutSeconds": 600})
+    st = running(obj, lastHeartbeatTime=rfc3339(T0 + timedelta(minutes=5)))
+    st2, events = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(minutes=14))
+    assert st2["phase"] == Phase.RUNNING and events == []
+    st3, events = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(minutes=15, seconds=1))
+    assert (st3["phase"], st3["reason"]) == (Phase.FAILED, Reason.STALLED)
+    assert st3["stopEnforced"] is True and find(st3["conditions"], Condition.STALLED)["status"] == "True"
+    disabled = manifest(watchdog={"stallTimeoutSeconds": 0})
+    st4, _ = run(disabled, running(disabled), batch_job(active=1, start=T0), [pod()], T0 + timedelta(days=1))
+    assert st4["phase"] == Phase.RUNNING
+
+
+def test_suspend_and_resume():
+    obj = manifest()
+    st = running(obj)
+    st, events = run(manifest(suspend=True), st, batch_job(("Suspended", "JobSuspended")), [])
+    assert (st["phase"], st["reason"]) == (Phase.SUSPENDED, Reason.JOB_SUSPENDED) and reasons(events) == [Reason.JOB_SUSPENDED]
+    st, events = run(obj, st, batch_job(), [])
+    assert Reason.JOB_RESUMED in reasons(events) and st["phase"] == Phase.PENDING
+
+
+def test_status_patch_holds_only_changes_of_operator_fields():
+    old = {"phase": "Running", "epoch": 3, "history": [{"epoch": 1}], "stopReason": "x"}
+    new = {"phase": "Running", "stopReason": None, "message": "m", "epochsSaved": None}
+    assert status_patch(old, new) == {"stopReason": None, "message": "m"}

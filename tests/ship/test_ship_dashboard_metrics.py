@@ -1,0 +1,154 @@
+"""The dashboard's and the alerts' PromQL use only metric names the operator and the trainer really
+export. Names come from the prometheus-client definitions in the two metrics.py modules; for a
+module that does not exist yet, from docs/contracts.md (the switch is automatic, per module)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from ship_helpers import ALL_FEATURES, CHART, ROOT, of_kind, render
+
+METRIC_MODULES = {
+    "finetune_operator_": ROOT / "operator" / "finetune_operator" / "metrics.py",
+    "finetune_": ROOT / "trainer_image" / "finetune_trainer" / "metrics.py",  # every other finetune_ name
+}
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+class Exported:
+    """Metric families by type; counters and histograms are named without their sample suffixes."""
+
+    def __init__(self) -> None:
+        self.gauges: set[str] = set()
+        self.counters: set[str] = set()
+        self.histograms: set[str] = set()
+
+    def series_names(self) -> set[str]:
+        """The sample names Prometheus stores, as prometheus-client exposes them."""
+        return (self.gauges | {c + "_total" for c in self.counters}
+                | {h + s for h in self.histograms for s in HISTOGRAM_SUFFIXES})
+
+
+def _strip_total(name: str) -> str:
+    return name.removesuffix("_total")
+
+
+def from_code(source: str) -> Exported:
+    """Every `finetune_*` string literal in a metrics module is a metric family name; the constructor
+    right before it says its type (a helper such as `gauge(...)` counts as a gauge)."""
+    out = Exported()
+    for m in re.finditer(r'(\w+)\(\s*"(finetune_[a-z0-9_]+)"', source):
+        ctor, name = m.group(1), _strip_total(m.group(2))
+        {"Counter": out.counters, "Histogram": out.histograms}.get(ctor, out.gauges).add(name)
+    return out
+
+
+def from_contract(text: str, prefix: str) -> Exported:
+    out = Exported()
+    for m in re.finditer(r"`(finetune_[a-z0-9_]+)(?:\{[^}]*\})?`( \(histogram\))?", text):
+        name, histogram = m.group(1), m.group(2)
+        if not name.startswith(prefix) or (prefix == "finetune_" and name.startswith("finetune_operator_")):
+            continue
+        if histogram:
+            out.histograms.add(name)
+        elif name.endswith("_total"):
+            out.counters.add(_strip_total(name))
+        else:
+            out.gauges.add(name)
+    return out
+
+
+def exported() -> dict[str, set[str]]:
+    """Series names per source ("code: <path>" or "contract"), operator and trainer together."""
+    contract = (ROOT / "docs" / "contracts.md").read_text()
+    sources: dict[str, set[str]] = {}
+    for prefix, module in METRIC_MODULES.items():
+        found = from_code(module.read_text()) if module.exists() else from_contract(contract, prefix)
+        key = f"code: {module.relative_to(ROOT)}" if module.exists() else f"contract ({prefix}*)"
+        sources[key] = found.series_names()
+    return sources
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers left after removing strings, label matchers,
+    grouping clauses and label_values()'s label argument."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"label_values\(([^,()]*),[^)]*\)", r"(\1)", expr)
+    return set(re.findall(r"(?<![\w:])(finetune_[a-zA-Z0-9_:]*)", expr))
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads((CHART / "files" / "dashboard.json").read_text())
+    queries = []
+
+    def walk(panels: list[dict]) -> None:
+        for panel in panels:
+            queries.extend(t["expr"] for t in panel.get("targets", []))
+            walk(panel.get("panels", []))
+
+    walk(dash["panels"])
+    for var in dash["templating"]["list"]:
+        q = var.get("query")
+        if isinstance(q, dict):
+            queries.append(q["query"])
+        elif var["type"] == "query":
+            queries.append(q)
+    return queries
+
+
+def rule_queries() -> list[str]:
+    rule = of_kind(render(ALL_FEATURES), "PrometheusRule")[0]
+    return [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+
+
+def test_extractor_reads_names_not_labels():
+    expr = ('histogram_quantile(0.95, sum by (le, finetune_job) (rate(finetune_operator_reconcile_duration_seconds_bucket'
+            '{finetune_job=~"finetune_x"}[5m]))) / on(finetune_job) finetune_train_loss and label_values(finetune_trainer_epoch, finetune_job)')
+    assert promql_metric_names(expr) == {
+        "finetune_operator_reconcile_duration_seconds_bucket", "finetune_train_loss", "finetune_trainer_epoch"}
+
+
+def test_code_definitions_are_found():
+    names = set().union(*exported().values())
+    # A gauge, a counter (exposed with _total) and a histogram (exposed with _bucket) from the contract.
+    assert {"finetune_train_loss", "finetune_operator_reconciles_total", "finetune_operator_reconcile_duration_seconds_bucket"} <= names
+
+
+def test_contract_fallback_matches_the_contract():
+    contract = (ROOT / "docs" / "contracts.md").read_text()
+    op = from_contract(contract, "finetune_operator_")
+    assert "finetune_operator_reconcile_duration_seconds" in op.histograms
+    assert "finetune_operator_reconciles" in op.counters
+    trainer = from_contract(contract, "finetune_")
+    assert "finetune_validation_metric" in trainer.gauges and "finetune_trainer_early_stops" in trainer.counters
+    assert not {n for n in trainer.series_names() if n.startswith("finetune_operator_")}
+
+
+@pytest.mark.parametrize("where", ["dashboard", "alerts"])
+def test_queries_use_only_exported_metrics(where: str):
+    queries = dashboard_queries() if where == "dashboard" else rule_queries()
+    known = set().union(*exported().values())
+    used = set().union(*(promql_metric_names(q) for q in queries))
+    assert used, "no metric names found: the extractor is broken"
+    unknown = sorted(used - known)
+    assert not unknown, f"{where} uses metrics nobody exports: {unknown} (exported, by source: {exported()})"
+
+
+def test_a_misspelled_metric_is_caught():
+    known = set().union(*exported().values())
+    assert promql_metric_names("rate(finetune_operator_reconciles[5m])") - known  # counter without _total
+    assert promql_metric_names("finetune_training_loss") - known
+
+
+def test_dashboard_covers_every_trainer_metric():
+    """Every trainer gauge is shown somewhere (a new metric without a panel is easy to miss)."""
+    module = METRIC_MODULES["finetune_"]
+    if not module.exists():
+        pytest.skip("trainer metrics module not written yet")
+    used = set().union(*(promql_metric_names(q) for q in dashboard_queries()))
+    assert from_code(Path(module).read_text()).gauges <= used

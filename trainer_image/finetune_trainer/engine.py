@@ -1,0 +1,151 @@
+"""Two ways to run the optimizer, one interface for the loop: accelerate (DDP or one process) and DeepSpeed ZeRO.
+
+accelerate's DeepSpeed plugin does not work on CPU (with `cpu=True` it silently runs plain DDP), so
+the DeepSpeed engine calls `deepspeed.initialize` itself with our torch optimizer and scheduler; the
+same code runs on GPUs. Data loaders, triggers and gathering stay accelerate's in both cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+_DS_TAG = "deepspeed"
+
+
+class AccelerateEngine:
+    """Plain accelerate: DDP across processes, autocast for mixed precision, `save_state` checkpoints."""
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any, max_grad_norm: float):
+        self.accelerator = accelerator
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # The scheduler is not prepared: accelerate would step it once per process per optimizer step.
+        self.scheduler = scheduler
+        accelerator.register_for_checkpointing(scheduler)
+        self.max_grad_norm = max_grad_norm
+
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.accumulate(self.model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    @property
+    def sync_gradients(self) -> bool:
+        return self.accelerator.sync_gradients
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def grad_norm(self) -> float:
+        """Global norm of this rank's current gradients (diagnostics; call only on a boundary)."""
+        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def step(self) -> bool:
+        """Clip, step and zero on an accumulation boundary; returns whether an optimizer step happened."""
+        if not self.accelerator.sync_gradients:
+            return False
+        if self.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save_state(self, path: str) -> None:
+        self.accelerator.save_state(path)
+
+    def load_state(self, path: str) -> None:
+        self.accelerator.load_state(path)
+
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The whole model's weights (every rank must call it)."""
+        return self.accelerator.get_state_dict(self.model)
+
+
+def deepspeed_config(*, micro_batch: int, accumulation: int, max_grad_norm: float, zero_stage: int, mixed_precision: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": mixed_precision == "bf16"},
+        "fp16": {"enabled": mixed_precision == "fp16"},
+        # Our AdamW/SGD is a plain torch optimizer: allowed with ZeRO once declared.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if max_grad_norm > 0:
+        config["gradient_clipping"] = max_grad_norm
+    return config
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1-3 through `deepspeed.initialize` with a client torch optimizer (works on CPU with gloo)."""
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any, config: dict[str, Any]):
+        # The first DeepSpeed run compiles its shm communication op; keep the build cache between runs.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+        import deepspeed
+
+        self.accelerator = accelerator
+        self.zero_stage = config["zero_optimization"]["stage"]
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)  # reuses the process group accelerate created
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self._boundary = True
+
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # DeepSpeed casts the model itself (bf16/fp16 sections)
+
+    @property
+    def sync_gradients(self) -> bool:
+        return self.model.is_gradient_accumulation_boundary()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._boundary = self.model.is_gradient_accumulation_boundary()
+        self.model.backward(loss)
+
+    def grad_norm(self) -> float:
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def step(self) -> bool:
+        self.model.step()  # steps optimizer and scheduler on the boundary only
+        return self._boundary
+
+    def learning_rate(self) -> float:
+        return float(self.model.get_lr()[0])
+
+    def save_state(self, path: str) -> None:
+        self.model.save_checkpoint(path, tag=_DS_TAG)
+
+    def load_state(self, path: str) -> None:
+        self.model.load_checkpoint(path, tag=_DS_TAG)
+
+    def unwrapped(self) -> nn.Module:
+        return self.model.module
+
+    def full_state_dict(self) -> dict[str, Any]:
+        if self.zero_stage == 3:
+            # Parameters are partitioned across ranks: gather them (every rank must take part).
+            return self.model._zero3_consolidated_16bit_state_dict()
+        return self.model.module.state_dict()

@@ -1,0 +1,126 @@
+"""Load the base model and tokenizer for a task, with the dropout override and LoRA (peft)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MODEL_PVC_MOUNT
+from .optim import head_prefixes_for
+from .paths import resolve_path
+from .regularization import set_dropout
+
+log = logging.getLogger("finetune_trainer")
+
+_PEFT_TASK = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM", "embedding": "FEATURE_EXTRACTION"}
+
+
+class EmbeddingModel(nn.Module):
+    """A transformer encoder with mean pooling: one vector per text (the sentence-transformers recipe)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.config = getattr(encoder, "config", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-6)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def save_pretrained(self, path: str, state_dict: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state_dict is not None:
+            prefix = "encoder."
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        self.encoder.save_pretrained(path, state_dict=state_dict, **kwargs)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    head_prefixes: tuple[str, ...]
+    source: str
+
+
+def load_tokenizer(spec: Any) -> tuple[Any, str]:
+    from transformers import AutoTokenizer
+
+    source = resolve_path(spec.model.name, pvc_mount=MODEL_PVC_MOUNT if spec.model.pvc else None)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.model.revision)
+    if tokenizer.pad_token_id is None:
+        # GPT-style tokenizers have no pad token; padding positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, source
+
+
+def load_model(spec: Any, labels: list[str], tokenizer: Any, source: str) -> LoadedModel:
+    """The task's model from `source`, its newly initialised layers (the head), dropout and LoRA applied."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task = str(spec.task)
+    kwargs: dict[str, Any] = {"revision": spec.model.revision} if spec.model.revision else {}
+    if task == "sequence-classification":
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # a checkpoint fine-tuned on other labels gets a new head
+            **kwargs,
+        )
+    elif task == "causal-lm":
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model, info = AutoModel.from_pretrained(source, output_loading_info=True, **kwargs)
+    missing = list(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
+    heads = head_prefixes_for(model, missing) if task != "embedding" else ()
+    changed = set_dropout(model, spec.hyperparameters.dropout)
+    if changed:
+        log.info("dropout set to %s in %d modules", spec.hyperparameters.dropout, changed)
+    if spec.lora.enabled:
+        model = _with_lora(model, spec, task)
+    if task == "embedding":
+        model = EmbeddingModel(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, head_prefixes=heads, source=source)
+
+
+def _with_lora(model: nn.Module, spec: Any, task: str) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec.lora
+
+    def config(targets: Any) -> Any:
+        return LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type=_PEFT_TASK[task]
+        )
+
+    try:
+        wrapped = get_peft_model(model, config(list(lora.target_modules) or None))
+    except ValueError:
+        if lora.target_modules:
+            raise
+        # peft knows default targets only for architectures it lists; otherwise adapt every linear layer.
+        wrapped = get_peft_model(model, config("all-linear"))
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    log.info("LoRA r=%d: %d of %d parameters trainable", lora.rank, trainable, total)
+    return wrapped
+
+
+def save_model(model: nn.Module, tokenizer: Any, path: str, state_dict: dict[str, Any] | None = None) -> None:
+    """`save_pretrained` + tokenizer: the directory loads with transformers (or peft for LoRA adapters)."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,452 @@
+"""The training process: one per rank (torchrun starts them; world size 1 runs it in the launcher's process)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator, skip_first_batches
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from finetune_operator.policy.early_stopping import Settings, decide, metric_value
+
+from . import checkpoints as ckpt
+from .batching import make_probe, plan_batch
+from .config import DATA_PVC_MOUNT, Runtime, TrainerConfig
+from .data import Collator, EpochSeededSampler, build_dataset, label_names, split_records
+from .engine import AccelerateEngine, DeepSpeedEngine, deepspeed_config
+from .evaluation import MAIN_METRIC, evaluate
+from .metrics import TrainerMetrics
+from .models import load_model, load_tokenizer, save_model
+from .optim import build_optimizer
+from .reporting import StatusReporter, now_rfc3339
+from .schedules import build_scheduler
+from .signals import TerminationFlag
+from .steps import forward
+
+log = logging.getLogger("finetune_trainer")
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the pod was asked to go; its checkpoint lets the next pod resume
+HISTORY_LIMIT = 200
+LOSS_METRICS = ("val_loss", "train_loss")
+
+
+class WorldMismatch(RuntimeError):
+    pass
+
+
+@dataclass
+class Progress:
+    """What survives a restart (saved as the checkpoint's trainer_state.json)."""
+
+    epochs_completed: int = 0
+    batch_in_epoch: int = 0  # > 0 only for a mid-epoch (SIGTERM) checkpoint
+    global_step: int = 0
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    partial_loss_sum: float = 0.0  # the interrupted epoch's running loss, so its mean stays exact
+    partial_batches: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epochsCompleted": self.epochs_completed, "batchInEpoch": self.batch_in_epoch, "globalStep": self.global_step,
+                "bestEpoch": self.best_epoch, "bestMetric": self.best_metric, "history": self.history,
+                "partialLossSum": self.partial_loss_sum, "partialBatches": self.partial_batches}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Progress:
+        return cls(d.get("epochsCompleted", 0), d.get("batchInEpoch", 0), d.get("globalStep", 0), d.get("bestEpoch"),
+                   d.get("bestMetric"), list(d.get("history", [])), d.get("partialLossSum", 0.0), d.get("partialBatches", 0))
+
+
+def configure_logging(job: str, rank: int) -> None:
+    """One line per event naming the job; only rank 0 logs below WARNING (STYLE rule 7)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s job={job} rank={rank} %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+    for noisy in ("transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-file load/save bars would drown the epoch bars
+
+
+def resolve_mixed_precision(requested: str, on_gpu: bool) -> str:
+    if requested == "fp16" and not on_gpu:
+        log.warning("mixedPrecision fp16 is not supported on CPU; training in full precision (use bf16 on CPU)")
+        return "no"
+    return requested
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; a second run in one process (tests, notebooks) needs them cleared."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _is_better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, rt: Runtime, *, progress: bool = False):
+        self.cfg = cfg
+        self.rt = rt
+        self.spec = cfg.spec
+        self.hp = cfg.spec.hyperparameters
+        self.task = str(cfg.spec.task)
+        self.job = rt.job_name or cfg.name
+        self.namespace = rt.namespace or cfg.namespace
+        self.output_dir = rt.output_dir or cfg.spec.output.path
+        self.show_progress = progress
+        self.es = Settings.from_spec(cfg.spec)
+        self.term = TerminationFlag()
+
+    # --- set-up ------------------------------------------------------------------------------------
+    def _accelerator(self) -> Accelerator:
+        on_gpu = torch.cuda.is_available()
+        self.deepspeed = str(self.spec.distributed.strategy) == "deepspeed"
+        self.mixed_precision = resolve_mixed_precision(str(self.hp.mixed_precision or "no"), on_gpu)
+        accelerator = Accelerator(
+            cpu=not on_gpu,  # without cpu=True, torchrun ranks on a CPU machine each train alone, silently
+            mixed_precision="no" if self.deepspeed else self.mixed_precision,
+        )
+        expected = self.rt.expected_world_size or self.rt.world_size or 1
+        if accelerator.num_processes != expected or (self.rt.world_size or 1) != expected:
+            raise WorldMismatch(
+                f"job {self.job}: accelerate sees {accelerator.num_processes} processes, WORLD_SIZE is "
+                f"{self.rt.world_size}, the job asks for {expected}; refusing to train a different configuration"
+            )
+        return accelerator
+
+    def _data(self) -> None:
+        spec = self.spec
+        train, val = split_records(spec, DATA_PVC_MOUNT if spec.dataset.pvc else None)
+        self.labels = label_names(train, val) if self.task != "causal-lm" else []
+        self.tokenizer, self.model_source = load_tokenizer(spec)
+        seed = self.hp.seed or 0
+        maxlen = spec.dataset.max_length
+        self.train_set = build_dataset(train, self.task, self.tokenizer, maxlen, self.labels, seed)
+        self.val_set = build_dataset(val, self.task, self.tokenizer, maxlen, self.labels, seed + 1)
+        self.paired = self.task == "embedding" and all(r.pair is not None for r in train)
+        self.collate = Collator(self.tokenizer.pad_token_id or 0, self.task)
+
+    def _loaders(self, per_device: int) -> None:
+        seed = self.hp.seed or 0
+        self.sampler = EpochSeededSampler(len(self.train_set), seed)
+        train = DataLoader(self.train_set, batch_size=per_device, sampler=self.sampler, collate_fn=self.collate)
+        val = DataLoader(self.val_set, batch_size=max(per_device, 32), shuffle=False, collate_fn=self.collate)
+        self.train_loader, self.val_loader = self.accelerator.prepare(train, val)
+
+    # --- run -----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.accelerator = acc = self._accelerator()
+        self.is_main = acc.is_main_process
+        configure_logging(self.job, acc.process_index)
+        os.makedirs(self.output_dir, exist_ok=True)
+        set_seed(self.hp.seed or 0)
+        self._data()
+        loaded = load_model(self.spec, self.labels, self.tokenizer, self.model_source)
+        model = loaded.model.to(acc.device)
+        self.unwrapped_for_save = loaded.model
+        probe = make_probe(model, self.train_set, self.collate, self.task, self.hp, acc.device, acc.autocast)
+        plan = plan_batch(self.hp, probe=probe, examples_per_rank=math.ceil(len(self.train_set) / acc.num_processes),
+                          on_gpu=torch.cuda.is_available())
+        self.plan = plan
+        set_seed(self.hp.seed or 0)  # probes consumed randomness; training starts from the seed either way
+        self._loaders(plan.per_device)
+        batches = len(self.train_loader)
+        steps_per_epoch = max(1, batches // plan.accumulation if self.deepspeed else math.ceil(batches / plan.accumulation))
+        self.total_steps = steps_per_epoch * self.hp.epochs
+        optimizer = build_optimizer(model, self.hp, loaded.head_prefixes)
+        scheduler = build_scheduler(optimizer, self.hp, self.total_steps)
+        max_norm = self.hp.max_grad_norm or 0.0
+        if self.deepspeed:
+            config = deepspeed_config(micro_batch=plan.per_device, accumulation=plan.accumulation, max_grad_norm=max_norm,
+                                      zero_stage=self.spec.distributed.zero_stage or 2, mixed_precision=self.mixed_precision)
+            self.engine: Any = DeepSpeedEngine(acc, model, optimizer, scheduler, config)
+        else:
+            acc.gradient_accumulation_steps = plan.accumulation
+            self.engine = AccelerateEngine(acc, model, optimizer, scheduler, max_norm)
+        self.progress = Progress()
+        resumed = self._resume()
+        self.metrics = TrainerMetrics(self.job, self.namespace)
+        self.reporter: StatusReporter | None = None
+        if self.is_main:
+            if self.rt.metrics_port is not None:
+                self.metrics.serve(self.rt.metrics_port)
+            self.reporter = StatusReporter(self.job, self.namespace, enabled=self.rt.status_enabled,
+                                           poll_seconds=self.rt.stop_poll_seconds, stop_file=self.rt.stop_file).start()
+            self.metrics.batch_size.set(plan.per_device)
+        log.info(
+            "training %s on %d process(es): %d train / %d validation examples, batch %d x %d accumulation, %d steps, "
+            "strategy %s, precision %s%s",
+            self.task, acc.num_processes, len(self.train_set), len(self.val_set), plan.per_device, plan.accumulation,
+            self.total_steps, "deepspeed" if self.deepspeed else "ddp", self.mixed_precision,
+            f", resumed from {resumed}" if resumed else "",
+        )
+        self._report({"trainerPhase": "Training", "totalEpochs": self.hp.epochs, "batchSize": plan.per_device,
+                      "gradientAccumulationSteps": plan.accumulation})
+        self.term.install()
+        try:
+            outcome = self._train_loop()
+        finally:
+            self.term.uninstall()
+        return self._finish(outcome, resumed)
+
+    def _resume(self) -> str | None:
+        found = ckpt.latest(self.output_dir)
+        if found is None:
+            return None
+        path, state = found
+        self.engine.load_state(path)
+        self.progress = Progress.from_json(state)
+        log.info("resuming from %s: %d epochs done, %d batches into the next, step %d",
+                 path, self.progress.epochs_completed, self.progress.batch_in_epoch, self.progress.global_step)
+        return path
+
+    def _report(self, patch: dict[str, Any]) -> None:
+        if self.reporter is not None:
+            self.reporter.report({**patch, "lastHeartbeatTime": now_rfc3339()})
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def _stop_signal(self) -> str | None:
+        """At a step boundary: 'stop', 'preempt' or None, the same on every rank."""
+        acc = self.accelerator
+        local_stop = self.reporter is not None and self.reporter.stop_requested
+        local_term = self.term.requested
+        fault = self.rt_fault_sigterm_step
+        if fault and self.progress.global_step == fault and not local_term:
+            os.kill(os.getpid(), signal.SIGTERM)  # fault injection: goes through the real handler
+            local_term = True
+        if local_stop or local_term:
+            acc.set_trigger()
+        if not acc.check_trigger():
+            return None
+        flags = torch.tensor([float(local_stop), float(local_term)], device=acc.device)
+        flags = acc.reduce(flags, reduction="sum") if acc.num_processes > 1 else flags
+        return "preempt" if flags[1] > 0 else "stop"
+
+    def _train_loop(self) -> str:
+        acc, engine, hp, p = self.accelerator, self.engine, self.hp, self.progress
+        self.rt_fault_sigterm_step = int(os.environ.get("FINETUNE_FAULT_SIGTERM_AT_STEP", "0") or 0)
+        crash_after = int(os.environ.get("FINETUNE_FAULT_EXIT_AFTER_EPOCH", "0") or 0)
+        generator = torch.Generator().manual_seed((hp.seed or 0) + 7)
+        self.first_grad_norm: float | None = None
+        self.samples_per_second = 0.0
+        while p.epochs_completed < hp.epochs:
+            epoch = p.epochs_completed + 1
+            self.train_loader.set_epoch(epoch)
+            loader = self.train_loader
+            skip = p.batch_in_epoch
+            if skip:
+                loader = skip_first_batches(self.train_loader, skip)
+                loader.set_epoch(epoch)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            loss_sum += p.partial_loss_sum
+            seen = p.partial_batches
+            bar = self._bar(epoch, len(self.train_loader), skip)
+            rows = 0
+            start = time.perf_counter()
+            batch_index = skip
+            for batch in loader:
+                with engine.accumulate():
+                    with engine.autocast():
+                        loss, _ = forward(engine.model, batch, self.task, hp, train=True, generator=generator)
+                    engine.backward(loss)
+                    if self.first_grad_norm is None and engine.sync_gradients and not self.deepspeed:
+                        self.first_grad_norm = engine.grad_norm()
+                    stepped = engine.step()
+                loss_sum += loss.detach().double()
+                seen += 1
+                batch_index += 1
+                rows += batch["input_ids"].shape[0]
+                if not stepped:
+                    continue
+                p.global_step += 1
+                if bar is not None:
+                    bar.update(batch_index - bar.n)
+                    if p.global_step % 5 == 0:
+                        rate = rows * acc.num_processes / max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+                signal_ = self._stop_signal()
+                if signal_ == "preempt":
+                    p.batch_in_epoch, p.partial_loss_sum, p.partial_batches = batch_index, float(loss_sum), seen
+                    self._save_checkpoint(epoch, batch_index)
+                    if bar is not None:
+                        bar.close()
+                    return "preempted"
+                if signal_ == "stop":
+                    if bar is not None:
+                        bar.close()
+                    self.stop_reason = self.reporter.stop_reason if self.reporter is not None else "stop requested"
+                    return "stopped"
+            elapsed = time.perf_counter() - start
+            if bar is not None:
+                bar.close()
+            self.samples_per_second = rows * acc.num_processes / max(elapsed, 1e-9)
+            train_loss = float(acc.reduce(torch.tensor([float(loss_sum) / max(seen, 1)], device=acc.device), reduction="mean")[0])
+            self._end_epoch(epoch, train_loss)
+            if crash_after and epoch == crash_after:
+                log.warning("fault injection: exiting abruptly after epoch %d", epoch)
+                os._exit(137)
+            decision = self._local_early_stop()
+            if decision is not None:
+                return "early_stopped"
+        return "completed"
+
+    def _bar(self, epoch: int, total: int, initial: int) -> Any:
+        if not (self.show_progress and self.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{self.hp.epochs}", unit="batch", mininterval=0.5, leave=True)
+
+    def _end_epoch(self, epoch: int, train_loss: float) -> None:
+        p = self.progress
+        metrics = evaluate(self.engine, self.val_loader, self.task, self.hp, num_labels=len(self.labels), paired=self.paired)
+        metrics["train_loss"] = train_loss
+        es_metric = str(self.spec.early_stopping.metric)
+        metric_name = es_metric if es_metric not in LOSS_METRICS else MAIN_METRIC[self.task]
+        point = {"epoch": epoch, "trainLoss": train_loss, "valLoss": metrics["val_loss"], "valMetric": metrics[metric_name],
+                 "learningRate": self.engine.learning_rate(), "time": now_rfc3339(), "samplesPerSecond": self.samples_per_second}
+        point.update({k: v for k, v in metrics.items() if k not in ("val_loss", "train_loss")})
+        p.history = (p.history + [point])[-HISTORY_LIMIT:]
+        value = metric_value(point, es_metric)
+        improved = value is not None and math.isfinite(value) and _is_better(value, p.best_metric, self.es.mode, self.es.min_delta)
+        if improved:
+            p.best_epoch, p.best_metric = epoch, value
+            self._save_best()
+        p.epochs_completed, p.batch_in_epoch, p.partial_loss_sum, p.partial_batches = epoch, 0, 0.0, 0
+        self._save_checkpoint(epoch, None)
+        log.info("epoch %d/%d: train_loss %.4f val_loss %.4f %s %.4f lr %.3g %.1f samples/s%s", epoch, self.hp.epochs, train_loss,
+                 metrics["val_loss"], metric_name, metrics[metric_name], point["learningRate"], self.samples_per_second,
+                 " (best)" if improved else "")
+        m = self.metrics
+        if self.is_main:
+            m.epoch.set(epoch)
+            m.step.set(p.global_step)
+            m.train_loss.set(train_loss)
+            m.val_loss.set(metrics["val_loss"])
+            m.val_metric(metric_name, metrics[metric_name])
+            m.learning_rate.set(point["learningRate"])
+            m.samples_per_second.set(self.samples_per_second)
+            if p.best_metric is not None:
+                m.best_metric.set(p.best_metric)
+        self._report({
+            "epoch": epoch, "step": p.global_step, "trainLoss": train_loss, "valLoss": metrics["val_loss"],
+            "valMetric": metrics[metric_name], "valMetricName": metric_name, "learningRate": point["learningRate"],
+            "samplesPerSecond": self.samples_per_second, "bestEpoch": p.best_epoch, "bestMetric": p.best_metric,
+            "history": [{k: h[k] for k in ("epoch", "trainLoss", "valLoss", "valMetric", "learningRate", "time")} for h in p.history],
+        })
+
+    def _local_early_stop(self) -> Any:
+        """The operator decides while the API is reachable; without it, the same pure rule runs here."""
+        if self.reporter is not None and self.reporter.connected:
+            stop = False
+        else:
+            stop = decide(self.progress.history, self.es).stop if self.is_main else False
+        flag = torch.tensor([float(stop)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag[0] > 0:
+            decision = decide(self.progress.history, self.es)
+            log.info("early stopping: %s", decision.message)
+            self.stop_reason = decision.message
+            return decision
+        return None
+
+    def _save_best(self) -> None:
+        state = self.engine.full_state_dict()  # every rank takes part (ZeRO-3 gathers)
+        if self.is_main:
+            path = os.path.join(self.output_dir, "best")
+            save_model(self.engine.unwrapped(), self.tokenizer, path, state_dict=state)
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, epoch: int, batch: int | None) -> None:
+        path = ckpt.epoch_dir(self.output_dir, epoch, batch)
+        self.engine.save_state(path)
+        self.accelerator.wait_for_everyone()  # a rank must not read (or prune) a half-written checkpoint
+        if self.is_main:
+            state = self.progress.to_json()
+            state["batchSize"] = self.plan.per_device
+            state["gradientAccumulationSteps"] = self.plan.accumulation
+            ckpt.mark_complete(path, state)
+            ckpt.prune(self.output_dir, self.spec.output.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self, outcome: str, resumed: str | None) -> dict[str, Any]:
+        acc, p = self.accelerator, self.progress
+        if outcome == "stopped" and p.best_epoch is None:
+            # Stopped before any epoch ended: the current weights are all there is; keep them as the model.
+            self._save_best()
+        step = torch.tensor([p.global_step], device=acc.device)
+        rank_steps = acc.gather(step).tolist() if acc.num_processes > 1 else [p.global_step]
+        checksum = torch.tensor([sum(float(t.detach().double().sum()) for t in self.engine.unwrapped().parameters())], device=acc.device, dtype=torch.float64)
+        checksums = acc.gather(checksum).tolist() if acc.num_processes > 1 else [float(checksum[0])]
+        gn = torch.tensor([self.first_grad_norm or 0.0], device=acc.device, dtype=torch.float64)
+        grad_norms = acc.gather(gn).tolist() if acc.num_processes > 1 else [float(gn[0])]
+        es_metric = str(self.spec.early_stopping.metric)
+        result = {
+            "outcome": outcome, "epochsRun": p.epochs_completed, "totalEpochs": self.hp.epochs, "bestEpoch": p.best_epoch,
+            "bestMetric": p.best_metric, "metric": es_metric, "mainMetric": MAIN_METRIC[self.task], "history": p.history,
+            "batchSize": self.plan.per_device, "gradientAccumulationSteps": self.plan.accumulation, "batchPlan": self.plan.as_dict(),
+            "globalStep": p.global_step, "totalSteps": self.total_steps, "worldSize": acc.num_processes,
+            "strategy": "deepspeed" if self.deepspeed else "ddp", "mixedPrecision": self.mixed_precision,
+            "samplesPerSecond": self.samples_per_second, "resumedFrom": resumed, "rankSteps": rank_steps,
+            "rankParamChecksums": checksums, "rankFirstGradNorms": grad_norms,
+            "stopReason": getattr(self, "stop_reason", None), "modelPath": os.path.join(self.output_dir, "best"),
+        }
+        if outcome == "preempted":
+            self._report({"trainerPhase": "Preempted", "step": p.global_step})
+        else:
+            self._report({"trainerPhase": "Finished", "step": p.global_step})
+            if outcome in ("early_stopped", "stopped") and self.is_main:
+                self.metrics.early_stops.inc()
+            if self.is_main:
+                ckpt.write_json_atomic(os.path.join(self.output_dir, "result.json"), result)
+        if self.reporter is not None:
+            self.reporter.close()
+        acc.wait_for_everyone()
+        log.info("%s after %d epochs (step %d); best %s=%s at epoch %s", outcome, p.epochs_completed, p.global_step,
+                 es_metric, p.best_metric, p.best_epoch)
+        return result
+
+
+def train(cfg: TrainerConfig, rt: Runtime, *, progress: bool = False) -> dict[str, Any]:
+    """Run one training process to its end; returns the result (rank 0 also writes result.json)."""
+    return Trainer(cfg, rt, progress=progress).run()
+
+
+def main() -> int:
+    rt = Runtime.from_env()
+    cfg = TrainerConfig.load(rt.config_path)
+    progress = os.environ.get("FINETUNE_PROGRESS", "0") == "1"
+    try:
+        result = train(cfg, rt, progress=progress)
+    except WorldMismatch as err:
+        print(json.dumps({"level": "error", "message": str(err)}), file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return EXIT_PREEMPTED if result["outcome"] == "preempted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
