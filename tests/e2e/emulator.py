@@ -593,6 +593,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         meta["generation"] = 1
         if spec.status_subresource:
             obj.pop("status", None)  # create ignores status where a status subresource exists
+            if not spec.group.endswith(".dev") and spec.key[0] in ("", "batch", "apiextensions.k8s.io"):
+                obj["status"] = {}  # built-in types are Go structs: their empty status is still there
         _apply_defaults(spec, obj)
         if dry_run:
             return obj
@@ -646,7 +648,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             return new
         new["metadata"]["resourceVersion"] = self._next_rv()
         meta = new["metadata"]
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and spec.key != ("", "v1", "namespaces"):
             return self._remove(spec, key, new)
         self.store[spec.key][key] = new
         self._index_owners(spec, key, old, new)
@@ -758,7 +760,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         if policy == "Foreground" and self._dependents.get(meta["uid"]) and "foregroundDeletion" not in finalizers:
             finalizers.append("foregroundDeletion")
         graceful = self._grace_seconds(spec, old, grace)
-        if not finalizers and not graceful:
+        is_namespace = spec.key == ("", "v1", "namespaces")
+        if not finalizers and not graceful and not is_namespace:
             return self._remove(spec, (namespace, name), old)
         if meta.get("deletionTimestamp"):
             if finalizers == (meta.get("finalizers") or []):
@@ -769,11 +772,13 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             meta["deletionGracePeriodSeconds"] = graceful or 0
             meta["generation"] = meta.get("generation", 1) + 1
         meta["finalizers"] = finalizers
+        if not finalizers:
+            meta.pop("finalizers")
+        if is_namespace:
+            new.setdefault("status", {})["phase"] = "Terminating"
         meta["resourceVersion"] = self._next_rv()
         self.store[spec.key][(namespace, name)] = new
         self._emit(spec, "MODIFIED", old, new)
-        if spec.key == ("", "v1", "namespaces"):
-            new.setdefault("status", {})["phase"] = "Terminating"
         self._gc_kick(meta["uid"])
         return new
 

@@ -22,7 +22,7 @@ ALL_FEATURES: dict[str, Any] = {
     "podMonitor": {"enabled": True},
     "grafanaDashboard": {"enabled": True},
     "prometheusRule": {"enabled": True},
-    "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+    "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}, {"name": "FTO_WORKERS", "value": "8"}],
     "podAnnotations": {"example.com/team": "ml"},
     "imagePullSecrets": [{"name": "regcred"}],
 }

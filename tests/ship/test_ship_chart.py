@@ -13,6 +13,7 @@ import yaml
 from ship_helpers import ALL_FEATURES, ALL_FEATURES_NAMESPACED, CHART, helm, of_kind, render
 
 from finetune_operator.api import constants as c
+from finetune_operator.plan import names
 
 OLDEST, NEWEST = "1.30", kubernetes_validate.latest_version()
 VALUE_SETS = {"defaults": None, "all-features": ALL_FEATURES, "all-features-namespaced": ALL_FEATURES_NAMESPACED}
@@ -223,6 +224,12 @@ def test_monitors_select_the_right_pods():
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     pm = of_kind(docs, "PodMonitor")[0]
     assert pm["spec"]["selector"]["matchExpressions"] == [{"key": c.Label.JOB_NAME, "operator": "Exists"}]
+    # It selects exactly what the operator's plan labels a training pod with, and not the operator itself.
+    trainer = names.labels("bbc-news", "trainer")
+    assert pm["spec"]["selector"]["matchLabels"].items() <= trainer.items()
+    operator_pod = of_kind(docs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert not pm["spec"]["selector"]["matchLabels"].items() <= operator_pod.items()
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
 def test_dashboard_configmap_holds_valid_json():

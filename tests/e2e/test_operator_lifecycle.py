@@ -1,0 +1,126 @@
+"""The real operator process against the API (emulated, or a real cluster) with the pod runner.
+
+Pods run a stand-in trainer (operator_fixture.FAKE_TRAINER) that reports progress the way the real one
+does; real training is in test_operator_training.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .operator_helpers import children, condition, create, events_for, ftj, get, kube_client, patch, status
+
+pytest_plugins = ["e2e.operator_fixture"]
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def c(kube):
+    client = kube_client(kube.kubeconfig)
+    yield client
+    client.close()
+
+
+def test_job_runs_to_success_with_children_status_and_events(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
+    create(c, namespace, ftj("plain", env=fake_trainer_env("obey", "0.5,0.4,0.3"), hyperparameters={"epochs": 3, "batchSize": 8}))
+    st = wait_for(lambda: (s := status(c, namespace, "plain")).get("phase") == "Succeeded" and s, timeout=60,
+                  what="phase Succeeded")
+    assert st["reason"] == "TrainingCompleted" and st["epoch"] == 3
+    assert st["observedGeneration"] == 1 and st["jobName"] == "plain-train"
+    assert st["startTime"] and st["completionTime"]
+    uid = get(c, namespace, "plain")["metadata"]["uid"]
+    kids = children(c, namespace, "plain")
+    assert {k: len(v) for k, v in kids.items()} == dict.fromkeys(kids, 1)
+    for objs in kids.values():
+        assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == uid
+    job = kids["Job"][0]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["suspend"] is False
+    reasons = [e["reason"] for e in events_for(c, namespace, "plain")]
+    assert "ChildrenCreated" in reasons and "TrainingCompleted" in reasons
+    # the operator never writes the FineTuneJob's spec or metadata
+    meta = get(c, namespace, "plain")["metadata"]
+    assert meta.get("generation") == 1 and not meta.get("finalizers") and not meta.get("annotations")
+    metrics = operator.metrics()
+    assert 'finetune_operator_reconciles_total{result="changed"}' in metrics
+    assert "finetune_operator_reconcile_duration_seconds_bucket" in metrics
+
+
+def test_invalid_spec_fails_with_the_field_named_and_no_children(c, operator, namespace, wait_for):
+    bad = ftj("bad", hyperparameters={"epochs": 2, "batchSize": 8, "scheduler": {"warmupRatio": 0.1, "warmupSteps": 5}})
+    try:
+        create(c, namespace, bad)
+    except Exception as err:  # a real API server's CEL rules reject it before it reaches the operator
+        pytest.skip(f"the API server rejected the manifest itself: {err}")
+    st = wait_for(lambda: (s := status(c, namespace, "bad")).get("phase") == "Failed" and s, what="phase Failed")
+    assert st["reason"] == "InvalidSpec" and "warmupSteps" in st["message"]
+    assert condition(st, "Valid")["status"] == "False"
+    wait_for(lambda: any(e["reason"] == "InvalidSpec" for e in events_for(c, namespace, "bad")), what="InvalidSpec event")
+    assert all(not v for v in children(c, namespace, "bad").values())
+
+
+def test_suspend_and_resume(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
+    create(c, namespace, ftj("queued", suspend=True, env=fake_trainer_env("obey", "0.5,0.4", 0.2),
+                             hyperparameters={"epochs": 2, "batchSize": 8}))
+    wait_for(lambda: status(c, namespace, "queued").get("phase") == "Suspended", what="phase Suspended")
+    assert children(c, namespace, "queued")["Job"][0]["spec"]["suspend"] is True
+    patch(c, namespace, "queued", {"spec": {"suspend": False}})
+    wait_for(lambda: status(c, namespace, "queued").get("phase") == "Succeeded", timeout=60, what="phase Succeeded")
+    assert "JobResumed" in [e["reason"] for e in events_for(c, namespace, "queued")]
+
+
+def test_early_stop_obeyed_by_the_trainer(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
+    create(c, namespace, ftj("overfit", env=fake_trainer_env("obey", "0.5,0.4,0.45,0.47,0.5,0.6,0.7,0.8", 0.5),
+                             hyperparameters={"epochs": 8, "batchSize": 8}, earlyStopping={"patience": 2}))
+    st = wait_for(lambda: (s := status(c, namespace, "overfit")).get("phase") == "Succeeded" and s, timeout=60,
+                  what="phase Succeeded")
+    assert st["reason"] == "EarlyStopped" and not st.get("stopEnforced")
+    cond = condition(st, "EarlyStopRequested")
+    assert cond["status"] == "True" and cond["reason"] == "PatienceExhausted" and "best 0.4 at epoch 2" in cond["message"]
+    assert st["epoch"] < 8 and st["epochsSaved"] == 8 - st["epoch"]
+    assert 'finetune_operator_early_stops_total{reason="PatienceExhausted"} 1.0' in operator.metrics()
+
+
+def test_stop_enforced_when_the_trainer_ignores_it(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
+    create(c, namespace, ftj("stubborn", env=fake_trainer_env("ignore", "0.5,0.6,0.7", 0.3),
+                             hyperparameters={"epochs": 6, "batchSize": 8},
+                             earlyStopping={"patience": 1, "stopGracePeriodSeconds": 2}))
+    st = wait_for(lambda: (s := status(c, namespace, "stubborn")).get("phase") == "Succeeded" and s, timeout=60,
+                  what="phase Succeeded")
+    assert st["reason"] == "EarlyStopped" and st["stopEnforced"] is True
+    assert "grace period" in st["message"]
+    assert children(c, namespace, "stubborn")["Job"][0]["spec"]["suspend"] is True
+    assert "StopEnforced" in [e["reason"] for e in events_for(c, namespace, "stubborn")]
+    wait_for(lambda: not [p for p in pod_runner.pod_names("stubborn-train")], what="pods gone")
+
+
+def test_user_stop_through_spec(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
+    create(c, namespace, ftj("manual", env=fake_trainer_env("obey", ",".join(["0.5"] * 50), 0.3),
+                             hyperparameters={"epochs": 50, "batchSize": 8}, earlyStopping={"enabled": False}))
+    wait_for(lambda: status(c, namespace, "manual").get("epoch"), timeout=60, what="first epoch")
+    patch(c, namespace, "manual", {"spec": {"stop": True}})
+    st = wait_for(lambda: (s := status(c, namespace, "manual")).get("phase") == "Succeeded" and s, timeout=60,
+                  what="phase Succeeded")
+    assert st["reason"] == "StoppedByUser" and condition(st, "EarlyStopRequested")["reason"] == "UserRequested"
+
+
+def test_stall_watchdog_fails_a_hung_trainer(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
+    create(c, namespace, ftj("hung", env=fake_trainer_env("hang", "0.5,0.4", 0.2), hyperparameters={"epochs": 2, "batchSize": 8},
+                             watchdog={"stallTimeoutSeconds": 3}))
+    st = wait_for(lambda: (s := status(c, namespace, "hung")).get("phase") == "Failed" and s, timeout=60, what="phase Failed")
+    assert st["reason"] == "Stalled" and condition(st, "Stalled")["status"] == "True"
+    assert children(c, namespace, "hung")["Job"][0]["spec"]["suspend"] is True
+    assert "finetune_operator_stalled_jobs_total 1.0" in operator.metrics()
+
+
+def test_immutable_change_refused_while_running(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
+    create(c, namespace, ftj("fixed", env=fake_trainer_env("obey", ",".join(["0.5"] * 50), 0.3),
+                             hyperparameters={"epochs": 50, "batchSize": 8}, earlyStopping={"enabled": False}))
+    wait_for(lambda: status(c, namespace, "fixed").get("phase") == "Running", timeout=60, what="phase Running")
+    patch(c, namespace, "fixed", {"spec": {"distributed": {"nodes": 2}}})
+    cond = wait_for(lambda: (x := condition(status(c, namespace, "fixed"), "SpecChangeRefused")).get("status") == "True" and x,
+                    what="SpecChangeRefused")
+    assert "spec.distributed" in cond["message"]
+    assert children(c, namespace, "fixed")["Job"][0]["spec"]["parallelism"] == 1
+    assert "ImmutableFieldChanged" in [e["reason"] for e in events_for(c, namespace, "fixed")]
+    patch(c, namespace, "fixed", {"spec": {"stop": True}})
+    wait_for(lambda: status(c, namespace, "fixed").get("phase") == "Succeeded", timeout=60, what="stopped")
