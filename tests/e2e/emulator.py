@@ -24,7 +24,9 @@ request from its own flat store instead of the request history:
 - watches resumable from a resourceVersion (410 Gone when it is older than the retained event log),
   label/field selectors with ADDED/DELETED when an object starts/stops matching, bookmarks,
   `sendInitialEvents` (kopf's initial streaming), `timeoutSeconds`;
-- CRDs POSTed to apiextensions.k8s.io register their resources (and get an Established condition).
+- CRDs POSTed to apiextensions.k8s.io register their resources (and get an Established condition);
+  custom objects are pruned, defaulted and validated (schema + CEL rules, 422 Invalid) against their
+  CRD with the API tests' harness (tests/api/crd_harness.py); FTJ_E2E_VALIDATE=0 turns that off.
 
 Run it standalone (the e2e fixtures do, so it gets its own CPU and GIL):
     PYTHONPATH=tests python -m e2e.emulator --kubeconfig /tmp/kubeconfig [--port 0]
@@ -42,6 +44,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import random
 import re
 import signal
@@ -396,6 +399,10 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
     _dependents: dict[str, set[tuple[ResKey, ObjKey]]] = attrs.field(
         factory=lambda: collections.defaultdict(set))
     _applied: dict[tuple[ResKey, ObjKey, str], set[tuple[str, ...]]] = attrs.field(factory=dict)
+    _by_uid: dict[str, tuple[ResKey, ObjKey]] = attrs.field(factory=dict)  # keeps GC O(1) per object
+    _crds: dict[ResKey, JsonObj] = attrs.field(factory=dict)  # served custom resource -> its CRD (schema)
+    validate_custom_objects: bool = attrs.field(
+        factory=lambda: os.environ.get("FTJ_E2E_VALIDATE", "1") != "0")
     _gc_queue: asyncio.Queue[tuple[str, str]] | None = attrs.field(default=None)
     _gc_task: asyncio.Task[None] | None = attrs.field(default=None)
     requests_served: int = 0
@@ -591,6 +598,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = _now()
         meta["generation"] = 1
+        obj = self._validate(spec, obj, strict=False)
+        meta = obj["metadata"]
         if spec.status_subresource:
             obj.pop("status", None)  # create ignores status where a status subresource exists
             if not spec.group.endswith(".dev") and spec.key[0] in ("", "batch", "apiextensions.k8s.io"):
@@ -600,6 +609,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             return obj
         meta["resourceVersion"] = self._next_rv()
         self.store[spec.key][key] = obj
+        self._by_uid[meta["uid"]] = (spec.key, key)
         self._index_owners(spec, key, None, obj)
         self._emit(spec, "ADDED", None, obj)
         if spec.key == ("apiextensions.k8s.io", "v1", "customresourcedefinitions"):
@@ -637,6 +647,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
                     raise ApiError(422, "Invalid", f"metadata.finalizers: Forbidden: no new finalizers can be "
                                    f"added if the object is being deleted, found new finalizers {sorted(added)}")
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+        new = self._validate(spec, new, strict=False)
         if new == old:
             return old  # a no-op write changes nothing, not even the resourceVersion
         if not spec.status_subresource or not status_only:
@@ -802,6 +813,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
 
     def _remove(self, spec: ResourceSpec, key: ObjKey, obj: JsonObj) -> JsonObj:
         old = self.store[spec.key].pop(key, None)
+        self._by_uid.pop(obj["metadata"]["uid"], None)
         self._index_owners(spec, key, old, None)
         for k in [k for k in self._applied if k[0] == spec.key and k[1] == key]:
             del self._applied[k]
@@ -822,11 +834,10 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         self._gc_queue.put_nowait(("uid", uid))
 
     def _find_uid(self, uid: str) -> tuple[ResourceSpec, ObjKey, JsonObj] | None:
-        for res, objs in self.store.items():
-            for key, obj in objs.items():
-                if obj["metadata"].get("uid") == uid:
-                    return self.specs[res], key, obj
-        return None
+        where = self._by_uid.get(uid)
+        if where is None or where[0] not in self.specs or where[1] not in self.store[where[0]]:
+            return None
+        return self.specs[where[0]], where[1], self.store[where[0]][where[1]]
 
     async def _gc_loop(self) -> None:
         """The garbage collector and namespace controller: runs after the write that triggered them."""
@@ -904,6 +915,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         for version in spec.get("versions") or []:
             if not version.get("served", True):
                 continue
+            self._crds[(spec.get("group", ""), version["name"], names.get("plural", ""))] = crd
             self.register(ResourceSpec(
                 spec.get("group", ""), version["name"], names.get("plural", ""), names.get("kind", ""),
                 spec.get("scope", "Namespaced") == "Namespaced",
@@ -926,12 +938,40 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             new["status"] = status
             self._update(crds, key, crd, new, True, False)
 
+    def _validate(self, spec: ResourceSpec, obj: JsonObj, strict: bool) -> JsonObj:
+        """Custom objects: prune unknown fields, default, validate against the CRD schema + CEL rules (422).
+
+        The apiextensions server's steps, reproduced by the API tests' harness (tests/api/crd_harness.py).
+        Unknown fields are pruned silently: the server's default field validation for clients that do not
+        ask for Strict (the official Python client) only warns.
+        """
+        crd = self._crds.get(spec.key)
+        if crd is None or not self.validate_custom_objects:
+            return obj
+        try:
+            from api.crd_harness import validate  # tests/ is on the path (PYTHONPATH=tests)
+        except ImportError:  # the harness is optional: without it, objects are stored as sent
+            return obj
+        result = validate(obj, crd)
+        problems = [v for v in result.violations if strict or v.source != "unknown-field"]
+        if problems:
+            name = obj.get("metadata", {}).get("name", "")
+            causes = [{"reason": "FieldValueInvalid", "message": v.message, "field": v.path} for v in problems]
+            raise ApiError(422, "Invalid", f'{spec.kind}.{spec.group} "{name}" is invalid: '
+                           + ", ".join(str(v) for v in problems),
+                           {"name": name, "group": spec.group, "kind": spec.kind, "causes": causes})
+        # The harness works on a copy; keep server-owned metadata exactly as it was.
+        stored = result.obj
+        stored["metadata"] = obj["metadata"]
+        return stored
+
     def _unregister_crd(self, crd: JsonObj) -> None:
         spec = crd.get("spec", {})
         for version in spec.get("versions") or []:
             key = (spec.get("group", ""), version["name"], spec.get("names", {}).get("plural", ""))
             for obj in list(self.store.get(key, {}).values()):
                 self._remove(self.specs[key], (obj["metadata"].get("namespace", ""), obj["metadata"]["name"]), obj)
+            self._crds.pop(key, None)
             self.unregister(key)
 
     # -- watch ----------------------------------------------------------------------------------------

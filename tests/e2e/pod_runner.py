@@ -744,8 +744,11 @@ class PodRunner:
         """End the pod as the kernel's OOM killer would: SIGKILL, exit code 137, reason OOMKilled."""
         self.fail_pod(name, namespace, reason="OOMKilled")
 
-    def pod_names(self, job: str | None = None) -> list[str]:
-        return [p.name for p in list(self.pods.values()) if job is None or p.job == job]
+    def pod_names(self, job: str | None = None, include_gone: bool = False) -> list[str]:
+        """Names of the pods this runner created (for `job`), in creation order; by default only those whose
+        Pod object still exists."""
+        return [p.name for p in list(self.pods.values())
+                if (job is None or p.job == job) and (include_gone or not p.gone)]
 
     def logs(self, name: str, namespace: str | None = None) -> str:
         pod = self._find(name, namespace)

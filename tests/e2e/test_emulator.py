@@ -29,7 +29,7 @@ G, V, P = c.GROUP, c.VERSION, c.PLURAL
 
 def ftj(name: str, **spec: object) -> dict:
     return {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name, "labels": {"team": "a"}},
-            "spec": {"model": "m", **spec}}
+            "spec": {"model": {"name": "m"}, "dataset": {"source": "d", "format": "text-folders"}, **spec}}
 
 
 def owner_ref(obj: dict) -> dict:
@@ -78,11 +78,11 @@ def test_generation_resource_version_and_status_subresource(api, namespace):
     assert same["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]
     # .status through the main resource is ignored; .spec through /status is ignored.
     obj = api.custom.patch_namespaced_custom_object(G, V, namespace, P, "g",
-                                                    {"spec": {"model": "n"}, "status": {"phase": "X"}})
-    assert obj["metadata"]["generation"] == 2 and obj["spec"]["model"] == "n" and "status" not in obj
-    obj = api.custom.patch_namespaced_custom_object_status(G, V, namespace, P, "g",
-                                                           {"spec": {"model": "o"}, "status": {"phase": "Running"}})
-    assert obj["status"] == {"phase": "Running"} and obj["spec"]["model"] == "n"
+                                                    {"spec": {"model": {"name": "n"}}, "status": {"phase": "X"}})
+    assert obj["metadata"]["generation"] == 2 and obj["spec"]["model"]["name"] == "n" and "status" not in obj
+    obj = api.custom.patch_namespaced_custom_object_status(
+        G, V, namespace, P, "g", {"spec": {"model": {"name": "o"}}, "status": {"phase": "Running"}})
+    assert obj["status"] == {"phase": "Running"} and obj["spec"]["model"]["name"] == "n"
     assert obj["metadata"]["generation"] == 2  # status writes never bump generation
 
     # The same separation for built-in Jobs and Pods.
@@ -285,6 +285,22 @@ def test_discovery_serves_the_operator_resources(api):
     assert any(cond.type == "Established" and cond.status == "True" for cond in crd.status.conditions)
 
 
+def test_custom_objects_are_validated_pruned_and_defaulted_by_their_crd(api, namespace):
+    err = api_error(api.custom.create_namespaced_custom_object, G, V, namespace, P,
+                    {**ftj("bad"), "spec": {"model": "not-an-object"}})
+    assert err.status == 422 and "spec.model" in err.body and "spec.dataset" in err.body
+    obj = api.custom.create_namespaced_custom_object(G, V, namespace, P, {**ftj("ok"), "spec": {
+        **ftj("ok")["spec"], "notAField": 1}})
+    assert "notAField" not in obj["spec"]  # pruned, as the real server does
+    assert "hyperparameters" in obj["spec"]  # structural defaults applied
+    status = api.custom.patch_namespaced_custom_object_status(G, V, namespace, P, "ok",
+                                                              {"status": {"phase": "Running", "bogus": 1}})
+    assert status["status"] == {"phase": "Running"}
+    err = api_error(api.custom.patch_namespaced_custom_object, G, V, namespace, P, "ok",
+                    {"spec": {"hyperparameters": {"epochs": -1}}})
+    assert err.status == 422 and "epochs" in err.body
+
+
 KOPF_OPERATOR = textwrap.dedent('''
     import os, pathlib
     import kopf, kubernetes
@@ -304,7 +320,7 @@ KOPF_OPERATOR = textwrap.dedent('''
 
     @kopf.on.update("{group}", "{version}", "{plural}", field="spec")
     def update(patch, new, **_):
-        patch.status["model"] = new["model"]
+        patch.status["message"] = new["model"]["name"]
 
     @kopf.on.delete("{group}", "{version}", "{plural}")
     def delete(name, **_):
@@ -328,8 +344,8 @@ def test_a_real_kopf_operator_runs_against_the_api(api, kube, namespace, tmp_pat
         child = api.core.read_namespaced_config_map("k-child", namespace)
         assert child.metadata.owner_references[0].uid == obj["metadata"]["uid"]
 
-        api.custom.patch_namespaced_custom_object(G, V, namespace, P, "k", {"spec": {"model": "new"}})
-        wait_for(lambda: api.custom.get_namespaced_custom_object(G, V, namespace, P, "k")["status"].get("model")
+        api.custom.patch_namespaced_custom_object(G, V, namespace, P, "k", {"spec": {"model": {"name": "new"}}})
+        wait_for(lambda: api.custom.get_namespaced_custom_object(G, V, namespace, P, "k")["status"].get("message")
                  == "new", timeout=30, what="kopf update handler")
 
         api.custom.delete_namespaced_custom_object(G, V, namespace, P, "k")

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import pytest
 
-from .operator_helpers import children, condition, create, events_for, ftj, get, kube_client, patch, status
+from .operator_helpers import (
+    children,
+    condition,
+    create,
+    events_for,
+    ftj,
+    get,
+    items,
+    kube_client,
+    patch,
+    status,
+)
 
 pytest_plugins = ["e2e.operator_fixture"]
 pytestmark = pytest.mark.e2e
@@ -90,7 +101,8 @@ def test_stop_enforced_when_the_trainer_ignores_it(c, operator, pod_runner, name
     assert "grace period" in st["message"]
     assert children(c, namespace, "stubborn")["Job"][0]["spec"]["suspend"] is True
     assert "StopEnforced" in [e["reason"] for e in events_for(c, namespace, "stubborn")]
-    wait_for(lambda: not [p for p in pod_runner.pod_names("stubborn-train")], what="pods gone")
+    pods = items(c, f"/api/v1/namespaces/{namespace}/pods", "finetune.dev/job-name=stubborn")
+    wait_for(lambda: not [p for p in pods if (p.get("status") or {}).get("phase") == "Running"], what="no running pod")
 
 
 def test_user_stop_through_spec(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):

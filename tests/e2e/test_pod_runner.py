@@ -162,7 +162,7 @@ def test_suspend_stops_pods_and_resume_restarts_them(api, namespace, pod_runner,
     resumed = job_status(api, namespace, "susp")
     assert any(c["type"] == "Suspended" and c["status"] == "False" and c["reason"] == "JobResumed"
                for c in resumed["conditions"])
-    assert len(pod_runner.pod_names("susp")) == 2
+    assert len(pod_runner.pod_names("susp", include_gone=True)) == 2
 
 
 def test_deleting_a_pod_counts_as_failure_and_is_replaced(api, namespace, pod_runner, wait_for):
@@ -174,7 +174,7 @@ def test_deleting_a_pod_counts_as_failure_and_is_replaced(api, namespace, pod_ru
              what="deleted pod gone")
     wait_for(lambda: job_status(api, namespace, "lost").get("failed") == 1 and
              job_status(api, namespace, "lost").get("active") == 1, what="replacement pod")
-    assert len(pod_runner.pod_names("lost")) == 2
+    assert len(pod_runner.pod_names("lost", include_gone=True)) == 2
 
 
 def test_fail_pod_and_oom_kill_knobs(api, namespace, pod_runner, wait_for):
@@ -203,7 +203,7 @@ def test_non_indexed_job_and_missing_command(api, namespace, pod_runner, wait_fo
     status = wait_for(lambda: (s := job_status(api, namespace, "plain")) and condition(s, "Complete") and s,
                       what="Job plain Complete")
     assert status["succeeded"] == 2 and not status.get("completed_indexes")
-    assert all("hi" in pod_runner.logs(n) for n in pod_runner.pod_names("plain"))
+    assert all("hi" in pod_runner.logs(n) for n in pod_runner.pod_names("plain", include_gone=True))
 
     body = job_manifest("nocmd", "")
     del body["spec"]["template"]["spec"]["containers"][0]["command"]

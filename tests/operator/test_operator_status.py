@@ -174,7 +174,9 @@ def test_stop_is_enforced_after_the_grace_period():
     st, events = run(obj, st, batch_job(active=1, start=T0), [pod()], asked + timedelta(seconds=60))
     assert st["stopEnforced"] is True and Reason.STOP_ENFORCED in reasons(events)
     assert st["phase"] == Phase.RUNNING  # pods still terminating
-    st, events = run(obj, st, batch_job(("Suspended", "JobSuspended")), [], asked + timedelta(seconds=70))
+    suspended = batch_job(("Suspended", "JobSuspended"))
+    suspended["spec"]["suspend"] = True
+    st, events = run(obj, st, suspended, [], asked + timedelta(seconds=70))
     assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, Reason.EARLY_STOPPED)
     assert "suspended the Job after the grace period" in st["message"] and st["epochsSaved"] == 2
 
@@ -223,3 +225,22 @@ def test_status_patch_holds_only_changes_of_operator_fields():
     old = {"phase": "Running", "epoch": 3, "history": [{"epoch": 1}], "stopReason": "x"}
     new = {"phase": "Running", "stopReason": None, "message": "m", "epochsSaved": None}
     assert status_patch(old, new) == {"stopReason": None, "message": "m"}
+
+
+def test_a_trainer_that_exits_after_the_request_is_not_reported_as_enforced():
+    obj = manifest(earlyStopping={"stopGracePeriodSeconds": 60})
+    st = running(obj, history=history(0.5, 0.6, 0.7), epoch=3)
+    st, _ = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(seconds=1))
+    # the pod finished but the Job controller has not marked the Job Complete yet
+    st, events = run(obj, st, batch_job(start=T0), [pod("Succeeded")], T0 + timedelta(seconds=2))
+    assert not st.get("stopEnforced") and events == []
+    st, _ = run(obj, st, batch_job(("Complete", "")), [pod("Succeeded")], T0 + timedelta(seconds=3))
+    assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, Reason.EARLY_STOPPED) and "gracefully" in st["message"]
+
+
+def test_stop_before_any_pod_started_is_enforced_at_once():
+    obj = manifest()
+    obj["metadata"]["annotations"] = {"finetune.dev/stop": "true"}
+    st, _ = run(obj, {})
+    st, events = run(obj, st, batch_job(), [pod("Pending")])
+    assert st["stopEnforced"] is True and Reason.STOP_ENFORCED in reasons(events)

@@ -108,12 +108,17 @@ def test_head_prefixes_from_missing_keys_and_from_structure(bert):
         "classifier",
     )
     assert head_prefixes_for(bert) == ("classifier",)
+    # a missing buffer or an unknown key is not a head
+    assert head_prefixes_for(bert, ["bert.embeddings.position_ids", "nope.weight", "classifier.bias"]) == ("classifier",)
 
 
-def test_tied_lm_head_is_not_a_new_head():
+def test_lm_head_tied_or_not_is_not_a_new_head():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
     assert model.lm_head.weight is model.transformer.wte.weight
     assert head_prefixes_for(model) == ()
+    untied = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=False))
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert head_prefixes_for(untied) == ()
 
 
 def test_adamw_receives_betas_eps_and_group_settings(bert):

@@ -139,12 +139,15 @@ def head_prefixes_for(model: nn.Module, missing_keys: Iterable[str] | None = Non
     """Module names of the layers transformers initialised from scratch (the task head).
 
     Best source: `missing_keys` from `from_pretrained(..., output_loading_info=True)`, i.e. the weights the
-    checkpoint did not have. Without it, a transformers model's children other than its base model
-    (`base_model_prefix`) count as head, except parameters tied to the base model (a causal LM's `lm_head`
-    shares the embedding matrix, so it is pretrained, not new).
+    checkpoint did not have (buffers among them are ignored). Without it, a transformers model's children
+    other than its base model (`base_model_prefix`) count as head, except a language model's output
+    projection and anything sharing parameters with the base model: a causal LM's `lm_head` is pretrained.
     """
     if missing_keys is not None:
-        modules = sorted({key.rsplit(".", 1)[0] if "." in key else key for key in missing_keys})
+        # Only parameters count: a missing buffer (e.g. `embeddings.position_ids`) would otherwise turn the
+        # whole embedding module into "head" and give it the head's learning rate.
+        params = {name for name, _ in model.named_parameters()}
+        modules = sorted({key.rsplit(".", 1)[0] if "." in key else key for key in missing_keys if key in params})
         # Keep the shortest prefixes: `classifier` already covers `classifier.dense`.
         kept: list[str] = []
         for module in modules:  # sorted, so a parent comes before its children
@@ -155,9 +158,12 @@ def head_prefixes_for(model: nn.Module, missing_keys: Iterable[str] | None = Non
     if not base_prefix or not hasattr(model, base_prefix):
         return ()
     base_params = {id(p) for p in getattr(model, base_prefix).parameters()}
+    # A language model's output projection is pretrained even when it is not tied to the embeddings (Llama).
+    get_output = getattr(model, "get_output_embeddings", None)
+    output_embeddings = get_output() if callable(get_output) else None
     heads = []
     for child_name, child in model.named_children():
-        if child_name == base_prefix:
+        if child_name == base_prefix or (output_embeddings is not None and child is output_embeddings):
             continue
         params = list(child.parameters())
         if params and not any(id(p) in base_params for p in params):

@@ -202,6 +202,7 @@ class Trainer:
         )
         self._report({"trainerPhase": "Training", "totalEpochs": self.hp.epochs, "batchSize": plan.per_device,
                       "gradientAccumulationSteps": plan.accumulation})
+        self.engine.model.train()  # from_pretrained returns eval mode: dropout would silently be off
         self.term.install()
         try:
             outcome = self._train_loop()

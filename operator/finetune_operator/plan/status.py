@@ -231,7 +231,8 @@ def observe(
         return st, p.events
     if _watchdog(p, spec, job_obj, pods, status):
         return st, p.events
-    if st.get("stopRequestedTime") and st.get("stopEnforced") and not _running_pods(pods) and job_obj is not None:
+    job_suspended = bool(((job_obj or {}).get("spec") or {}).get("suspend"))
+    if st.get("stopRequestedTime") and st.get("stopEnforced") and not _running_pods(pods) and job_suspended:
         _finish_stopped(p, spec, status, enforced=True)
         return st, p.events
     _progress_phase(p, spec, job_obj, pods)
@@ -346,9 +347,11 @@ def _decide_stop(p: _Pass, spec: Any, pods: list[dict[str, Any]], status: dict[s
     if p.st.get("stopRequestedTime") and not p.st.get("stopEnforced"):
         requested = parse_time(p.st["stopRequestedTime"]) or p.now
         grace = spec.early_stopping.stop_grace_period_seconds
-        if not _running_pods(pods) or (p.now - requested).total_seconds() >= grace:
+        # Nothing to stop gracefully when no pod has started yet; a pod that finished is the trainer obeying.
+        not_started = not _running_pods(pods) and not any((x.get("status") or {}).get("phase") == "Succeeded" for x in pods)
+        if not_started or (p.now - requested).total_seconds() >= grace:
             p.st["stopEnforced"] = True
-            words = ("no pod was running" if not _running_pods(pods)
+            words = ("no pod was running" if not_started
                      else f"the trainer did not stop within the grace period of {grace} s")
             p.events.append(Event("Warning" if _running_pods(pods) else "Normal", Reason.STOP_ENFORCED,
                                   f"suspending training Job {p.st['jobName']}: {words}"))
@@ -388,11 +391,12 @@ def _progress_phase(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: l
     if st.get("stopRequestedTime") and st.get("stopEnforced"):
         p.phase(Phase.RUNNING, Reason.STOP_ENFORCED, f"stopping: the operator suspended training Job {st['jobName']}")
         return
-    if running:
+    finished = [x for x in pods if (x.get("status") or {}).get("phase") == "Succeeded"]
+    if running or finished:  # a finished pod before the Job's Complete condition: still the running job
         if not st.get("startTime"):
             st["startTime"] = rfc3339(p.now)
         nodes = spec.distributed.nodes
-        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{len(running)} of {nodes} pod(s) running")
+        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{len(running) + len(finished)} of {nodes} pod(s) running or done")
         return
     pull = image_pull_problem(pods)
     if pull:

@@ -1,0 +1,91 @@
+"""Focused proofs that hyperparameters change training (tiny BERT, one process, in-process runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import load_weights
+
+from finetune_trainer.local_run import run
+
+# A deterministic baseline: no dropout, constant learning rate, so only the parameter under test differs.
+PLAIN = {"dropout": 0.0, "scheduler": {"name": "constant", "warmupSteps": 0}, "epochs": 1}
+
+
+def train(manifest, tmp_path, name: str, **hp) -> tuple[dict, str]:
+    out = str(tmp_path / name)
+    result = run(manifest(hyperparameters={**PLAIN, **hp}), output_dir=out, progress=False)
+    return result, out
+
+
+def _close(a: dict, b: dict) -> bool:
+    return all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_gradient_accumulation_equals_the_large_batch(manifest, tmp_path):
+    big, big_dir = train(manifest, tmp_path, "big", batchSize=8, gradientAccumulationSteps=1)
+    acc, acc_dir = train(manifest, tmp_path, "acc", batchSize=4, gradientAccumulationSteps=2)
+    small, small_dir = train(manifest, tmp_path, "small", batchSize=4, gradientAccumulationSteps=1)
+    assert acc["globalStep"] == big["globalStep"] == small["globalStep"] // 2
+    assert _close(load_weights(big_dir), load_weights(acc_dir))
+    assert not _close(load_weights(big_dir), load_weights(small_dir))  # the comparison can fail
+
+
+def _base_change(tiny_model_dir: str, out: str) -> float:
+    from safetensors.torch import load_file
+
+    before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    after = {k.removeprefix("bert."): v for k, v in load_weights(out).items()}
+    return float(torch.sqrt(sum(((after[k] - v) ** 2).sum() for k, v in before.items() if k in after)))
+
+
+def test_max_grad_norm_bounds_each_update(manifest, tmp_path, tiny_model_dir):
+    sgd = {"optimizer": {"name": "sgd", "momentum": 0.0}, "learningRate": 1.0, "weightDecay": 0.0, "headLearningRateMultiplier": 1.0}
+    clipped, clipped_dir = train(manifest, tmp_path, "clipped", maxGradNorm=0.01, **sgd)
+    free, free_dir = train(manifest, tmp_path, "free", maxGradNorm=0.0, **sgd)
+    bound = clipped["globalStep"] * 1.0 * 0.01  # plain SGD: each step moves the weights by lr * ||g|| <= lr * clip
+    assert _base_change(tiny_model_dir, clipped_dir) <= bound * 1.001
+    assert _base_change(tiny_model_dir, free_dir) > 2 * bound
+
+
+def test_dropout_override_reaches_the_model(manifest, tmp_path):
+    off, off_dir = train(manifest, tmp_path, "off", dropout=0.0)
+    high, high_dir = train(manifest, tmp_path, "high", dropout=0.5)
+    with open(os.path.join(high_dir, "best", "config.json")) as f:
+        config = json.load(f)
+    assert config["hidden_dropout_prob"] == 0.5 and config["attention_probs_dropout_prob"] == 0.5
+    assert off["history"][0]["trainLoss"] != pytest.approx(high["history"][0]["trainLoss"], rel=1e-6)
+
+
+def test_mixed_precision_bf16_runs_and_fp16_falls_back_on_cpu(manifest, tmp_path):
+    full, _ = train(manifest, tmp_path, "full", mixedPrecision="no")
+    bf16, _ = train(manifest, tmp_path, "bf16", mixedPrecision="bf16")
+    fp16, _ = train(manifest, tmp_path, "fp16", mixedPrecision="fp16")
+    assert bf16["mixedPrecision"] == "bf16" and fp16["mixedPrecision"] == "no"
+    # bf16 autocast changes the arithmetic (close, not equal); the fp16 fallback is exactly full precision.
+    assert bf16["history"][0]["trainLoss"] == pytest.approx(full["history"][0]["trainLoss"], rel=0.05)
+    assert bf16["history"][0]["trainLoss"] != full["history"][0]["trainLoss"]
+    assert fp16["history"][0]["trainLoss"] == full["history"][0]["trainLoss"]
+
+
+def test_seed_gives_identical_losses(manifest, tmp_path):
+    a, _ = train(manifest, tmp_path, "a", seed=7, dropout=0.1)
+    b, _ = train(manifest, tmp_path, "b", seed=7, dropout=0.1)
+    c, _ = train(manifest, tmp_path, "c", seed=8, dropout=0.1)
+    losses = [[(h["trainLoss"], h["valLoss"]) for h in r["history"]] for r in (a, b, c)]
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_automatic_batch_size_is_found_and_recorded(manifest, tmp_path):
+    m = manifest(hyperparameters={**PLAIN})
+    m["spec"]["hyperparameters"].pop("batchSize")
+    result = run(m, output_dir=str(tmp_path / "auto"), progress=False)
+    plan = result["batchPlan"]
+    assert plan["automatic"] and plan["probes"] == len(plan["tried"]) >= 2
+    # Nothing raises out-of-memory on CPU: the search doubles up to its CPU cap (64, below the 72 examples).
+    assert plan["tried"] == [1, 2, 4, 8, 16, 32, 64]
+    assert result["batchSize"] == 64 and result["globalStep"] == 2
