@@ -38,7 +38,8 @@ def simulated_table() -> None:
 
         return probe
 
-    print("simulated limit: probes / OOMs / size found")
+    print("simulated limit: probes / OOMs / size found (accelerate only shrinks: below its start it is exact")
+    print("only by luck, above its start it never grows; ours always lands on the limit itself)")
     print(f"{'limit':>6} {'start':>6} | {'ours':>14} | {'accelerate':>14} | probes ratio (acc/ours)  OOM ratio  exact?")
     for limit in LIMITS:
         ours = find_batch_size(probe_for(limit))

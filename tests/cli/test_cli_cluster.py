@@ -229,9 +229,14 @@ def _closed_port() -> int:
 def test_cluster_unreachable(tmp_path, capsys):
     port = _closed_port()
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
+    expected = f"error: cannot reach the cluster at http://127.0.0.1:{port}: connection refused"
     for command in (["list"], ["status", "bbc"], ["stop", "bbc"]):
-        line = _one_line_error(main([*command, "--kubeconfig", str(kubeconfig)]), *capsys.readouterr())
-        assert line.startswith(f"error: cannot reach the cluster at http://127.0.0.1:{port}")
+        assert _one_line_error(main([*command, "--kubeconfig", str(kubeconfig)]), *capsys.readouterr()) == expected
+    # As a user runs it: outside pytest no log handler is installed, so a library's retry warnings would
+    # reach stderr (Python's last-resort handler); the error must still be the only line.
+    proc = subprocess.run([str(BIN / "finetune"), "list"], env=_cli_env(tmp_path, KUBECONFIG=str(kubeconfig)),
+                          capture_output=True, text=True, timeout=60)
+    assert _one_line_error(proc.returncode, proc.stdout, proc.stderr) == expected
 
 
 def _cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -276,46 +281,66 @@ def test_crd_not_installed(crdless_kubeconfig, capsys, command):
 
 
 class _Forbidding(BaseHTTPRequestHandler):
-    """Answers every request as a real API server does for a ServiceAccount without RBAC on finetunejobs."""
+    """Answers as a real API server does for a ServiceAccount that may only read the job `readable`
+    (a Role with `get` on that resourceName), and 401 for an expired token."""
 
-    def _forbid(self) -> None:
+    def _send(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _answer(self) -> None:
+        if self.headers.get("Authorization") == "Bearer expired":
+            self._send(401, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                             "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
+            return
+        if self.command == "GET" and self.path.split("?")[0].endswith("/finetunejobs/readable"):
+            obj = running()
+            obj["metadata"]["name"] = "readable"
+            self._send(200, obj)
+            return
         verb = {"GET": "get" if "/finetunejobs/" in self.path else "list", "PATCH": "patch"}.get(self.command, "update")
-        body = json.dumps({
+        self._send(403, {
             "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Forbidden", "code": 403,
             "message": f'finetunejobs.finetune.dev is forbidden: User "system:serviceaccount:default:viewer" cannot {verb} '
                        'resource "finetunejobs" in API group "finetune.dev" in the namespace "default"',
             "details": {"group": "finetune.dev", "kind": "finetunejobs"},
-        }).encode()
-        self.send_response(403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        })
 
-    do_GET = do_PATCH = do_PUT = do_POST = _forbid
+    do_GET = do_PATCH = do_PUT = do_POST = _answer
 
     def log_message(self, *args: object) -> None:  # keep the test's stderr for the CLI
         pass
 
 
 @pytest.fixture(scope="module")
-def forbidding_kubeconfig(tmp_path_factory) -> Iterator[Path]:
+def forbidding_server() -> Iterator[str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Forbidding)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield write_kubeconfig(tmp_path_factory.mktemp("forbidden") / "kubeconfig", f"http://127.0.0.1:{server.server_port}")
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
 
 
 @pytest.mark.parametrize(("command", "verb"), [(["list"], "list"), (["status", "bbc"], "get"), (["plot", "bbc"], "get"),
-                                               (["stop", "bbc"], "get")])
-def test_permission_denied(forbidding_kubeconfig, capsys, command, verb):
-    line = _one_line_error(main([*command, "--kubeconfig", str(forbidding_kubeconfig)]), *capsys.readouterr())
+                                               (["stop", "bbc"], "get"), (["stop", "readable"], "patch")])
+def test_permission_denied(forbidding_server, tmp_path, capsys, command, verb):
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", forbidding_server)
+    line = _one_line_error(main([*command, "--kubeconfig", str(kubeconfig)]), *capsys.readouterr())
     assert line.startswith(f"error: permission denied: you may not {verb} finetunejobs in namespace default")
     assert "system:serviceaccount:default:viewer" in line  # who was refused, from the API server's message
+
+
+def test_expired_credentials(forbidding_server, tmp_path, capsys):
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", forbidding_server, token="expired")
+    line = _one_line_error(main(["list", "--kubeconfig", str(kubeconfig)]), *capsys.readouterr())
+    assert line == f"error: unauthorized: {forbidding_server} rejected the credentials in your kubeconfig (Unauthorized)"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,21 +21,40 @@ def free_port() -> int:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, targets: dict[str, list[str]], interval: str = "1s"):
+    """`targets`: scrape job -> fixed addresses. `discovered`: scrape jobs whose targets the test sets later
+    with `set_targets` (file-based service discovery: Prometheus re-reads the file when it changes, the way
+    it follows pods coming and going in a cluster)."""
+
+    def __init__(self, workdir: Path, targets: dict[str, list[str]] | None = None, interval: str = "1s",
+                 discovered: tuple[str, ...] = ()):
         self.binary = shutil.which("prometheus")
         if self.binary is None:
             raise RuntimeError("prometheus is not installed: run scripts/setup.sh (Debian package 'prometheus')")
         self.workdir = workdir
         self.port = free_port()
+        self.sd_dir = workdir / "sd"
+        self.sd_dir.mkdir(parents=True, exist_ok=True)
         config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             "scrape_configs": [
-                {"job_name": name, "static_configs": [{"targets": addrs}]} for name, addrs in targets.items()
+                {"job_name": name, "static_configs": [{"targets": addrs}]} for name, addrs in (targets or {}).items()
+            ] + [
+                {"job_name": name, "file_sd_configs": [{"files": [str(self.sd_dir / f"{name}.json")], "refresh_interval": "1s"}]}
+                for name in discovered
             ],
         }
+        for name in discovered:
+            self.set_targets(name, [])
         self.config_path = workdir / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
+
+    def set_targets(self, job: str, addrs: list[str], labels: dict[str, str] | None = None) -> None:
+        """Replace the targets of a `discovered` scrape job (written atomically: Prometheus never reads half a file)."""
+        path = self.sd_dir / f"{job}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([{"targets": addrs, "labels": labels or {}}] if addrs else []))
+        tmp.replace(path)
 
     @property
     def url(self) -> str:
@@ -73,8 +92,8 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
-    def query_range(self, promql: str, seconds: float, step: str = "1s") -> list[dict]:
-        end = time.time()
+    def query_range(self, promql: str, seconds: float, step: str = "1s", end: float | None = None) -> list[dict]:
+        end = time.time() if end is None else end
         q = urllib.parse.urlencode({"query": promql, "start": end - seconds, "end": end, "step": step})
         with urllib.request.urlopen(f"{self.url}/api/v1/query_range?{q}", timeout=5) as r:
             body = json.load(r)

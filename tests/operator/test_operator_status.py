@@ -244,3 +244,12 @@ def test_stop_before_any_pod_started_is_enforced_at_once():
     st, _ = run(obj, {})
     st, events = run(obj, st, batch_job(), [pod("Pending")])
     assert st["stopEnforced"] is True and Reason.STOP_ENFORCED in reasons(events)
+
+
+def test_settings_from_env():
+    from finetune_operator.settings import from_env
+
+    s = from_env({"FTO_NAMESPACES": "a, b", "FTO_LOG_FORMAT": "JSON", "FTO_METRICS_PORT": "0", "FTO_TYPO": "1"})
+    assert s.namespaces == ("a", "b") and not s.clusterwide and s.log_format == "json" and s.metrics_port == 0
+    assert dict(s.extra) == {"FTO_TYPO": "1"}
+    assert from_env({}).clusterwide and from_env({}).api_pool_size == 16

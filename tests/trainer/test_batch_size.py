@@ -118,6 +118,13 @@ def test_recognises_torchs_cpu_allocator_error():
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
+def test_torchs_oom_type_counts_whatever_its_text():
+    """accelerate matches message texts only; torch's OutOfMemoryError type is recognised even without them."""
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA error: out of memory"))
+    # a hand-written RuntimeError without torch's wording is not an OOM (accelerate re-raises it too)
+    assert not is_out_of_memory(RuntimeError("CUDA out of memory"))
+
+
 def test_real_allocation_probe_finds_the_cap():
     """A probe that really allocates and fails above a soft cap through torch's allocator."""
     cap = 37 * 1024  # bytes

@@ -86,6 +86,20 @@ def test_onecycle_rises_during_warmup_then_anneals_far_below_start():
     assert lrs[-1] < lrs[0] / 10  # final_div_factor anneals below the starting rate
 
 
+def test_onecycle_past_the_end_holds_the_final_rate():
+    params = hp("onecycle", warmupSteps=6)
+    opt = build_optimizer(torch.nn.Linear(2, 2), params, ())
+    sched = build_scheduler(opt, params, TOTAL)
+    for _ in range(TOTAL - 1):
+        opt.step()
+        sched.step()
+    last = opt.param_groups[0]["lr"]
+    for _ in range(3):  # torch's OneCycleLR raises "Tried to step ... times" here
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(last)
+
+
 def test_onecycle_keeps_the_users_betas():
     params = hp("onecycle", warmupSteps=6)
     opt = build_optimizer(torch.nn.Linear(2, 2), params, ())

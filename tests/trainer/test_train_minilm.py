@@ -41,12 +41,12 @@ def test_minilm_bbc_embedding_raises_recall_at_1(tmp_path):
     """Texts of one topic are positives; recall@1 is measured before (untuned) and after one epoch."""
     import torch
 
+    from finetune_operator.api import validate_manifest
     from finetune_trainer.config import TrainerConfig
     from finetune_trainer.data import Collator, build_dataset, label_names, split_records
     from finetune_trainer.evaluation import recall_at_k
     from finetune_trainer.models import load_model, load_tokenizer
     from finetune_trainer.steps import embed_pairs
-    from finetune_operator.api import validate_manifest
 
     manifest = bbc_manifest("bbc-embed", "embedding", learningRate=5e-5)
     spec = TrainerConfig.from_dict(validate_manifest(manifest).trainer_config()).spec

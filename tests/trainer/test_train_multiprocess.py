@@ -3,6 +3,7 @@ resume after losing the processes, and an external stop that halts both ranks at
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -62,5 +63,5 @@ def test_deepspeed_zero2_trains_on_two_cpu_processes(manifest, tmp_path):
     result = run(m, output_dir=str(tmp_path), processes=2, progress=False)
     assert result["strategy"] == "deepspeed" and result["worldSize"] == 2 and result["outcome"] == "completed"
     assert result["rankParamChecksums"][0] == result["rankParamChecksums"][1]
-    assert result["history"][0]["trainLoss"] == pytest.approx(result["history"][0]["trainLoss"])  # finite
+    assert math.isfinite(result["history"][0]["trainLoss"]) and result["globalStep"] == result["totalSteps"]
     assert os.path.isdir(tmp_path / "checkpoints" / "epoch-1" / "deepspeed")

@@ -203,11 +203,14 @@ def build_optimizer(model: nn.Module, hp: Any, head_prefixes: tuple[str, ...] = 
         optimizer = torch.optim.SGD(groups, lr=hp.learning_rate, momentum=momentum, nesterov=nesterov)
     else:
         raise ValueError(f"spec.hyperparameters.optimizer.name: unknown optimizer {name!r} (adamw, adam, sgd)")
-    log.debug(
-        "optimizer %s groups %s",
-        name,
-        ", ".join(f"{g['name']} lr={g['lr']:.3g} wd={g['weight_decay']:g} n={len(g['params'])}" for g in groups),
+    lrs = [g["lr"] for g in groups]
+    decayed = sum(p.numel() for g in groups if g["weight_decay"] > 0 for p in g["params"])
+    total = sum(p.numel() for g in groups for p in g["params"])
+    log.info(
+        "optimizer %s over %d parameter groups: learning rates %.3g..%.3g, weight decay %g on %d of %d parameters",
+        name, len(groups), min(lrs), max(lrs), hp.weight_decay or 0.0, decayed, total,
     )
+    log.debug("optimizer groups: %s", "; ".join(f"{g['name']} lr={g['lr']:.3g} wd={g['weight_decay']:g}" for g in groups))
     return optimizer
 
 

@@ -17,6 +17,24 @@ from transformers import get_scheduler
 _TRANSFORMERS_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
+class _OneCycleLR(OneCycleLR):
+    """torch's OneCycleLR, except that stepping past the end holds the final rate instead of raising.
+
+    The transformers schedules simply stay at their last value; one extra optimizer step (a resumed partial
+    epoch, a rounding difference in the step count) must not crash a run at its very end.
+    """
+
+    def get_lr(self) -> list[float]:
+        if self.last_epoch < self.total_steps:
+            return super().get_lr()
+        saved = self.last_epoch
+        self.last_epoch = self.total_steps - 1
+        try:
+            return super().get_lr()
+        finally:
+            self.last_epoch = saved
+
+
 def warmup_steps_for(hp: Any, total_steps: int) -> int:
     """Warm-up length in optimizer steps: `warmupSteps` when set, else floor(warmupRatio * total), else 0.
 
@@ -57,7 +75,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, hp: Any, total_steps: int)
     if name == "onecycle":
         # The warm-up is the cycle's rising phase. cycle_momentum=False keeps the user's betas/momentum:
         # OneCycleLR would otherwise overwrite them with its own 0.85-0.95 cycle.
-        return OneCycleLR(
+        return _OneCycleLR(
             optimizer,
             max_lr=[group["lr"] for group in optimizer.param_groups],
             total_steps=total_steps,

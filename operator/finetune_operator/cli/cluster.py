@@ -39,7 +39,8 @@ class Cluster:
         api_client = client.ApiClient()
         return cls(client.CustomObjectsApi(api_client), namespace or default_ns, api_client.configuration.host)
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, verb: str, name: str, fn, *args, **kwargs):
+        """One API call; `verb` is the RBAC verb (get, list, patch) and `name` the job ("" for lists)."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
@@ -49,27 +50,48 @@ class Cluster:
             if err.status == 404:
                 if "the server could not find the requested resource" in (err.body or "") or "page not found" in (err.body or "").lower():
                     raise CliError(f"the FineTuneJob CRD ({c.CRD_NAME}) is not installed in this cluster: install the chart or kubectl apply -f crds/") from None
-                raise CliError(f"no FineTuneJob {what} in namespace {self.namespace}") from None
-            if err.status in (401, 403):
-                raise CliError(f"permission denied to {what.split()[0] if what else 'access'} finetunejobs in namespace {self.namespace}: {_reason(err)}") from None
+                raise CliError(f"no FineTuneJob {name} in namespace {self.namespace}") from None
+            if err.status == 401:
+                raise CliError(f"unauthorized: {self.host} rejected the credentials in your kubeconfig ({_reason(err)})") from None
+            if err.status == 403:
+                raise CliError(f"permission denied: you may not {verb} finetunejobs in namespace {self.namespace} ({_reason(err)})") from None
             raise CliError(f"the API server refused the request ({err.status}): {_reason(err)}") from None
         except (HTTPError, OSError) as err:
-            raise CliError(f"cannot reach the cluster at {self.host}: {type(err).__name__}") from None
+            raise CliError(f"cannot reach the cluster at {self.host}: {_network_reason(err)}") from None
 
     def get(self, name: str) -> dict[str, Any]:
-        return self._call(name, self.api.get_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace, c.PLURAL, name)
+        return self._call("get", name, self.api.get_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace, c.PLURAL, name)
 
     def list(self, all_namespaces: bool = False) -> list[dict[str, Any]]:
         if all_namespaces:
-            out = self._call("", self.api.list_cluster_custom_object, c.GROUP, c.VERSION, c.PLURAL)
+            out = self._call("list", "", self.api.list_cluster_custom_object, c.GROUP, c.VERSION, c.PLURAL)
         else:
-            out = self._call("", self.api.list_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace, c.PLURAL)
+            out = self._call("list", "", self.api.list_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace, c.PLURAL)
         return out.get("items", [])
 
     def request_stop(self, name: str) -> dict[str, Any]:
         # An annotation, not spec.stop: GitOps tools that own the spec see no drift.
         body = {"metadata": {"annotations": {c.Annotation.STOP: "true"}}}
-        return self._call(name, self.api.patch_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace, c.PLURAL, name, body)
+        return self._call("patch", name, self.api.patch_namespaced_custom_object, c.GROUP, c.VERSION, self.namespace, c.PLURAL,
+                          name, body)
+
+
+def _network_reason(err: BaseException) -> str:
+    """The innermost cause in a few words: urllib3 wraps 'connection refused' in MaxRetryError(NewConnectionError)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror.lower()
+        if "timed out" in str(cause).lower():
+            return "timed out"
+        nxt = getattr(cause, "reason", None)
+        cause = nxt if isinstance(nxt, BaseException) else (cause.__cause__ or cause.__context__)
+    text = str(err).lower()
+    for needle, reason in (("refused", "connection refused"), ("name or service not known", "host not found"),
+                           ("certificate", "TLS certificate rejected")):
+        if needle in text:
+            return reason
+    return type(err).__name__
 
 
 def _reason(err: Any) -> str:
