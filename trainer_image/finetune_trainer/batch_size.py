@@ -26,6 +26,7 @@ class BatchSearch:
     probes: int
     ooms: int
     tried: list[int] = field(default_factory=list)
+    local_batch_size: int = 0  # what this rank's own probes found, before `agree`
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -97,7 +98,7 @@ def find_batch_size(
     agreed = int(agree(fit))
     if agreed < 1:
         raise RuntimeError("another rank ran out of memory at batch size 1")
-    return BatchSearch(batch_size=agreed, probes=len(tried), ooms=ooms, tried=tried)
+    return BatchSearch(batch_size=agreed, probes=len(tried), ooms=ooms, tried=tried, local_batch_size=fit)
 
 
 def plan_accumulation(requested_batch: int, fitted: int, requested_accumulation: int = 1) -> tuple[int, int, bool]:

@@ -25,6 +25,9 @@ class TrainerMetrics:
         self.learning_rate = gauge("finetune_learning_rate", "Learning rate of the first parameter group.").labels(**self._labels)
         self.samples_per_second = gauge("finetune_samples_per_second", "Training throughput of this process.").labels(**self._labels)
         self.batch_size = gauge("finetune_batch_size", "Per-device batch size (found automatically when unset).").labels(**self._labels)
+        self.gradient_accumulation_steps = gauge(
+            "finetune_gradient_accumulation_steps", "Batches per optimizer step (raised when the requested batch did not fit)."
+        ).labels(**self._labels)
         self.best_metric = gauge("finetune_best_metric", "Best value of the early-stopping metric so far.").labels(**self._labels)
         self.early_stops = Counter(
             "finetune_trainer_early_stops", "Runs this trainer ended early (patience or stop request).", LABELS, registry=r

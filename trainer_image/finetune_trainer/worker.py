@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from finetune_operator.policy.early_stopping import Settings, decide, metric_value
 
 from . import checkpoints as ckpt
-from .batching import make_probe, plan_batch
+from .batching import fault_oom_limit, make_probe, plan_batch
 from .config import DATA_PVC_MOUNT, Runtime, TrainerConfig
 from .data import Collator, EpochSeededSampler, build_dataset, label_names, split_records
 from .engine import AccelerateEngine, DeepSpeedEngine, deepspeed_config
@@ -164,9 +164,10 @@ class Trainer:
         loaded = load_model(self.spec, self.labels, self.tokenizer, self.model_source)
         model = loaded.model.to(acc.device)
         self.unwrapped_for_save = loaded.model
-        probe = make_probe(model, self.train_set, self.collate, self.task, self.hp, acc.device, acc.autocast)
+        oom_above = fault_oom_limit(acc.process_index)
+        probe = make_probe(model, self.train_set, self.collate, self.task, self.hp, acc.device, acc.autocast, oom_above=oom_above)
         plan = plan_batch(self.hp, probe=probe, examples_per_rank=math.ceil(len(self.train_set) / acc.num_processes),
-                          on_gpu=torch.cuda.is_available())
+                          on_gpu=torch.cuda.is_available() or oom_above is not None, job=self.job)
         self.plan = plan
         set_seed(self.hp.seed or 0)  # probes consumed randomness; training starts from the seed either way
         self._loaders(plan.per_device)
@@ -193,6 +194,7 @@ class Trainer:
             self.reporter = StatusReporter(self.job, self.namespace, enabled=self.rt.status_enabled,
                                            poll_seconds=self.rt.stop_poll_seconds, stop_file=self.rt.stop_file).start()
             self.metrics.batch_size.set(plan.per_device)
+            self.metrics.gradient_accumulation_steps.set(plan.accumulation)
         log.info(
             "training %s on %d process(es): %d train / %d validation examples, batch %d x %d accumulation, %d steps, "
             "strategy %s, precision %s%s",

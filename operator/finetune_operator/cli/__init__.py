@@ -62,8 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from finetune_trainer.local_run import run
 
     result = run(obj, output_dir=args.output, processes=args.processes, progress=not args.no_progress)
-    print(f"outcome: {result.get('outcome')}  best {result.get('metric')}: {result.get('bestMetric')} "
-          f"at epoch {result.get('bestEpoch')}  model: {result.get('bestModelDir', args.output)}")
+    best = result.get("bestMetric")
+    best_text = f"{best:.4f}" if isinstance(best, int | float) else "-"
+    print(f"outcome: {result.get('outcome')}; best {result.get('metric')} {best_text} at epoch {result.get('bestEpoch')}; "
+          f"final model: {result.get('modelPath') or args.output}")
     return 0
 
 
