@@ -32,7 +32,7 @@ ALL_FEATURES_NAMESPACED: dict[str, Any] = {**ALL_FEATURES, "watchNamespaces": ["
 
 def need_helm() -> None:
     if not HELM.exists():
-        pytest.skip("helm binary missing: run scripts/setup.sh")
+        pytest.fail("helm binary missing: run scripts/setup.sh (it installs .tools/helm)")
 
 
 def helm(*args: str, values: dict[str, Any] | None = None) -> subprocess.CompletedProcess:

@@ -1,6 +1,5 @@
 """The dashboard's and the alerts' PromQL use only metric names the operator and the trainer really
-export. Names come from the prometheus-client definitions in the two metrics.py modules; for a
-module that does not exist yet, from docs/contracts.md (the switch is automatic, per module)."""
+export. Names come from the prometheus-client definitions in the two metrics.py modules."""
 
 from __future__ import annotations
 
@@ -46,30 +45,9 @@ def from_code(source: str) -> Exported:
     return out
 
 
-def from_contract(text: str, prefix: str) -> Exported:
-    out = Exported()
-    for m in re.finditer(r"`(finetune_[a-z0-9_]+)(?:\{[^}]*\})?`( \(histogram\))?", text):
-        name, histogram = m.group(1), m.group(2)
-        if not name.startswith(prefix) or (prefix == "finetune_" and name.startswith("finetune_operator_")):
-            continue
-        if histogram:
-            out.histograms.add(name)
-        elif name.endswith("_total"):
-            out.counters.add(_strip_total(name))
-        else:
-            out.gauges.add(name)
-    return out
-
-
 def exported() -> dict[str, set[str]]:
-    """Series names per source ("code: <path>" or "contract"), operator and trainer together."""
-    contract = (ROOT / "docs" / "contracts.md").read_text()
-    sources: dict[str, set[str]] = {}
-    for prefix, module in METRIC_MODULES.items():
-        found = from_code(module.read_text()) if module.exists() else from_contract(contract, prefix)
-        key = f"code: {module.relative_to(ROOT)}" if module.exists() else f"contract ({prefix}*)"
-        sources[key] = found.series_names()
-    return sources
+    """Series names per metrics module, operator and trainer together."""
+    return {f"code: {m.relative_to(ROOT)}": from_code(m.read_text()).series_names() for m in METRIC_MODULES.values()}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -119,16 +97,6 @@ def test_code_definitions_are_found():
     assert {"finetune_train_loss", "finetune_operator_reconciles_total", "finetune_operator_reconcile_duration_seconds_bucket"} <= names
 
 
-def test_contract_fallback_matches_the_contract():
-    contract = (ROOT / "docs" / "contracts.md").read_text()
-    op = from_contract(contract, "finetune_operator_")
-    assert "finetune_operator_reconcile_duration_seconds" in op.histograms
-    assert "finetune_operator_reconciles" in op.counters
-    trainer = from_contract(contract, "finetune_")
-    assert "finetune_validation_metric" in trainer.gauges and "finetune_trainer_early_stops" in trainer.counters
-    assert not {n for n in trainer.series_names() if n.startswith("finetune_operator_")}
-
-
 @pytest.mark.parametrize("where", ["dashboard", "alerts"])
 def test_queries_use_only_exported_metrics(where: str):
     queries = dashboard_queries() if where == "dashboard" else rule_queries()
@@ -148,7 +116,6 @@ def test_a_misspelled_metric_is_caught():
 def test_dashboard_covers_every_trainer_metric():
     """Every trainer gauge is shown somewhere (a new metric without a panel is easy to miss)."""
     module = METRIC_MODULES["finetune_"]
-    if not module.exists():
-        pytest.skip("trainer metrics module not written yet")
+    assert module.exists(), "trainer metrics module missing"
     used = set().union(*(promql_metric_names(q) for q in dashboard_queries()))
     assert from_code(Path(module).read_text()).gauges <= used

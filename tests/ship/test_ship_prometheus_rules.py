@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool missing: install Debian's prometheus package (scripts/setup.sh)")
+        pytest.fail("promtool missing: install Debian's prometheus package (scripts/setup.sh does)")
     return path
 
 

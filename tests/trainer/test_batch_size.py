@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -157,3 +159,82 @@ def test_plan_accumulation_keeps_the_effective_batch(requested, fitted, accumula
 
 def test_batch_search_is_a_plain_record():
     assert BatchSearch(4, 3, 1, [1, 2, 4]).tried == [1, 2, 4]
+
+
+# --- plan_batch: the decision the trainer takes before training (fake probes, no model) ---------------------
+
+
+class HP:
+    """The two hyperparameters plan_batch reads."""
+
+    def __init__(self, batch_size: int | None, gradient_accumulation_steps: int | None = None):
+        self.batch_size = batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+
+
+def test_plan_batch_keeps_the_effective_batch_when_the_request_does_not_fit(caplog):
+    from finetune_trainer.batching import plan_batch
+
+    seen: list[int] = []
+    with caplog.at_level("WARNING", logger="finetune_trainer"):
+        plan = plan_batch(HP(16, 2), probe=simulated(6, seen), examples_per_rank=1000, on_gpu=True, job="j1")
+    # 6 fits but does not divide 32; 4 does: 4 x 8 keeps 16 x 2.
+    assert (plan.per_device, plan.accumulation, plan.changed, plan.automatic) == (4, 8, True, False)
+    assert plan.local_fit == 6 and plan.tried == seen and max(seen) <= 16  # the request caps the search
+    assert "job j1: batch size 16 does not fit" in caplog.text and "effective batch of 32" in caplog.text
+
+
+def test_plan_batch_leaves_a_fitting_request_alone():
+    from finetune_trainer.batching import plan_batch
+
+    plan = plan_batch(HP(16, 3), probe=simulated(100), examples_per_rank=1000, on_gpu=True)
+    assert (plan.per_device, plan.accumulation, plan.changed) == (16, 3, False)
+
+
+def test_plan_batch_on_cpu_trains_the_request_without_probing():
+    from finetune_trainer.batching import plan_batch
+
+    seen: list[int] = []
+    plan = plan_batch(HP(16), probe=simulated(2, seen), examples_per_rank=1000, on_gpu=False)
+    assert (plan.per_device, plan.accumulation, seen) == (16, 1, [])
+
+
+def test_plan_batch_automatic_uses_the_agreed_minimum_and_the_data_cap():
+    from finetune_trainer.batching import plan_batch
+
+    plan = plan_batch(HP(None, 2), probe=simulated(40), examples_per_rank=1000, on_gpu=True, agree=lambda b: min(b, 24))
+    assert (plan.per_device, plan.accumulation, plan.automatic, plan.local_fit) == (24, 2, True, 40)
+    small = plan_batch(HP(None), probe=simulated(40), examples_per_rank=10, on_gpu=True)
+    assert small.per_device == 10 and small.tried[-1] == 10  # never more than one rank's share of the data
+
+
+def test_fault_injection_probe_raises_torchs_oom_type_above_the_limit():
+    from finetune_trainer.batching import fault_oom_limit
+
+    assert fault_oom_limit(0, {}) is None
+    assert fault_oom_limit(0, {"FINETUNE_FAULT_OOM_ABOVE": "8"}) == 8
+    assert [fault_oom_limit(r, {"FINETUNE_FAULT_OOM_ABOVE": "16,4"}) for r in (0, 1, 2)] == [16, 4, 4]
+
+
+def test_fault_injected_probe_runs_a_real_step_below_and_ooms_above(tiny_model_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    from finetune_trainer.batching import make_probe
+    from finetune_trainer.data import Collator, TokenizedDataset
+    from finetune_trainer.models import EmbeddingModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = EmbeddingModel(AutoModel.from_pretrained(tiny_model_dir))
+    rows = [{"input_ids": tokenizer("the goal of the match")["input_ids"], "pair_input_ids": tokenizer("a team")["input_ids"],
+             "labels": i % 2} for i in range(4)]
+
+    class Hp:
+        loss = None
+
+    probe = make_probe(model, TokenizedDataset(rows), Collator(0, "embedding"), "embedding", Hp(), torch.device("cpu"),
+                       contextlib.nullcontext, oom_above=3)
+    probe(3)
+    assert all(p.grad is None for p in model.parameters())  # probes leave no gradients behind
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        probe(4)
+    assert is_out_of_memory(info.value)
