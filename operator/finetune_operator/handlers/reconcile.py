@@ -123,8 +123,10 @@ class Reconciler:
                     kube_children.converge(self.client, wanted[-1], job_obj)
             else:
                 ready = find(status.get("conditions") or [], Condition.READY)
+                # Event-driven passes only converge the Job (watched); the periodic pass re-checks every
+                # child, so a deleted ConfigMap, Service or RBAC object comes back without a spec change.
                 fast = bool(job_obj is not None and ready and ready.get("status") == "True"
-                            and ready.get("observedGeneration") == job.generation)
+                            and ready.get("observedGeneration") == job.generation and trigger != "timer")
                 _, created = kube_children.apply_children(self.client, wanted, job_obj, full=not fast)
 
         patch = status_patch(status, new)
