@@ -38,6 +38,7 @@ def main() -> None:
             namespaces=settings.namespaces,
             standalone=not settings.peering,
             peering_name=settings.peering or None,
+            priority=settings.peering_priority,
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
         )
     finally:

@@ -6,7 +6,9 @@ variables are part of docs/contracts.md (the Helm chart sets them).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -38,6 +40,11 @@ class Settings:
 
     peering: str = ""
     """FTO_PEERING: kopf peering object name for several replicas; empty: standalone (one replica)."""
+
+    peering_priority: int = 0
+    """FTO_PEERING_PRIORITY: this replica's kopf peering priority (the highest active replica works, the
+    others stand by). Default: derived from the pod's hostname, so replicas never tie: kopf pauses
+    every replica when two peers share a priority."""
 
     resync_seconds: float = 10.0
     """FTO_RESYNC_SECONDS: period of the per-job timer that enforces grace periods, runs the stall
@@ -71,9 +78,14 @@ class Settings:
 
 _KNOWN = {
     "FTO_NAMESPACES", "FTO_TRAINER_IMAGE", "FTO_IMAGE_PULL_POLICY", "FTO_LOG_FORMAT", "FTO_LOG_LEVEL",
-    "FTO_METRICS_PORT", "FTO_HEALTH_PORT", "FTO_PEERING", "FTO_RESYNC_SECONDS", "FTO_API_TIMEOUT_SECONDS",
+    "FTO_METRICS_PORT", "FTO_HEALTH_PORT", "FTO_PEERING", "FTO_PEERING_PRIORITY", "FTO_RESYNC_SECONDS", "FTO_API_TIMEOUT_SECONDS",
     "FTO_API_CONNECT_TIMEOUT_SECONDS", "FTO_API_POOL_SIZE", "FTO_WORKERS", "FTO_WATCH_SERVER_TIMEOUT_SECONDS",
 }
+
+
+def _hostname_priority(env: Mapping[str, str]) -> int:
+    host = env.get("HOSTNAME") or socket.gethostname()
+    return int(hashlib.sha256(host.encode()).hexdigest()[:7], 16)  # stable per pod, < 2**28
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -104,6 +116,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         metrics_port=num("FTO_METRICS_PORT", d.metrics_port, int),
         health_port=num("FTO_HEALTH_PORT", d.health_port, int),
         peering=env.get("FTO_PEERING", "").strip(),
+        peering_priority=num("FTO_PEERING_PRIORITY", _hostname_priority(env), int),
         resync_seconds=max(0.2, num("FTO_RESYNC_SECONDS", d.resync_seconds)),
         api_timeout_seconds=max(0.5, num("FTO_API_TIMEOUT_SECONDS", d.api_timeout_seconds)),
         api_connect_timeout_seconds=max(0.5, num("FTO_API_CONNECT_TIMEOUT_SECONDS", d.api_connect_timeout_seconds)),
