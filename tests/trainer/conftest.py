@@ -54,6 +54,25 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """A 2-layer, 32-wide GPT-2 (causal LM head, tied embeddings) with the tiny BERT word-level tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model_dir = tmp_path_factory.mktemp("tiny-gpt2") / "model"
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-data") / "train.jsonl"
     with open(path, "w") as f:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import MODEL_PVC_MOUNT
+from .lora_export import is_peft_model, save_lora
 from .optim import head_prefixes_for
 from .paths import resolve_path
 from .regularization import set_dropout
@@ -120,7 +121,19 @@ def _with_lora(model: nn.Module, spec: Any, task: str) -> nn.Module:
 
 
 def save_model(model: nn.Module, tokenizer: Any, path: str, state_dict: dict[str, Any] | None = None) -> None:
-    """`save_pretrained` + tokenizer: the directory loads with transformers (or peft for LoRA adapters)."""
+    """`save_pretrained` + tokenizer: the directory loads with plain transformers for every task.
+
+    Embedding models are saved as their encoder (mean pooling is the reader's job, as in sentence-transformers).
+    LoRA runs save the merged model here and the adapter in `adapter/` (see lora_export).
+    """
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    if isinstance(model, EmbeddingModel):
+        prefix = "encoder."
+        model = model.encoder
+        if state_dict is not None:
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if is_peft_model(model):
+        save_lora(model, path, state_dict)
+    else:
+        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(path)
