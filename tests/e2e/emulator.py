@@ -406,6 +406,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
     _gc_queue: asyncio.Queue[tuple[str, str]] | None = attrs.field(default=None)
     _gc_task: asyncio.Task[None] | None = attrs.field(default=None)
     requests_served: int = 0
+    audit_log: Any = None  # a text file: one JSON line per resource request, like the API server's audit log
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -448,6 +449,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
                 return await super().__call__(raw)
             finally:
                 del self._requests[:-50]
+        if self.audit_log is not None:
+            self._audit(raw, parsed)
         try:
             spec = self.specs.get((parsed.group, parsed.version, parsed.plural or ""))
             if spec is None:
@@ -462,6 +465,16 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         except ApiError as exc:
             return aiohttp.web.Response(body=json.dumps(exc.status()).encode(), status=exc.code,
                                         content_type="application/json")
+
+    def _audit(self, raw: aiohttp.web.BaseRequest, p: ParsedPath) -> None:
+        """Who did what, in RBAC terms (verb, apiGroup, resource[/subresource]), keyed by bearer token."""
+        watch = raw.query.get("watch") in ("true", "1")
+        verb = {"GET": "watch" if watch else ("get" if p.name else "list"), "POST": "create", "PUT": "update",
+                "PATCH": "patch", "DELETE": "delete" if p.name else "deletecollection"}.get(raw.method, raw.method.lower())
+        token = raw.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        resource = (p.plural or "") + (f"/{p.subresource}" if p.subresource else "")
+        self.audit_log.write(json.dumps({"token": token, "verb": verb, "apiGroup": p.group, "resource": resource,
+                                         "namespace": p.namespace}) + "\n")
 
     def _dispatch(self, raw: aiohttp.web.BaseRequest, spec: ResourceSpec, p: ParsedPath,
                   body: bytes) -> tuple[int, JsonObj]:
@@ -1134,9 +1147,11 @@ def _apply_defaults(spec: ResourceSpec, obj: JsonObj) -> None:
 
 
 async def serve(port: int = 0, on_ready: Callable[[str], None] | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, audit_log: Path | None = None) -> None:
     """Serve on 127.0.0.1 (never any other address) until `stop` is set."""
     emulator = FaithfulKubernetesEmulator()
+    if audit_log is not None:
+        emulator.audit_log = audit_log.open("a", buffering=1)  # line-buffered: readable while serving
     async with emulator, kmock.Server(emulator, host="127.0.0.1", port=port or None) as server:
         url = f"http://127.0.0.1:{server.port}"
         logger.info("emulator listening url=%s", url)
@@ -1168,7 +1183,8 @@ def main(argv: list[str] | None = None) -> None:
             write_kubeconfig(args.kubeconfig, url)
             print(f"READY {url}", flush=True)
 
-        await serve(args.port, ready, stop)
+        # The audit log sits beside the kubeconfig, where tests find it (kube.kubeconfig.parent).
+        await serve(args.port, ready, stop, audit_log=args.kubeconfig.parent / "audit.jsonl")
 
     asyncio.run(run())
 
