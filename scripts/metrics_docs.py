@@ -35,6 +35,7 @@ UNITS = {
     "finetune_learning_rate": "dimensionless",
     "finetune_samples_per_second": "training examples per second",
     "finetune_batch_size": "examples per device per micro-batch",
+    "finetune_gradient_accumulation_steps": "micro-batches per optimizer step",
     "finetune_best_metric": "the early-stopping metric's scale",
     "finetune_trainer_early_stops": "runs",
 }
@@ -131,7 +132,9 @@ def render() -> str:
         "",
         "`finetune plot NAME -o curves.png` draws the same history from the FineTuneJob's status (no Prometheus",
         "needed), with the best epoch and the stop point marked; `finetune status NAME` draws it in the terminal.",
-        "An early-stopped run (MiniLM on BBC News, patience 2):",
+        "A real early-stopped run: all-MiniLM-L6-v2 on 150 BBC News articles, constant learning rate 5e-5,",
+        "`earlyStopping: {metric: val_loss, patience: 2}`, 16 epochs allowed; validation loss bottomed at epoch 9,",
+        "so the run stopped after epoch 11 and kept epoch 9's model. See also [watching.md](watching.md).",
         "",
         "![train and validation loss of an early-stopped run](images/loss-curves.png)",
         "",

@@ -152,6 +152,7 @@ def test_trainer_metrics_read_back_from_prometheus(prometheus, tiny_job, tmp_pat
         assert value(prometheus, f"finetune_trainer_epoch{sel}") == 3
         assert value(prometheus, f"finetune_trainer_step{sel}") == result["globalStep"]
         assert value(prometheus, f"finetune_batch_size{sel}") == result["batchSize"]
+        assert value(prometheus, f"finetune_gradient_accumulation_steps{sel}") == result["gradientAccumulationSteps"]
         # Exact float equality: prometheus-client writes repr(float) and Prometheus returns the shortest
         # decimal that round-trips, so nothing is lost on the way.
         assert value(prometheus, f"finetune_train_loss{sel}") == last["trainLoss"]
