@@ -78,9 +78,11 @@ def test_plot_png_has_curves(tmp_path):
 
     out = plot_curves(early_stopped(), tmp_path / "curves.png")
     assert _png_size(out) == (800, 450)
-    img = Image.open(out).convert("RGB")
+    import numpy as np
+
+    pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
     # The plot area must hold coloured curve pixels, not only white background and black axes.
-    colours = {px for px in img.getdata() if len({px[0], px[1], px[2]}) > 1}
+    colours = {tuple(px) for px in pixels if len(set(px.tolist())) > 1}
     assert len(colours) > 50
 
 
@@ -91,3 +93,13 @@ def test_plot_without_history_is_a_clear_error():
 
     with pytest.raises(CliError, match="no finished epoch"):
         plot_curves(failed(), "/tmp/never.png")
+
+
+def test_run_with_a_missing_model_is_one_clear_line(tmp_path, capsys):
+    manifest = yaml.safe_load((ROOT / "examples" / "classification.yaml").read_text())
+    manifest["spec"]["model"]["name"] = str(tmp_path / "no-such-model")
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(manifest))
+    assert main(["run", str(f), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: training failed:") and "no-such-model" in err[-1]

@@ -30,16 +30,19 @@ def plot_curves(obj: dict[str, Any], out: str | Path) -> Path:
         ax2.plot([e for e, _ in metric_pts], [v for _, v in metric_pts], "^--", color="tab:green",
                  label=status.get("valMetricName") or "validation metric")
         ax2.set_ylabel(status.get("valMetricName") or "validation metric")
-        ax2.legend(loc="upper center")
+        ax2.legend(loc="center right")
     if status.get("bestEpoch") is not None:
         ax.axvline(status["bestEpoch"], color="tab:green", linestyle=":", label=f"best epoch {status['bestEpoch']}")
     if status.get("reason") in ("EarlyStopped", "StoppedByUser") or status.get("stopRequestedTime"):
         ax.axvline(max(epochs), color="tab:red", linestyle="--", label=f"stopped after epoch {max(epochs)}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title(f"{obj['metadata']['name']}: {status.get('phase', 'Pending')}"
                  + (f" ({status['reason']})" if status.get("reason") else ""))
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=4, fontsize="small", frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out)
