@@ -8,6 +8,14 @@ and the pod runner.
 - `api`: official-client API objects (`core`, `batch`, `custom`, `rbac`, `extensions`) for `kube`.
 - `pod_runner`: the Job controller + kubelet stand-in for the test's namespace (`pod_runner.py`).
 - `wait_for`: polls a condition, failing with the pod runner's view of the pods.
+- `operator` (overrides operator_fixture's): the real operator process, with `FTO_TRAINER_IMAGE` set to
+  `FTJ_E2E_TRAINER_IMAGE` so that a real cluster's kubelet pulls the image you built.
+
+Who runs pods: `FTJ_E2E_POD_RUNNER=auto|on|off` (default auto: on for the emulation, off for a real
+cluster, whose own Job controller and kubelet run them; both at once would run every pod twice).
+With the runner off, `pod_runner` is a read-only `ClusterPods` view (pod states and logs for failure
+messages), and tests that need local processes are skipped with the reason: those marked `local_pods`,
+those using the stand-in trainer (`fake_trainer_env`) and the pod runner's own tests. See README.md.
 """
 
 from __future__ import annotations
@@ -125,8 +133,93 @@ def namespace(api: ApiClients) -> Iterator[str]:
             raise
 
 
+POD_RUNNER_MODES = ("auto", "on", "off")
+DEFAULT_TRAINER_IMAGE = "finetune-trainer:e2e"  # never pulled when the pod runner runs pods as local processes
+# Fixtures that only make sense when pods are local processes: the stand-in trainer is a script in the
+# test's temp dir put first on the pod's PATH.
+LOCAL_ONLY_FIXTURES = {"fake_trainer_env": "runs the stand-in trainer, a local script, as the pod's command"}
+# Modules whose every test exercises the local pod runner itself.
+LOCAL_ONLY_MODULES = {"test_pod_runner": "tests the local pod runner itself"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "local_pods: needs the local pod runner (its knobs, local paths or files); "
+                                       "skipped when FTJ_E2E_POD_RUNNER is off")
+
+
+def pod_runner_enabled(kube: KubeTarget) -> bool:
+    """FTJ_E2E_POD_RUNNER: `on`/`off`, or `auto` (default): on for the emulation, off for a real cluster."""
+    mode = os.environ.get("FTJ_E2E_POD_RUNNER", "auto").strip().lower() or "auto"
+    if mode not in POD_RUNNER_MODES:
+        raise pytest.UsageError(f"FTJ_E2E_POD_RUNNER={mode!r}: expected one of {', '.join(POD_RUNNER_MODES)}")
+    return kube.emulated if mode == "auto" else mode == "on"
+
+
+def trainer_image() -> str:
+    return os.environ.get("FTJ_E2E_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE
+
+
+def _local_only_reason(request: pytest.FixtureRequest) -> str | None:
+    marker = request.node.get_closest_marker("local_pods")
+    if marker is not None:
+        return str(marker.kwargs.get("reason") or (marker.args[0] if marker.args else "marked local_pods"))
+    for fixture, reason in LOCAL_ONLY_FIXTURES.items():
+        if fixture in request.fixturenames:
+            return reason
+    module = getattr(request.node, "module", None)
+    return LOCAL_ONLY_MODULES.get((getattr(module, "__name__", "") or "").rsplit(".", 1)[-1])
+
+
+class ClusterPods:
+    """The pod runner's place when the cluster runs pods itself: reads pods and logs for failure messages."""
+
+    def __init__(self, api: ApiClients, namespace: str) -> None:
+        self.api, self.namespace = api, namespace
+
+    def pod_names(self, job: str | None = None) -> list[str]:
+        selector = f"job-name={job}" if job else None
+        pods = self.api.core.list_namespaced_pod(self.namespace, label_selector=selector).items  # type: ignore[attr-defined]
+        return [p.metadata.name for p in pods]
+
+    def logs(self, name: str, tail: int | None = None) -> str:
+        return self.api.core.read_namespaced_pod_log(name, self.namespace, tail_lines=tail)  # type: ignore[attr-defined]
+
+    def describe(self, tail: int = 40) -> str:
+        lines = [f"pods in {self.namespace} (run by the cluster; FTJ_E2E_POD_RUNNER is off)"]
+        try:
+            pods = self.api.core.list_namespaced_pod(self.namespace).items  # type: ignore[attr-defined]
+        except Exception as exc:  # a failure report must not fail itself
+            return f"{lines[0]}: cannot list them: {exc!r}"
+        for pod in pods:
+            states = []
+            for cs in pod.status.container_statuses or []:
+                state = cs.state
+                kind = next((k for k in ("waiting", "running", "terminated") if getattr(state, k, None)), "unknown")
+                detail = getattr(state, kind, None)
+                states.append(f"{cs.name}={kind}:{getattr(detail, 'reason', '') or ''}"
+                              f"{f' exit={detail.exit_code}' if kind == 'terminated' else ''}")
+            lines.append(f"--- {pod.metadata.name} phase={pod.status.phase} {' '.join(states)}")
+            try:
+                lines.extend((self.logs(pod.metadata.name, tail) or "").splitlines())
+            except Exception as exc:  # e.g. the container has not started yet
+                lines.append(f"(no logs: {type(exc).__name__})")
+        return "\n".join(lines)
+
+
 @pytest.fixture
-def pod_runner(kube: KubeTarget, namespace: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PodRunner]:
+def pod_runner(kube: KubeTarget, api: ApiClients, namespace: str, tmp_path: Path,
+               request: pytest.FixtureRequest) -> Iterator[PodRunner | ClusterPods]:
+    """The local pod runner for the test's namespace, or (runner off) a read-only view of the cluster's pods."""
+    if not pod_runner_enabled(kube):
+        reason = _local_only_reason(request)
+        if reason:
+            pytest.skip(f"needs the local pod runner ({reason}); FTJ_E2E_POD_RUNNER is off for this cluster")
+        if not os.environ.get("FTJ_E2E_TRAINER_IMAGE"):
+            pytest.skip("pods run on the cluster: set FTJ_E2E_TRAINER_IMAGE to a trainer image its nodes can pull")
+        view = ClusterPods(api, namespace)
+        request.node._e2e_pod_runner = view
+        yield view
+        return
     runner = PodRunner(kube.kubeconfig, tmp_path / "pod-runner", namespace=namespace)
     runner.start()
     request.node._e2e_pod_runner = runner  # for the failure report below
@@ -134,6 +227,19 @@ def pod_runner(kube: KubeTarget, namespace: str, tmp_path: Path, request: pytest
         yield runner
     finally:
         runner.stop()
+
+
+@pytest.fixture
+def operator(kube: KubeTarget, tmp_path: Path) -> Iterator[Any]:
+    """operator_fixture's `operator`, with the trainer image a real cluster should run (FTJ_E2E_TRAINER_IMAGE)."""
+    from .operator_fixture import OperatorProcess
+
+    proc = OperatorProcess(kube.kubeconfig, tmp_path / "operator", FTO_TRAINER_IMAGE=trainer_image())
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -37,9 +37,9 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("tiny-bert")
     vocab = SPECIAL + COMMON + [w for ws in TOPICS.values() for w in ws]
-    vocab_file = root / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    # transformers 5 ignores `vocab_file=` here (every word became [UNK]): pass the vocabulary itself.
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    assert len(tokenizer) == len(vocab) and tokenizer.unk_token_id not in tokenizer("the goal")["input_ids"]
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,

@@ -211,9 +211,9 @@ def test_plan_batch_automatic_uses_the_agreed_minimum_and_the_data_cap():
 def test_fault_injection_probe_raises_torchs_oom_type_above_the_limit():
     from finetune_trainer.batching import fault_oom_limit
 
-    assert fault_oom_limit(0, {}) is None
-    assert fault_oom_limit(0, {"FINETUNE_FAULT_OOM_ABOVE": "8"}) == 8
-    assert [fault_oom_limit(r, {"FINETUNE_FAULT_OOM_ABOVE": "16,4"}) for r in (0, 1, 2)] == [16, 4, 4]
+    assert fault_oom_limit(None) is None and fault_oom_limit(" ") is None
+    assert fault_oom_limit("8") == fault_oom_limit("8", rank=3) == 8
+    assert [fault_oom_limit("16,4", rank) for rank in (0, 1, 2)] == [16, 4, 4]
 
 
 def test_fault_injected_probe_runs_a_real_step_below_and_ooms_above(tiny_model_dir):

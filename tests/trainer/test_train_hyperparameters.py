@@ -89,3 +89,29 @@ def test_automatic_batch_size_is_found_and_recorded(manifest, tmp_path):
     # Nothing raises out-of-memory on CPU: the search doubles up to its CPU cap (64, below the 72 examples).
     assert plan["tried"] == [1, 2, 4, 8, 16, 32, 64]
     assert result["batchSize"] == 64 and result["globalStep"] == 2
+
+
+def test_requested_batch_that_does_not_fit_keeps_the_effective_batch(manifest, tmp_path, capsys):
+    """batchSize 16 where only 8 fits (fault injection raises torch's OutOfMemoryError above 8, as a GPU
+    would): the trainer runs 8 x 2 accumulation, says so, and records it in result.json and the metrics."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"FINETUNE_FAULT_OOM_ABOVE": "8", "FINETUNE_METRICS_PORT": str(port)}
+    result = run(manifest(hyperparameters={**PLAIN, "batchSize": 16}), output_dir=str(tmp_path / "oom"), progress=False, env=env)
+    plan = result["batchPlan"]
+    assert (result["batchSize"], result["gradientAccumulationSteps"]) == (8, 2)
+    assert plan["accumulationRaised"] and not plan["automatic"] and plan["localFit"] == 8 and 16 in plan["tried"]
+    assert "batch size 16 does not fit (largest 8): training 8 x 2 accumulation steps to keep the effective batch of 16" in capsys.readouterr().err
+    with open(tmp_path / "oom" / "result.json") as f:
+        assert json.load(f)["gradientAccumulationSteps"] == 2
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'finetune_batch_size{finetune_job="tiny",namespace="default"} 8.0' in metrics
+    assert 'finetune_gradient_accumulation_steps{finetune_job="tiny",namespace="default"} 2.0' in metrics
+    # The same training as asking for 8 x 2 directly: the optimizer saw 16 examples per step.
+    explicit, explicit_dir = train(manifest, tmp_path, "explicit", batchSize=8, gradientAccumulationSteps=2)
+    assert result["globalStep"] == explicit["globalStep"] == 5  # 72 examples: 9 batches of 8, a step every 2
+    assert _close(load_weights(str(tmp_path / "oom")), load_weights(explicit_dir))

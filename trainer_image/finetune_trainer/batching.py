@@ -24,10 +24,9 @@ GPU_AUTO_BATCH_LIMIT = 4096
 FAULT_OOM_ENV = "FINETUNE_FAULT_OOM_ABOVE"
 
 
-def fault_oom_limit(rank: int = 0, env: dict[str, str] | None = None) -> int | None:
-    """This rank's simulated memory limit in examples, or None when no fault is injected."""
-    raw = (os.environ if env is None else env).get(FAULT_OOM_ENV, "").strip()
-    if not raw:
+def fault_oom_limit(raw: str | None, rank: int = 0) -> int | None:
+    """This rank's simulated memory limit in examples from the knob's value, or None when no fault is injected."""
+    if not raw or not raw.strip():
         return None
     limits = [int(v) for v in raw.split(",")]
     return limits[min(rank, len(limits) - 1)]

@@ -69,6 +69,7 @@ class Runtime:
     world_size: int | None
     local_rank: int | None
     expected_world_size: int | None  # FINETUNE_WORLD_SIZE, set by our launcher for its workers
+    fault_oom_above: str | None = None  # FINETUNE_FAULT_OOM_ABOVE: batch probes above it fail as out of memory
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Runtime:
@@ -92,6 +93,7 @@ class Runtime:
             world_size=_int(env, "WORLD_SIZE"),
             local_rank=_int(env, "LOCAL_RANK"),
             expected_world_size=_int(env, "FINETUNE_WORLD_SIZE"),
+            fault_oom_above=env.get("FINETUNE_FAULT_OOM_ABOVE") or None,
         )
 
     def layout(self, spec: FineTuneJobSpec) -> tuple[int, int]:

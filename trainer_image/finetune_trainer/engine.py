@@ -75,6 +75,14 @@ class AccelerateEngine:
         """The whole model's weights (every rank must call it)."""
         return self.accelerator.get_state_dict(self.model)
 
+    def param_checksum(self) -> float:
+        """Sum of every parameter (diagnostics: equal on all ranks when they hold the same model)."""
+        return _checksum(self.unwrapped().parameters())
+
+
+def _checksum(params: Any) -> float:
+    return sum(float(p.detach().double().sum()) for p in params)
+
 
 def deepspeed_config(*, micro_batch: int, accumulation: int, max_grad_norm: float, zero_stage: int, mixed_precision: str) -> dict[str, Any]:
     config: dict[str, Any] = {
@@ -143,6 +151,16 @@ class DeepSpeedEngine:
 
     def unwrapped(self) -> nn.Module:
         return self.model.module
+
+    def param_checksum(self) -> float:
+        """Sum of every parameter; under ZeRO-3 each rank holds a shard, so gather them first (every rank must call it)."""
+        params = list(self.model.module.parameters())
+        if self.zero_stage != 3:
+            return _checksum(params)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return _checksum(params)
 
     def full_state_dict(self) -> dict[str, Any]:
         if self.zero_stage == 3:

@@ -164,7 +164,7 @@ class Trainer:
         loaded = load_model(self.spec, self.labels, self.tokenizer, self.model_source)
         model = loaded.model.to(acc.device)
         self.unwrapped_for_save = loaded.model
-        oom_above = fault_oom_limit(acc.process_index)
+        oom_above = fault_oom_limit(self.rt.fault_oom_above, acc.process_index)
         probe = make_probe(model, self.train_set, self.collate, self.task, self.hp, acc.device, acc.autocast, oom_above=oom_above)
         plan = plan_batch(self.hp, probe=probe, examples_per_rank=math.ceil(len(self.train_set) / acc.num_processes),
                           on_gpu=torch.cuda.is_available() or oom_above is not None, job=self.job)
@@ -400,7 +400,7 @@ class Trainer:
             self._save_best()
         step = torch.tensor([p.global_step], device=acc.device)
         rank_steps = acc.gather(step).tolist() if acc.num_processes > 1 else [p.global_step]
-        checksum = torch.tensor([sum(float(t.detach().double().sum()) for t in self.engine.unwrapped().parameters())], device=acc.device, dtype=torch.float64)
+        checksum = torch.tensor([self.engine.param_checksum()], device=acc.device, dtype=torch.float64)
         checksums = acc.gather(checksum).tolist() if acc.num_processes > 1 else [float(checksum[0])]
         gn = torch.tensor([self.first_grad_norm or 0.0], device=acc.device, dtype=torch.float64)
         grad_norms = acc.gather(gn).tolist() if acc.num_processes > 1 else [float(gn[0])]
