@@ -192,13 +192,14 @@ class ClusterPods:
             return f"{lines[0]}: cannot list them: {exc!r}"
         for pod in pods:
             states = []
-            for cs in pod.status.container_statuses or []:
+            phase = pod.status.phase if pod.status else None
+            for cs in (pod.status.container_statuses if pod.status else None) or []:
                 state = cs.state
                 kind = next((k for k in ("waiting", "running", "terminated") if getattr(state, k, None)), "unknown")
                 detail = getattr(state, kind, None)
                 states.append(f"{cs.name}={kind}:{getattr(detail, 'reason', '') or ''}"
                               f"{f' exit={detail.exit_code}' if kind == 'terminated' else ''}")
-            lines.append(f"--- {pod.metadata.name} phase={pod.status.phase} {' '.join(states)}")
+            lines.append(f"--- {pod.metadata.name} phase={phase} {' '.join(states)}")
             try:
                 lines.extend((self.logs(pod.metadata.name, tail) or "").splitlines())
             except Exception as exc:  # e.g. the container has not started yet
@@ -221,12 +222,20 @@ def pod_runner(kube: KubeTarget, api: ApiClients, namespace: str, tmp_path: Path
         yield view
         return
     runner = PodRunner(kube.kubeconfig, tmp_path / "pod-runner", namespace=namespace)
-    runner.start()
-    request.node._e2e_pod_runner = runner  # for the failure report below
-    try:
-        yield runner
-    finally:
-        runner.stop()
+    with pytest.MonkeyPatch.context() as env:
+        threads = os.environ.get("FTJ_E2E_POD_THREADS", "1")
+        if threads and "OMP_NUM_THREADS" not in os.environ:
+            # Pods inherit this process's environment (a pod's own spec.env still wins). Without it torch
+            # (and accelerate, which sets OMP_NUM_THREADS to the core count) runs 2 OpenMP threads on the 2
+            # shared cores; with one core busy elsewhere every parallel region waits for the descheduled
+            # thread: MiniLM steps measured ~10x slower (1.2-1.7 vs 15.5-16.2 samples/s, see README.md).
+            env.setenv("OMP_NUM_THREADS", threads)
+        runner.start()
+        request.node._e2e_pod_runner = runner  # for the failure report below
+        try:
+            yield runner
+        finally:
+            runner.stop()
 
 
 @pytest.fixture
