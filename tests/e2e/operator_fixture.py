@@ -122,8 +122,21 @@ def now():
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def call(fn, *args, **kwargs):
+    # Like the real trainer's reporter: an overloaded API server must not kill training.
+    delay = 0.2
+    for _ in range(12):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - timeouts and connection errors alike
+            print(f"API call failed ({err}); retrying in {delay:.1f} s", flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
+    return fn(*args, **kwargs)
+
+
 def stop_requested():
-    obj = client.get(path) or {}
+    obj = call(client.get, path) or {}
     return bool(obj.get("spec", {}).get("stop") or (obj.get("status") or {}).get("stopRequestedTime"))
 
 
@@ -132,7 +145,7 @@ for epoch in range(1, min(total, len(losses)) + 1):
     time.sleep(epoch_seconds)
     history.append({"epoch": epoch, "trainLoss": 1.0 / epoch, "valLoss": losses[epoch - 1], "time": now()})
     best = min(history, key=lambda p: p["valLoss"])
-    client.request("PATCH", path + "/status", content_type=MERGE_PATCH, body={"status": {
+    call(client.request, "PATCH", path + "/status", content_type=MERGE_PATCH, body={"status": {
         "epoch": epoch, "totalEpochs": total, "valLoss": losses[epoch - 1], "trainLoss": 1.0 / epoch,
         "bestEpoch": best["epoch"], "bestMetric": best["valLoss"], "valMetricName": "val_loss",
         "history": history, "lastHeartbeatTime": now(), "trainerPhase": "Training"}})

@@ -111,14 +111,14 @@ def test_suspend_and_resume(c, operator, pod_runner, namespace, fake_trainer_env
 
 
 def test_early_stop_obeyed_by_the_trainer(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
-    create(c, namespace, ftj("overfit", env=fake_trainer_env("obey", "0.5,0.4,0.45,0.47,0.5,0.6,0.7,0.8", 0.5),
-                             hyperparameters={"epochs": 8, "batchSize": 8}, earlyStopping={"patience": 2}))
+    create(c, namespace, ftj("overfit", env=fake_trainer_env("obey", "0.5,0.4,0.45,0.47" + ",0.5" * 16, 0.5),
+                             hyperparameters={"epochs": 20, "batchSize": 8}, earlyStopping={"patience": 2}))
     st = wait_for(lambda: (s := status(c, namespace, "overfit")).get("phase") == "Succeeded" and s, timeout=60,
                   what="phase Succeeded")
     assert st["reason"] == "EarlyStopped" and not st.get("stopEnforced")
     cond = condition(st, "EarlyStopRequested")
     assert cond["status"] == "True" and cond["reason"] == "PatienceExhausted" and "best 0.4 at epoch 2" in cond["message"]
-    assert st["epoch"] < 8 and st["epochsSaved"] == 8 - st["epoch"]
+    assert st["epoch"] < 20 and st["epochsSaved"] == 20 - st["epoch"]
     assert 'finetune_operator_early_stops_total{reason="PatienceExhausted"} 1.0' in operator.metrics()
 
 

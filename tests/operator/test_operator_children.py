@@ -192,3 +192,16 @@ def test_long_names_stay_dns_labels():
     assert len(names.batch_job_name(long)) <= 53
     assert names.child_name("x" * 70, "config") != names.child_name("x" * 69 + "y", "config")
     assert len(names.child_name("x" * 70, "config")) == 63
+
+
+def test_cpu_threads_follow_the_cpu_limit(settings):
+    from finetune_operator.plan.children import cpu_threads_per_process
+
+    assert [cpu_threads_per_process(q, 1) for q in ("2", "1500m", 4, "250m", None, "lots")] == [2, 1, 4, 1, None, None]
+    assert cpu_threads_per_process("8", 4) == 2
+
+    def pod_env(**resources):
+        return env_of(by_kind(desired_children(resolved(resources=resources), settings))["Job"])
+
+    assert pod_env(limits={"cpu": "3"})["OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in pod_env()

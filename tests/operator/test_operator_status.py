@@ -178,7 +178,20 @@ def test_stop_is_enforced_after_the_grace_period():
     suspended["spec"]["suspend"] = True
     st, events = run(obj, st, suspended, [], asked + timedelta(seconds=70))
     assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, Reason.EARLY_STOPPED)
-    assert "suspended the Job after the grace period" in st["message"] and st["epochsSaved"] == 2
+    assert "the trainer did not stop within the grace period of 60 s" in st["message"] and st["epochsSaved"] == 2
+
+
+def test_enforced_stop_says_why_when_no_pod_was_running():
+    obj = manifest(earlyStopping={"stopGracePeriodSeconds": 600})
+    st = running(obj, history=history(0.5, 0.6, 0.7), epoch=3)
+    asked = T0 + timedelta(minutes=1)
+    # The only pod just failed and its replacement is not up yet: nothing can stop gracefully.
+    st, events = run(obj, st, batch_job(active=0, start=T0), [], asked)
+    assert st["stopEnforced"] is True and st["stopEnforcedReason"] == "no pod was running"
+    suspended = batch_job(("Suspended", "JobSuspended"))
+    suspended["spec"]["suspend"] = True
+    st, _ = run(obj, st, suspended, [], asked + timedelta(seconds=5))
+    assert st["reason"] == Reason.EARLY_STOPPED and "suspended the Job: no pod was running" in st["message"]
 
 
 def test_user_stop_by_annotation():

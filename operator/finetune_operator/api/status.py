@@ -77,4 +77,5 @@ class FineTuneJobStatus(ApiModel):
     stop_requested_time: ShortStr | None = Field(None, description="When the operator asked the trainer to stop.")
     stop_reason: str | None = Field(None, max_length=4096, description="Why the stop was requested, in words.")
     stop_enforced: bool | None = Field(None, description="True when the operator had to suspend the Job itself.")
+    stop_enforced_reason: str | None = Field(None, max_length=1024, description="Why the operator suspended the Job itself, in words.")
     spec_hash: ShortStr | None = Field(None, description="Hash of the spec fields fixed once training started.")

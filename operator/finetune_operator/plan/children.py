@@ -117,6 +117,18 @@ def rbac(job: ResolvedJob) -> list[dict[str, Any]]:
     ]
 
 
+def cpu_threads_per_process(cpu: int | str | None, processes: int) -> int | None:
+    """Whole CPUs per training process from a Kubernetes CPU quantity ("2", "1500m", 4); None if unknown."""
+    if cpu is None:
+        return None
+    text = str(cpu).strip()
+    try:
+        cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+    return max(1, int(cores // max(1, processes)))
+
+
 def trainer_env(job: ResolvedJob) -> list[dict[str, Any]]:
     spec = job.spec
     env = {
@@ -130,6 +142,12 @@ def trainer_env(job: ResolvedJob) -> list[dict[str, Any]]:
         "MASTER_PORT": str(names.MASTER_PORT),
         "FINETUNE_METRICS_PORT": str(names.TRAINER_METRICS_PORT),
     }
+    threads = cpu_threads_per_process(spec.resources.limits.get("cpu") or spec.resources.requests.get("cpu"),
+                                      spec.distributed.processes_per_node)
+    if threads and "OMP_NUM_THREADS" not in spec.env:
+        # torch sizes its thread pools from the node's cores, not the pod's CPU limit: on a shared node that
+        # oversubscribes the cores and a descheduled thread stalls every step (measured 10x slower).
+        env["OMP_NUM_THREADS"] = str(threads)
     # The user's extra variables come first so ours (the contract with the trainer) cannot be overridden by accident.
     out = [{"name": k, "value": v} for k, v in sorted(spec.env.items()) if k not in env]
     out += [{"name": k, "value": v} for k, v in env.items()]

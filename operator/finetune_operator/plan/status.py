@@ -30,7 +30,7 @@ from .conditions import find, is_true, parse_time, rfc3339, set_condition
 
 OPERATOR_FIELDS = (
     "observedGeneration", "phase", "reason", "message", "conditions", "jobName", "startTime", "completionTime",
-    "stopRequestedTime", "stopReason", "stopEnforced", "epochsSaved", "specHash",
+    "stopRequestedTime", "stopReason", "stopEnforced", "stopEnforcedReason", "epochsSaved", "specHash",
 )
 # Job-level reasons the Job controller writes on its Failed condition, mapped to our constants.
 JOB_FAILURE_REASONS = {"BackoffLimitExceeded": Reason.BACKOFF_LIMIT, "DeadlineExceeded": Reason.DEADLINE}
@@ -283,7 +283,8 @@ def _finish_stopped(p: _Pass, spec: Any, status: dict[str, Any], enforced: bool)
     total, done = spec.hyperparameters.epochs, status.get("epoch")
     if isinstance(total, int) and isinstance(done, int):
         p.st["epochsSaved"] = max(0, total - done)
-    how = "the operator suspended the Job after the grace period" if enforced else "the trainer stopped gracefully"
+    how = (f"the operator suspended the Job: {p.st.get('stopEnforcedReason') or 'the trainer did not stop in time'}"
+           if enforced else "the trainer stopped gracefully")
     ran = f" after {done} of {total} epochs" if isinstance(done, int) else ""
     p.phase(Phase.SUCCEEDED, reason, f"{'stopped by the user' if reason == Reason.STOPPED_BY_USER else 'early stopped'}"
             f"{ran} ({how}){_best_words(status)}; the best epoch's model is the final model")
@@ -353,6 +354,7 @@ def _decide_stop(p: _Pass, spec: Any, pods: list[dict[str, Any]], status: dict[s
             p.st["stopEnforced"] = True
             words = ("no pod was running" if not_started
                      else f"the trainer did not stop within the grace period of {grace} s")
+            p.st["stopEnforcedReason"] = words
             p.events.append(Event("Warning" if _running_pods(pods) else "Normal", Reason.STOP_ENFORCED,
                                   f"suspending training Job {p.st['jobName']}: {words}"))
     return False
