@@ -1,100 +1,28 @@
-"""Fixtures for trainer tests: a tiny BERT and tokenizer built here (no downloads), tiny datasets,
-and a manifest builder."""
+"""Fixtures for trainer tests: the tiny models and data of tiny_models.py, built once per session."""
 
 from __future__ import annotations
 
-import copy
-import json
-import os
-import random
 from typing import Any
 
 import pytest
+from tiny_models import build_tiny_bert, build_tiny_gpt2, load_weights, make_manifest, write_tiny_data
 
-TOPICS = {
-    "sport": ["goal", "match", "team", "score", "coach", "league", "player", "win"],
-    "tech": ["chip", "software", "code", "robot", "data", "network", "cloud", "phone"],
-    "money": ["bank", "market", "price", "stock", "trade", "profit", "tax", "loan"],
-}
-COMMON = ["the", "a", "of", "and", "to", "in", "is", "was", "on", "for", "with", "new", "today", "report"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def _texts(n: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = list(TOPICS)[i % len(TOPICS)]
-        words = [rng.choice(TOPICS[label]) if rng.random() < 0.4 else rng.choice(COMMON) for _ in range(rng.randint(6, 14))]
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
+__all__ = ["load_weights", "make_manifest"]  # the tests import these from here
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    """A 2-layer, 32-wide BERT base model (no task head) with a word-level tokenizer."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny-bert")
-    vocab = SPECIAL + COMMON + [w for ws in TOPICS.values() for w in ws]
-    # transformers 5 ignores `vocab_file=` here (every word became [UNK]): pass the vocabulary itself.
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    assert len(tokenizer) == len(vocab) and tokenizer.unk_token_id not in tokenizer("the goal")["input_ids"]
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    model_dir = root / "model"
-    BertModel(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return str(model_dir)
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tiny_model_dir) -> str:
-    """A 2-layer, 32-wide GPT-2 (causal LM head, tied embeddings) with the tiny BERT word-level tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model_dir = tmp_path_factory.mktemp("tiny-gpt2") / "model"
-    GPT2LMHeadModel(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return str(model_dir)
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-data") / "train.jsonl"
-    with open(path, "w") as f:
-        for row in _texts(96, seed=1):
-            f.write(json.dumps(row) + "\n")
-    return str(path)
-
-
-def make_manifest(model_dir: str, data: str, name: str = "tiny", **spec_overrides: Any) -> dict[str, Any]:
-    """A FineTuneJob on the tiny model; `hyperparameters=...` etc. are merged into the spec."""
-    spec: dict[str, Any] = {
-        "model": {"name": model_dir},
-        "dataset": {"source": data, "maxLength": 32, "validationFraction": 0.25},
-        "preset": "fast",
-        "hyperparameters": {"epochs": 2, "batchSize": 8, "learningRate": 1e-3, "mixedPrecision": "no"},
-    }
-    for key, value in spec_overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
-            spec[key] = {**spec[key], **copy.deepcopy(value)}
-        else:
-            spec[key] = copy.deepcopy(value)
-    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+    return write_tiny_data(tmp_path_factory.mktemp("tiny-data") / "train.jsonl")
 
 
 @pytest.fixture
@@ -103,9 +31,3 @@ def manifest(tiny_model_dir, tiny_data):
         return make_manifest(tiny_model_dir, tiny_data, **overrides)
 
     return build
-
-
-def load_weights(output_dir: str) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(output_dir, "best", "model.safetensors"))

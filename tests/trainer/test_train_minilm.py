@@ -27,13 +27,17 @@ def bbc_manifest(name: str, task: str, train_samples: int = 480, **hyperparamete
 
 @pytest.mark.slow
 def test_minilm_bbc_classification_reaches_085_accuracy(tmp_path):
-    result = run(bbc_manifest("bbc-classify", "sequence-classification"), output_dir=str(tmp_path), progress=False)
+    # Two epochs: with the balanced preset's 10% warm-up and linear decay to zero, one epoch of 30 steps ends
+    # at 0.82 (train loss 1.55 of ln 5 = 1.61: still learning when the schedule reaches zero).
+    m = bbc_manifest("bbc-classify", "sequence-classification", epochs=2)
+    m["spec"]["earlyStopping"] = {"enabled": False}
+    result = run(m, output_dir=str(tmp_path), progress=False)
     assert result["outcome"] == "completed"
-    assert result["globalStep"] == 30
+    assert result["globalStep"] == 60
     # 5 balanced topics: chance is 0.2; the untuned head cannot do better than that.
     assert result["history"][-1]["val_accuracy"] >= 0.85
     assert (tmp_path / "best" / "model.safetensors").exists()
-    assert (tmp_path / "checkpoints" / "epoch-1" / "trainer_state.json").exists()
+    assert (tmp_path / "checkpoints" / "epoch-2" / "trainer_state.json").exists()
 
 
 @pytest.mark.slow

@@ -71,10 +71,11 @@ def torch_extensions_dir() -> str:
 def test_deepspeed_zero_stage_trains_on_two_cpu_processes_with_an_agreed_batch(stage, manifest, tmp_path, torch_extensions_dir):
     """ZeRO 1-3 through deepspeed.initialize on gloo; batchSize unset, and fault injection lets rank 0 fit
     16 examples but rank 1 only 8: both must train with 8 (the minimum), or the collectives would hang."""
-    hp = {key: value for key, value in HP.items() if key != "batchSize"}
-    m = manifest(hyperparameters={**hp, "epochs": 1}, distributed={"strategy": "deepspeed", "zeroStage": stage})
+    m = manifest(hyperparameters={**HP, "epochs": 1}, distributed={"strategy": "deepspeed", "zeroStage": stage})
+    m["spec"]["hyperparameters"].pop("batchSize")
     result = run(m, output_dir=str(tmp_path), processes=2, progress=False, env={"FINETUNE_FAULT_OOM_ABOVE": "16,8"})
     assert result["strategy"] == "deepspeed" and result["worldSize"] == 2 and result["outcome"] == "completed"
+    assert result["zeroStage"] == stage
     plan = result["batchPlan"]
     assert plan["automatic"] and plan["localFit"] == 16 and result["batchSize"] == 8  # rank 0's view, then the min
     assert result["globalStep"] == result["totalSteps"] == math.ceil(72 / 2 / 8)

@@ -69,6 +69,7 @@ class Runtime:
     world_size: int | None
     local_rank: int | None
     expected_world_size: int | None  # FINETUNE_WORLD_SIZE, set by our launcher for its workers
+    kubeconfig: str | None = None  # KUBECONFIG: credentials for status reports outside a cluster
     fault_oom_above: str | None = None  # FINETUNE_FAULT_OOM_ABOVE: batch probes above it fail as out of memory
 
     @classmethod
@@ -93,6 +94,7 @@ class Runtime:
             world_size=_int(env, "WORLD_SIZE"),
             local_rank=_int(env, "LOCAL_RANK"),
             expected_world_size=_int(env, "FINETUNE_WORLD_SIZE"),
+            kubeconfig=env.get("KUBECONFIG") or None,
             fault_oom_above=env.get("FINETUNE_FAULT_OOM_ABOVE") or None,
         )
 

@@ -152,6 +152,10 @@ class DeepSpeedEngine:
     def unwrapped(self) -> nn.Module:
         return self.model.module
 
+    def effective_zero_stage(self) -> int:
+        """The stage DeepSpeed itself runs (read back from the engine, not from our config)."""
+        return int(self.model.zero_optimization_stage())
+
     def param_checksum(self) -> float:
         """Sum of every parameter; under ZeRO-3 each rank holds a shard, so gather them first (every rank must call it)."""
         params = list(self.model.module.parameters())

@@ -28,18 +28,25 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _load_api() -> Any | None:
-    """A CustomObjectsApi from the in-cluster ServiceAccount, else $KUBECONFIG; None without credentials."""
+def _load_api(kubeconfig: str | None = None) -> Any | None:
+    """A CustomObjectsApi from the in-cluster ServiceAccount, else the kubeconfig; None without credentials.
+
+    The client gets its own Configuration (not the library-wide default) and `kubeconfig` is passed
+    explicitly: the library reads $KUBECONFIG once, at import, so a later change would go unnoticed.
+    """
     from kubernetes import client, config  # imported here: local runs without a cluster never need it
 
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         try:
-            config.load_kube_config()
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         except (config.ConfigException, FileNotFoundError, TypeError):
             return None
-    return client.CustomObjectsApi()
+    # One quick retry at most: a status patch is retried by the reporter's own backoff anyway.
+    configuration.retries = 1
+    return client.CustomObjectsApi(client.ApiClient(configuration))
 
 
 def stop_requested_in(obj: dict[str, Any]) -> str | None:
@@ -63,12 +70,13 @@ class StatusReporter:
         poll_seconds: float = 5.0,
         stop_file: str | None = None,
         api: Any | None = None,
+        kubeconfig: str | None = None,
     ):
         self.job = job
         self.namespace = namespace
         self.poll_seconds = max(0.05, poll_seconds)
         self.stop_file = stop_file
-        self._api = api if api is not None else (_load_api() if enabled else None)
+        self._api = api if api is not None else (_load_api(kubeconfig) if enabled else None)
         self._pending: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()

@@ -192,7 +192,8 @@ class Trainer:
             if self.rt.metrics_port is not None:
                 self.metrics.serve(self.rt.metrics_port)
             self.reporter = StatusReporter(self.job, self.namespace, enabled=self.rt.status_enabled,
-                                           poll_seconds=self.rt.stop_poll_seconds, stop_file=self.rt.stop_file).start()
+                                           poll_seconds=self.rt.stop_poll_seconds, stop_file=self.rt.stop_file,
+                                           kubeconfig=self.rt.kubeconfig).start()
             self.metrics.batch_size.set(plan.per_device)
             self.metrics.gradient_accumulation_steps.set(plan.accumulation)
         log.info(
@@ -410,7 +411,8 @@ class Trainer:
             "bestMetric": p.best_metric, "metric": es_metric, "mainMetric": MAIN_METRIC[self.task], "history": p.history,
             "batchSize": self.plan.per_device, "gradientAccumulationSteps": self.plan.accumulation, "batchPlan": self.plan.as_dict(),
             "globalStep": p.global_step, "totalSteps": self.total_steps, "worldSize": acc.num_processes,
-            "strategy": "deepspeed" if self.deepspeed else "ddp", "mixedPrecision": self.mixed_precision,
+            "strategy": "deepspeed" if self.deepspeed else "ddp",
+            "zeroStage": self.engine.effective_zero_stage() if self.deepspeed else None, "mixedPrecision": self.mixed_precision,
             "samplesPerSecond": self.samples_per_second, "resumedFrom": resumed, "rankSteps": rank_steps,
             "rankParamChecksums": checksums, "rankFirstGradNorms": grad_norms,
             "stopReason": getattr(self, "stop_reason", None), "modelPath": os.path.join(self.output_dir, "best"),

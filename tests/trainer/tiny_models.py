@@ -1,0 +1,99 @@
+"""Tiny offline models and data for trainer tests (plain functions, so e2e tests can build them too).
+
+A 2-layer, 32-wide BERT and GPT-2 with a word-level tokenizer, labelled texts on three topics, and a
+FineTuneJob manifest builder. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+TOPICS = {
+    "sport": ["goal", "match", "team", "score", "coach", "league", "player", "win"],
+    "tech": ["chip", "software", "code", "robot", "data", "network", "cloud", "phone"],
+    "money": ["bank", "market", "price", "stock", "trade", "profit", "tax", "loan"],
+}
+COMMON = ["the", "a", "of", "and", "to", "in", "is", "was", "on", "for", "with", "new", "today", "report"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def texts(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(TOPICS)[i % len(TOPICS)]
+        words = [rng.choice(TOPICS[label]) if rng.random() < 0.4 else rng.choice(COMMON) for _ in range(rng.randint(6, 14))]
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def build_tiny_bert(root: Path) -> str:
+    """A 2-layer, 32-wide BERT base model (no task head) with a word-level tokenizer, in root/model."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = SPECIAL + COMMON + [w for ws in TOPICS.values() for w in ws]
+    # transformers 5 ignores `vocab_file=` here (every word became [UNK]): pass the vocabulary itself.
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    assert len(tokenizer) == len(vocab) and tokenizer.unk_token_id not in tokenizer("the goal")["input_ids"]
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    )
+    torch.manual_seed(0)
+    model_dir = Path(root) / "model"
+    BertModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def build_tiny_gpt2(root: Path, tokenizer_dir: str) -> str:
+    """A 2-layer, 32-wide GPT-2 (causal LM head, tied embeddings) with the tiny BERT's word-level tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model_dir = Path(root) / "model"
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def write_tiny_data(path: Path, n: int = 96, seed: int = 1) -> str:
+    with open(path, "w") as f:
+        for row in texts(n, seed=seed):
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def make_manifest(model_dir: str, data: str, name: str = "tiny", **spec_overrides: Any) -> dict[str, Any]:
+    """A FineTuneJob on the tiny model; `hyperparameters=...` etc. are merged into the spec."""
+    spec: dict[str, Any] = {
+        "model": {"name": model_dir},
+        "dataset": {"source": data, "maxLength": 32, "validationFraction": 0.25},
+        "preset": "fast",
+        "hyperparameters": {"epochs": 2, "batchSize": 8, "learningRate": 1e-3, "mixedPrecision": "no"},
+    }
+    for key, value in spec_overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **copy.deepcopy(value)}
+        else:
+            spec[key] = copy.deepcopy(value)
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+def load_weights(output_dir: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(output_dir, "best", "model.safetensors"))
