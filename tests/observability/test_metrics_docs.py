@@ -53,8 +53,7 @@ def test_every_metric_is_documented_with_type_unit_and_help():
 @pytest.mark.prometheus
 def test_exposition_passes_promtool(tmp_path):
     promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus; scripts/setup.sh installs it)")
+    assert promtool, "promtool not installed (Debian package prometheus; scripts/setup.sh installs it)"
     from prometheus_client import CollectorRegistry, generate_latest
 
     from finetune_operator import metrics as op
