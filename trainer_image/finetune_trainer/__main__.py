@@ -8,9 +8,16 @@ environment, and each worker checks that the world it joined is the one the job 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 from .config import Runtime, TrainerConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def torchrun_command(rt: Runtime, nnodes: int, nproc: int) -> list[str]:
@@ -35,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         return worker.main()
     if world == 1:
         os.environ.update({"FINETUNE_WORLD_SIZE": "1", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
+        # A one-process group still rendezvouses with itself: outside a pod nothing set these.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         return worker.main()
     env = {**os.environ, "FINETUNE_WORLD_SIZE": str(world)}
     os.execve(sys.executable, torchrun_command(rt, nnodes, nproc), env)
