@@ -3,9 +3,39 @@ Prometheus renames a scraped `job` label to `exported_job` because it sets its o
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.registry import Collector
 
 LABELS = ("finetune_job", "namespace")
+
+
+class ScrapeClock(Collector):
+    """Remembers when the registry was collected, i.e. when Prometheus scraped us; exports nothing."""
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque(maxlen=8)
+
+    def collect(self):
+        self.times.append(time.monotonic())
+        return []
+
+    def wait_for_scrape_after(self, mark: float, max_seconds: float, poll: float = 0.1) -> bool:
+        """Block until a scrape after `mark`, if anyone scrapes us at all: without a scraper there is nothing
+        to wait for; with one, wait about two of its intervals (at most max_seconds)."""
+        if not self.times or max_seconds <= 0:
+            return False
+        gaps = [b - a for a, b in zip(self.times, list(self.times)[1:], strict=False)]
+        budget = min(max_seconds, 2 * statistics.median(gaps) + 1) if gaps else max_seconds
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline:
+            if self.times and self.times[-1] > mark:
+                return True
+            time.sleep(poll)
+        return False
 
 
 class TrainerMetrics:
@@ -17,6 +47,9 @@ class TrainerMetrics:
             return Gauge(name, doc, (*LABELS, *extra), registry=r)
 
         self._labels = {"finetune_job": job, "namespace": namespace}
+        self.scrapes = ScrapeClock()
+        r.register(self.scrapes)
+        self.scrapes.times.clear()  # register() collected once to learn the names
         self.epoch = gauge("finetune_trainer_epoch", "Epochs completed.").labels(**self._labels)
         self.step = gauge("finetune_trainer_step", "Optimizer steps completed.").labels(**self._labels)
         self.train_loss = gauge("finetune_train_loss", "Mean training loss of the last epoch (running mean during it).").labels(**self._labels)
@@ -38,3 +71,12 @@ class TrainerMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
+        self.served = True
+
+    served = False
+
+    def linger(self, max_seconds: float) -> bool:
+        """Keep serving until Prometheus has scraped the final values (the process is about to exit, and
+        a pod that is gone cannot be scraped: without this the last epoch and the early-stop counter are
+        usually lost)."""
+        return self.served and self.scrapes.wait_for_scrape_after(time.monotonic(), max_seconds)

@@ -442,8 +442,12 @@ def main() -> int:
     rt = Runtime.from_env()
     cfg = TrainerConfig.load(rt.config_path)
     progress = os.environ.get("FINETUNE_PROGRESS", "0") == "1"
+    trainer = None
     try:
-        result = train(cfg, rt, progress=progress)
+        trainer = Trainer(cfg, rt, progress=progress)
+        result = trainer.run()
+        if result["outcome"] != "preempted" and getattr(trainer, "metrics", None) is not None:
+            trainer.metrics.linger(float(os.environ.get("FINETUNE_METRICS_LINGER_SECONDS") or 60))
     except WorldMismatch as err:
         print(json.dumps({"level": "error", "message": str(err)}), file=sys.stderr)
         return 2

@@ -1,0 +1,55 @@
+"""The trainer keeps its metrics up until Prometheus has scraped the final values, and only if someone scrapes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+from finetune_trainer.metrics import TrainerMetrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def test_nobody_scraping_means_no_wait():
+    m = TrainerMetrics("j", "ns")
+    m.serve(_free_port(), addr="127.0.0.1")
+    start = time.monotonic()
+    assert m.linger(30) is False and time.monotonic() - start < 1
+
+
+def test_waits_for_the_next_scrape_then_returns():
+    m = TrainerMetrics("j", "ns")
+    port = _free_port()
+    m.serve(port, addr="127.0.0.1")
+    for _ in range(3):  # a scraper every 0.3 s
+        _scrape(port)
+        time.sleep(0.3)
+    m.epoch.set(7)  # the final value, set just before the process would exit
+    seen: list[str] = []
+    scraper = threading.Timer(0.3, lambda: seen.append(_scrape(port)))
+    scraper.start()
+    assert m.linger(30) is True
+    assert 'finetune_trainer_epoch{finetune_job="j",namespace="ns"} 7.0' in seen[0]
+
+
+def test_a_scraper_that_went_away_bounds_the_wait():
+    m = TrainerMetrics("j", "ns")
+    port = _free_port()
+    m.serve(port, addr="127.0.0.1")
+    _scrape(port)
+    time.sleep(0.2)
+    _scrape(port)
+    start = time.monotonic()
+    assert m.linger(30) is False
+    assert time.monotonic() - start < 5  # about two scrape intervals, not the 30 s maximum
