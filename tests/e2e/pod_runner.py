@@ -508,8 +508,8 @@ class PodRunner:
             status["message"] = message
         logger.info("pod finished job=%s/%s pod=%s phase=%s exitCode=%s reason=%s", pod.namespace, pod.job,
                     pod.name, pod.phase, code, pod.reason)
-        if not pod.gone:
-            await self._patch_pod_status(pod, status)
+        # Count the pod before the first await: a reconcile running during the status write must not see it
+        # neither live nor counted (it would start an extra pod for a completion that is already done).
         # Job accounting: a success completes its index; a failure counts towards backoffLimit unless the
         # runner itself stopped the pod (suspend, job finished or deleted).
         # (A pod the runner stopped for a suspend exits however it likes, often 0 after a checkpoint: it
@@ -523,6 +523,8 @@ class PodRunner:
         else:
             run.failed += 1
             run.next_create_at = asyncio.get_running_loop().time() + self.backoff_seconds
+        if not pod.gone:
+            await self._patch_pod_status(pod, status)
         if pod.deleting and not pod.gone:
             await self._delete_pod_object(pod)
         if pod.scratch:
