@@ -23,6 +23,9 @@ class ScrapeClock(Collector):
         self.times.append(time.monotonic())
         return []
 
+    def describe(self):
+        return []  # no metric families of its own (also keeps register() from collecting)
+
     def wait_for_scrape_after(self, mark: float, max_seconds: float, poll: float = 0.1) -> bool:
         """Block until a scrape after `mark`, if anyone scrapes us at all: without a scraper there is nothing
         to wait for; with one, wait about two of its intervals (at most max_seconds)."""
@@ -49,7 +52,6 @@ class TrainerMetrics:
         self._labels = {"finetune_job": job, "namespace": namespace}
         self.scrapes = ScrapeClock()
         r.register(self.scrapes)
-        self.scrapes.times.clear()  # register() collected once to learn the names
         self.epoch = gauge("finetune_trainer_epoch", "Epochs completed.").labels(**self._labels)
         self.step = gauge("finetune_trainer_step", "Optimizer steps completed.").labels(**self._labels)
         self.train_loss = gauge("finetune_train_loss", "Mean training loss of the last epoch (running mean during it).").labels(**self._labels)
