@@ -99,8 +99,9 @@ def tiny_job(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(root / "model")
     rng = random.Random(1)
     with open(root / "train.jsonl", "w") as f:
-        # enough rows that an epoch spans several scrapes, so Prometheus sees the epoch gauge advance
-        for i in range(1200):
+        # enough rows that an epoch spans several scrapes even on a fast, idle machine (1200 was not: a CI run
+        # finished all three epochs before the first scrape), so Prometheus sees the epoch gauge advance
+        for i in range(6000):
             label = list(WORDS)[i % 3]
             words = [rng.choice(WORDS[label]) if rng.random() < 0.4 else rng.choice(COMMON) for _ in range(rng.randint(6, 14))]
             f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
