@@ -51,5 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
+def cli() -> None:
+    """The console script: exits like a torchrun worker does (see worker.exit_process)."""
+    from .worker import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
