@@ -147,27 +147,43 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "skipped when FTJ_E2E_POD_RUNNER is off")
 
 
-def pod_runner_enabled(kube: KubeTarget) -> bool:
+def pod_runner_enabled(kube: KubeTarget | None = None) -> bool:
     """FTJ_E2E_POD_RUNNER: `on`/`off`, or `auto` (default): on for the emulation, off for a real cluster."""
     mode = os.environ.get("FTJ_E2E_POD_RUNNER", "auto").strip().lower() or "auto"
     if mode not in POD_RUNNER_MODES:
         raise pytest.UsageError(f"FTJ_E2E_POD_RUNNER={mode!r}: expected one of {', '.join(POD_RUNNER_MODES)}")
-    return kube.emulated if mode == "auto" else mode == "on"
+    emulated = kube.emulated if kube is not None else not os.environ.get("FTJ_E2E_KUBECONFIG")
+    return emulated if mode == "auto" else mode == "on"
 
 
 def trainer_image() -> str:
     return os.environ.get("FTJ_E2E_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE
 
 
-def _local_only_reason(request: pytest.FixtureRequest) -> str | None:
-    marker = request.node.get_closest_marker("local_pods")
+def _local_only_reason(node: pytest.Item) -> str | None:
+    marker = node.get_closest_marker("local_pods")
     if marker is not None:
         return str(marker.kwargs.get("reason") or (marker.args[0] if marker.args else "marked local_pods"))
     for fixture, reason in LOCAL_ONLY_FIXTURES.items():
-        if fixture in request.fixturenames:
+        if fixture in getattr(node, "fixturenames", ()):
             return reason
-    module = getattr(request.node, "module", None)
+    module = getattr(node, "module", None)
     return LOCAL_ONLY_MODULES.get((getattr(module, "__name__", "") or "").rsplit(".", 1)[-1])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With the cluster running pods itself, tests that need local processes (or an image to run) are skipped
+    at collection, each with its reason in the report."""
+    if pod_runner_enabled():
+        return
+    for item in items:
+        if "pod_runner" not in getattr(item, "fixturenames", ()):
+            continue
+        reason = _local_only_reason(item)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"needs the local pod runner ({reason}); FTJ_E2E_POD_RUNNER is off"))
+        elif not os.environ.get("FTJ_E2E_TRAINER_IMAGE"):
+            item.add_marker(pytest.mark.skip(reason="pods run on the cluster: set FTJ_E2E_TRAINER_IMAGE to a trainer image its nodes can pull"))
 
 
 class ClusterPods:
@@ -211,12 +227,7 @@ class ClusterPods:
 def pod_runner(kube: KubeTarget, api: ApiClients, namespace: str, tmp_path: Path,
                request: pytest.FixtureRequest) -> Iterator[PodRunner | ClusterPods]:
     """The local pod runner for the test's namespace, or (runner off) a read-only view of the cluster's pods."""
-    if not pod_runner_enabled(kube):
-        reason = _local_only_reason(request)
-        if reason:
-            pytest.skip(f"needs the local pod runner ({reason}); FTJ_E2E_POD_RUNNER is off for this cluster")
-        if not os.environ.get("FTJ_E2E_TRAINER_IMAGE"):
-            pytest.skip("pods run on the cluster: set FTJ_E2E_TRAINER_IMAGE to a trainer image its nodes can pull")
+    if not pod_runner_enabled(kube):  # tests that cannot run this way were skipped at collection
         view = ClusterPods(api, namespace)
         request.node._e2e_pod_runner = view
         yield view

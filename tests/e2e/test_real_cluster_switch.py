@@ -3,6 +3,7 @@ when the cluster runs them itself."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,38 @@ def test_cluster_pods_view_describes_pods_without_logs(api, namespace):
     assert view.pod_names("demo-train") == ["trainer-0"] and view.pod_names("other") == []
     text = view.describe()
     assert "--- trainer-0 phase=Failed trainer=terminated:OOMKilled exit=137" in text
+
+
+class _Item:
+    """Just enough of a pytest item for the collection hook."""
+
+    def __init__(self, fixtures, module="test_x", marker=None):
+        self.fixturenames, self.markers = list(fixtures), []
+        self.module = types.SimpleNamespace(__name__=f"tests.e2e.{module}")
+        self._marker = marker
+
+    def get_closest_marker(self, name):
+        return self._marker if name == "local_pods" else None
+
+    def add_marker(self, marker):
+        self.markers.append(marker)
+
+
+def test_tests_needing_local_pods_are_skipped_at_collection_on_a_real_cluster(monkeypatch):
+    from .conftest import pytest_collection_modifyitems
+
+    local = _Item(["pod_runner"], module="test_pod_runner")
+    cluster = _Item(["pod_runner", "namespace"])
+    no_pods = _Item(["namespace"])
+    monkeypatch.setenv("FTJ_E2E_POD_RUNNER", "off")
+    monkeypatch.delenv("FTJ_E2E_TRAINER_IMAGE", raising=False)
+    pytest_collection_modifyitems(None, [local, cluster, no_pods])
+    assert "local pod runner" in local.markers[0].kwargs["reason"]
+    assert "FTJ_E2E_TRAINER_IMAGE" in cluster.markers[0].kwargs["reason"] and no_pods.markers == []
+    cluster.markers.clear()
+    monkeypatch.setenv("FTJ_E2E_TRAINER_IMAGE", "registry.example/finetune-trainer:1")
+    pytest_collection_modifyitems(None, [cluster])
+    assert cluster.markers == []  # runs against the cluster's own pods
+    monkeypatch.setenv("FTJ_E2E_POD_RUNNER", "on")
+    pytest_collection_modifyitems(None, [local])
+    assert len(local.markers) == 1  # unchanged: with the runner on nothing is skipped
