@@ -134,7 +134,6 @@ def namespace(api: ApiClients) -> Iterator[str]:
 
 
 POD_RUNNER_MODES = ("auto", "on", "off")
-DEFAULT_TRAINER_IMAGE = "finetune-trainer:e2e"  # never pulled when the pod runner runs pods as local processes
 # Fixtures that only make sense when pods are local processes: the stand-in trainer is a script in the
 # test's temp dir put first on the pod's PATH.
 LOCAL_ONLY_FIXTURES = {"fake_trainer_env": "runs the stand-in trainer, a local script, as the pod's command"}
@@ -154,10 +153,6 @@ def pod_runner_enabled(kube: KubeTarget | None = None) -> bool:
         raise pytest.UsageError(f"FTJ_E2E_POD_RUNNER={mode!r}: expected one of {', '.join(POD_RUNNER_MODES)}")
     emulated = kube.emulated if kube is not None else not os.environ.get("FTJ_E2E_KUBECONFIG")
     return emulated if mode == "auto" else mode == "on"
-
-
-def trainer_image() -> str:
-    return os.environ.get("FTJ_E2E_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE
 
 
 def _local_only_reason(node: pytest.Item) -> str | None:
@@ -247,19 +242,6 @@ def pod_runner(kube: KubeTarget, api: ApiClients, namespace: str, tmp_path: Path
             yield runner
         finally:
             runner.stop()
-
-
-@pytest.fixture
-def operator(kube: KubeTarget, tmp_path: Path) -> Iterator[Any]:
-    """operator_fixture's `operator`, with the trainer image a real cluster should run (FTJ_E2E_TRAINER_IMAGE)."""
-    from .operator_fixture import OperatorProcess
-
-    proc = OperatorProcess(kube.kubeconfig, tmp_path / "operator", FTO_TRAINER_IMAGE=trainer_image())
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -27,6 +27,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DEFAULT_TRAINER_IMAGE = "finetune-trainer:e2e"  # never pulled when the pod runner runs pods as local processes
+
+
+def trainer_image() -> str:
+    """The image a real cluster's pods should run (FTJ_E2E_TRAINER_IMAGE); the emulation never pulls it."""
+    return os.environ.get("FTJ_E2E_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE
+
+
 class OperatorProcess:
     def __init__(self, kubeconfig: Path, workdir: Path, **env: str):
         self.kubeconfig, self.workdir = Path(kubeconfig), Path(workdir)
@@ -36,7 +44,7 @@ class OperatorProcess:
             "FTO_HEALTH_PORT": str(self.health_port),
             "FTO_RESYNC_SECONDS": "0.5",  # grace periods and the watchdog are seconds long in these tests
             "FTO_LOG_FORMAT": "json",
-            "FTO_TRAINER_IMAGE": "finetune-trainer:e2e",
+            "FTO_TRAINER_IMAGE": trainer_image(),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

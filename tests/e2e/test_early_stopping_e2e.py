@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 import pytest
+from trainer.tiny_models import COMMON, SPECIAL, TOPICS
 
 from .operator_helpers import condition, create, events_for, kube_client, status
 
@@ -33,13 +34,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow,
 CONFIGURED_EPOCHS = 200
 PATIENCE = 2
 CLAIM = "tiny-output"
-TOPICS = {
-    "sport": ["goal", "match", "team", "score", "coach", "league", "player", "win"],
-    "tech": ["chip", "software", "code", "robot", "data", "network", "cloud", "phone"],
-    "money": ["bank", "market", "price", "stock", "trade", "profit", "tax", "loan"],
-}
-COMMON = ["the", "a", "of", "and", "to", "in", "is", "was", "on", "for", "with", "new", "today", "report"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VAL_BATCH = 32  # the trainer's validation batch: max(batch size, 32); 96 rows = 3 equal batches
 
 

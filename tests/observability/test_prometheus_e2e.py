@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 # The e2e fixtures: API emulation (or FTJ_E2E_KUBECONFIG's cluster), namespaces, pod runner; imported, not copied.
 from e2e.conftest import api, kube, namespace, pod_runner, wait_for  # noqa: F401
 from e2e.operator_helpers import condition, create, ftj, kube_client, status
+from trainer.tiny_models import build_tiny_bert, write_tiny_data
 
 from finetune_operator.api import validate_manifest
 
@@ -74,37 +74,14 @@ def value(prom: Prometheus, promql: str) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # (a) the trainer
 
-WORDS = {
-    "sport": ["goal", "match", "team", "score", "coach", "league", "player", "win"],
-    "tech": ["chip", "software", "code", "robot", "data", "network", "cloud", "phone"],
-    "money": ["bank", "market", "price", "stock", "trade", "profit", "tax", "loan"],
-}
-COMMON = ["the", "a", "of", "and", "to", "in", "is", "was", "on", "for", "with", "new", "today", "report"]
-
-
 @pytest.fixture(scope="module")
 def tiny_job(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT with a word-level tokenizer and a 3-topic dataset, built offline."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
+    """A 2-layer, 32-wide BERT with a word-level tokenizer (root/model) and a 3-topic dataset, built offline."""
     root = tmp_path_factory.mktemp("tiny")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *COMMON, *(w for ws in WORDS.values() for w in ws)]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    rng = random.Random(1)
-    with open(root / "train.jsonl", "w") as f:
-        # enough rows that an epoch spans several scrapes even on a fast, idle machine (1200 was not: a CI run
-        # finished all three epochs before the first scrape), so Prometheus sees the epoch gauge advance
-        for i in range(6000):
-            label = list(WORDS)[i % 3]
-            words = [rng.choice(WORDS[label]) if rng.random() < 0.4 else rng.choice(COMMON) for _ in range(rng.randint(6, 14))]
-            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    build_tiny_bert(root)
+    # Enough rows that an epoch spans several scrapes even on a fast, idle machine (1200 was not: a CI run
+    # finished all three epochs before the first scrape), so Prometheus sees the epoch gauge advance.
+    write_tiny_data(root / "train.jsonl", n=6000, seed=1)
     return root
 
 
