@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_operator.api import FineTuneJobSpec
+from finetune_contract.spec import FineTuneJobSpec
 
 DEFAULT_CONFIG_PATH = "/etc/finetune/config.json"
 MODEL_PVC_MOUNT = "/models"

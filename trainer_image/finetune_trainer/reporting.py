@@ -15,8 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_operator.api import GROUP, PLURAL, VERSION
-from finetune_operator.api.constants import Annotation
+from finetune_contract.constants import GROUP, PLURAL, VERSION, Annotation
 
 log = logging.getLogger("finetune_trainer")
 

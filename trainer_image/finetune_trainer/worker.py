@@ -18,7 +18,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from finetune_operator.policy.early_stopping import Settings, decide, metric_value
+from finetune_contract.early_stopping import Settings, decide, metric_value
 
 from . import checkpoints as ckpt
 from .batching import fault_oom_limit, make_probe, plan_batch

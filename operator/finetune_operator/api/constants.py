@@ -1,84 +1,10 @@
-"""Names of the FineTuneJob API that every layer shares (one place, so nothing drifts)."""
+"""Re-export of `finetune_contract.constants`: the operator and the trainer share one definition (the contract).
 
-GROUP = "finetune.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "FineTuneJob"
-PLURAL = "finetunejobs"
-SINGULAR = "finetunejob"
-SHORT_NAMES = ["ftj"]
-CATEGORIES = ["finetune"]
-CRD_NAME = f"{PLURAL}.{GROUP}"
+The module object itself is aliased, not copied, so `finetune_operator.api.constants is finetune_contract.constants`.
+"""
 
-# Children get "<job>-<suffix>" names; a DNS label is 63 chars and pod hostnames add "-<index>-<hash>".
-MAX_JOB_NAME_LENGTH = 50
+import sys
 
-FIELD_MANAGER = "finetune-operator"
+import finetune_contract.constants as _contract
 
-
-class Phase:
-    PENDING = "Pending"
-    RUNNING = "Running"
-    SUSPENDED = "Suspended"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-
-    TERMINAL = frozenset({"Succeeded", "Failed"})
-    ALL = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
-
-
-class Condition:
-    """Condition types (the `type` field of status.conditions)."""
-
-    VALID = "Valid"
-    READY = "Ready"  # children exist and match the spec
-    RUNNING = "Running"
-    SUSPENDED = "Suspended"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    EARLY_STOP_REQUESTED = "EarlyStopRequested"
-    SPEC_CHANGE_REFUSED = "SpecChangeRefused"
-    STALLED = "Stalled"
-
-
-class Reason:
-    """CamelCase reasons for conditions and Events."""
-
-    VALID = "SpecValid"
-    INVALID_SPEC = "InvalidSpec"
-    CREATED = "ChildrenCreated"
-    JOB_PENDING = "PodsPending"
-    JOB_RUNNING = "PodsRunning"
-    JOB_SUSPENDED = "JobSuspended"
-    JOB_RESUMED = "JobResumed"
-    COMPLETED = "TrainingCompleted"
-    EARLY_STOPPED = "EarlyStopped"
-    STOPPED_BY_USER = "StoppedByUser"
-    STOP_ENFORCED = "StopEnforced"
-    PATIENCE_EXHAUSTED = "PatienceExhausted"
-    USER_REQUESTED = "UserRequested"
-    NAN_LOSS = "LossIsNaN"
-    METRIC_MISSING = "MetricMissing"
-    STALLED = "Stalled"
-    OOM_KILLED = "OOMKilled"
-    IMAGE_PULL = "ImagePullBackOff"
-    BACKOFF_LIMIT = "BackoffLimitExceeded"
-    DEADLINE = "DeadlineExceeded"
-    POD_FAILED = "PodFailed"
-    JOB_DELETED = "JobDeleted"
-    IMMUTABLE_FIELD = "ImmutableFieldChanged"
-    NO_CHANGE_REFUSED = "NoRefusedChange"
-
-
-class Label:
-    NAME = "app.kubernetes.io/name"
-    INSTANCE = "app.kubernetes.io/instance"
-    COMPONENT = "app.kubernetes.io/component"
-    PART_OF = "app.kubernetes.io/part-of"
-    MANAGED_BY = "app.kubernetes.io/managed-by"
-    JOB_NAME = f"{GROUP}/job-name"
-
-
-class Annotation:
-    CONFIG_HASH = f"{GROUP}/config-hash"
-    STOP = f"{GROUP}/stop"  # alternative to spec.stop for tools that must not touch the spec
+sys.modules[__name__] = _contract

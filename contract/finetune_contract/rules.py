@@ -1,0 +1,204 @@
+"""Cross-field rules, each written once as a CEL rule (for the CRD, enforced at `kubectl apply`)
+and as the same predicate in Python (for the operator and `finetune run`, which also see
+manifests that never went through an API server). A test evaluates both forms on the
+same manifests and fails when they disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+CLASSIFICATION_METRICS = ["val_loss", "val_accuracy", "val_f1", "train_loss"]
+CAUSAL_LM_METRICS = ["val_loss", "val_perplexity", "train_loss"]
+EMBEDDING_METRICS = ["val_loss", "val_recall_at_1", "train_loss"]
+MAX_METRICS = ["val_accuracy", "val_f1", "val_recall_at_1"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    owner: str  # the API type (class name) the rule is attached to
+    cel: str
+    message: str  # says what is wrong and how to fix it
+    field: str  # JSON path of the offending field, relative to the owner (`.a.b`)
+    ok: Callable[[Any], bool]
+
+    def crd(self) -> dict[str, str]:
+        return {"rule": self.cel, "message": self.message, "fieldPath": self.field}
+
+
+def _set(x: Any) -> bool:
+    return x is not None
+
+
+def _loss(spec: Any) -> str | None:
+    loss = spec.hyperparameters.loss
+    return loss.name if loss is not None else None
+
+
+def _metrics_for(task: str) -> list[str]:
+    return {"sequence-classification": CLASSIFICATION_METRICS, "causal-lm": CAUSAL_LM_METRICS}.get(task, EMBEDDING_METRICS)
+
+
+RULES: list[Rule] = [
+    Rule(
+        "SchedulerSpec",
+        "!(has(self.warmupRatio) && has(self.warmupSteps))",
+        "set warmupRatio or warmupSteps, not both",
+        ".warmupSteps",
+        lambda s: not (_set(s.warmup_ratio) and _set(s.warmup_steps)),
+    ),
+    Rule(
+        "OptimizerSpec",
+        "!has(self.momentum) || (has(self.name) && self.name == 'sgd')",
+        "momentum applies only to optimizer sgd: remove it or set name: sgd",
+        ".momentum",
+        lambda o: not _set(o.momentum) or o.name == "sgd",
+    ),
+    Rule(
+        "OptimizerSpec",
+        "!has(self.nesterov) || (has(self.name) && self.name == 'sgd')",
+        "nesterov applies only to optimizer sgd: remove it or set name: sgd",
+        ".nesterov",
+        lambda o: not _set(o.nesterov) or o.name == "sgd",
+    ),
+    Rule(
+        "OptimizerSpec",
+        "!(has(self.nesterov) && self.nesterov && has(self.momentum) && self.momentum == 0.0)",
+        "nesterov needs momentum > 0: raise momentum or set nesterov: false",
+        ".nesterov",
+        lambda o: not (o.nesterov and _set(o.momentum) and o.momentum == 0.0),
+    ),
+    Rule(
+        "OptimizerSpec",
+        "!(has(self.betas) || has(self.eps)) || !has(self.name) || self.name != 'sgd'",
+        "betas and eps apply only to adam/adamw: remove them for sgd",
+        ".betas",
+        lambda o: not (_set(o.betas) or _set(o.eps)) or o.name != "sgd",
+    ),
+    Rule(
+        "LossSpec",
+        "!(has(self.focalAlpha) || has(self.focalGamma)) || (has(self.name) && self.name == 'focal')",
+        "focalAlpha and focalGamma apply only to loss focal: remove them or set name: focal",
+        ".focalGamma",
+        lambda s: not (_set(s.focal_alpha) or _set(s.focal_gamma)) or s.name == "focal",
+    ),
+    Rule(
+        "LossSpec",
+        "!(has(self.margin) || has(self.miner)) || (has(self.name) && self.name == 'triplet')",
+        "margin and miner apply only to loss triplet: remove them or set name: triplet",
+        ".margin",
+        lambda s: not (_set(s.margin) or _set(s.miner)) or s.name == "triplet",
+    ),
+    Rule(
+        "LoraSpec",
+        "!self.enabled || self.rank > 0",
+        "rank must be > 0 when LoRA is enabled (typical: 8 or 16)",
+        ".rank",
+        lambda lo: not lo.enabled or lo.rank > 0,
+    ),
+    Rule(
+        "DistributedSpec",
+        "!has(self.zeroStage) || self.strategy == 'deepspeed'",
+        "zeroStage applies only to strategy: deepspeed; remove it or set strategy: deepspeed",
+        ".zeroStage",
+        lambda d: not _set(d.zero_stage) or d.strategy == "deepspeed",
+    ),
+    Rule(
+        "DatasetSpec",
+        "!(has(self.validationSource) && has(self.validationFraction))",
+        "set validationSource or validationFraction, not both",
+        ".validationFraction",
+        lambda d: not (_set(d.validation_source) and _set(d.validation_fraction)),
+    ),
+    Rule(
+        "EarlyStoppingSpec",
+        "self.mode == 'auto' || (self.metric in " + repr(MAX_METRICS) + ") == (self.mode == 'max')",
+        "mode contradicts the metric: use max for accuracy/f1/recall, min for losses and perplexity, or auto",
+        ".mode",
+        lambda e: e.mode == "auto" or (e.metric in MAX_METRICS) == (e.mode == "max"),
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.hyperparameters) || !has(self.hyperparameters.loss) || !has(self.hyperparameters.loss.name)"
+        " || (self.task == 'embedding') == (self.hyperparameters.loss.name in ['contrastive', 'triplet'])",
+        "loss does not fit the task: embedding takes contrastive or triplet; "
+        "sequence-classification and causal-lm take cross-entropy or focal",
+        ".hyperparameters.loss.name",
+        lambda s: _loss(s) is None or (s.task == "embedding") == (_loss(s) in ("contrastive", "triplet")),
+    ),
+    Rule(
+        # On the spec, not LossSpec: without a loss name the task decides (embedding's default is contrastive).
+        "FineTuneJobSpec",
+        "!has(self.hyperparameters) || !has(self.hyperparameters.loss) || !has(self.hyperparameters.loss.temperature)"
+        " || (has(self.hyperparameters.loss.name) ? self.hyperparameters.loss.name == 'contrastive' : self.task == 'embedding')",
+        "temperature applies only to loss contrastive (the default for task embedding): remove it or set name: contrastive",
+        ".hyperparameters.loss.temperature",
+        lambda s: s.hyperparameters.loss is None
+        or not _set(s.hyperparameters.loss.temperature)
+        or (s.hyperparameters.loss.name == "contrastive" if s.hyperparameters.loss.name else s.task == "embedding"),
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.hyperparameters) || !has(self.hyperparameters.mixupAlpha) || self.hyperparameters.mixupAlpha == 0.0"
+        " || self.task == 'sequence-classification'",
+        "mixupAlpha applies only to task sequence-classification: remove it or set 0",
+        ".hyperparameters.mixupAlpha",
+        lambda s: not s.hyperparameters.mixup_alpha or s.task == "sequence-classification",
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.hyperparameters) || !has(self.hyperparameters.labelSmoothing) || self.hyperparameters.labelSmoothing == 0.0"
+        " || self.task != 'embedding'",
+        "labelSmoothing does not apply to task embedding: remove it",
+        ".hyperparameters.labelSmoothing",
+        lambda s: not s.hyperparameters.label_smoothing or s.task != "embedding",
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.earlyStopping) || (self.task == 'sequence-classification' ? self.earlyStopping.metric in "
+        + repr(CLASSIFICATION_METRICS)
+        + " : self.task == 'causal-lm' ? self.earlyStopping.metric in "
+        + repr(CAUSAL_LM_METRICS)
+        + " : self.earlyStopping.metric in "
+        + repr(EMBEDDING_METRICS)
+        + ")",
+        "earlyStopping.metric is not reported for this task: sequence-classification reports val_loss, val_accuracy, "
+        "val_f1; causal-lm val_loss, val_perplexity; embedding val_loss, val_recall_at_1 (all: train_loss)",
+        ".earlyStopping.metric",
+        lambda s: s.early_stopping.metric in _metrics_for(s.task),
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.dataset.textPairField) || self.task == 'embedding'",
+        "dataset.textPairField applies only to task embedding: remove it",
+        ".dataset.textPairField",
+        lambda s: s.dataset.text_pair_field is None or s.task == "embedding",
+    ),
+]
+
+# Job names become Service names and pod hostnames, so they must be RFC 1035 labels (a Service
+# name must start with a letter), at most 50 characters because children append suffixes.
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_MAX_LENGTH = 50
+
+# Rules on the whole object (metadata is only reachable from the root; the API server lets CEL
+# see metadata.name and metadata.generateName only).
+ROOT_RULES: list[dict[str, str]] = [
+    {
+        "rule": f"self.metadata.name.size() <= {NAME_MAX_LENGTH}",
+        "message": f"metadata.name must be at most {NAME_MAX_LENGTH} characters (children add suffixes to it)",
+        "fieldPath": ".metadata.name",
+    },
+    {
+        "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "message": "metadata.name must start with a lowercase letter and contain only lowercase letters, digits and '-' "
+        "(it names the job's Service and pods), e.g. bbc-news-classifier",
+        "fieldPath": ".metadata.name",
+    },
+]
+
+
+def cel_rules_for(owner: str) -> list[Rule]:
+    return [r for r in RULES if r.owner == owner]

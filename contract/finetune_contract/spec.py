@@ -1,0 +1,382 @@
+"""The FineTuneJob spec: the one definition the CRD, docs, operator and trainer are built from.
+
+Hyperparameters have no defaults here on purpose: an unset field is filled by the preset
+(see presets.py), and an explicit value always wins. A CRD default would make "unset" and
+"explicitly set to the default" indistinguishable, so the CRD carries none for them.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+
+from .rules import cel_rules_for
+
+# Bounded strings and lists keep the CRD's CEL cost estimate under the API server's budget.
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+Path = Annotated[str, Field(min_length=1, max_length=1024)]
+ShortStr = Annotated[str, Field(max_length=253)]
+# PyYAML reads YAML 1.1, where `5e-5` (no dot) and `1.0e5` (no exponent sign) are strings, while
+# kubectl's parser reads them as numbers. Number fields accept exactly those spellings so a manifest
+# that kubectl applies also passes `finetune run`; any other string in a number field is an error.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _takes_float(annotation: Any) -> bool:
+    if annotation is float:
+        return True
+    return any(_takes_float(a) for a in get_args(annotation))
+
+
+
+
+def _int_or_string(value: Any) -> int | str:
+    # One validator instead of pydantic's `int | str` union, whose errors carry the member names
+    # (`requests.cpu.int`, `requests.cpu.str`) instead of the field's path.
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be an integer or a quantity string such as 500m, 2 or 4Gi")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    PlainValidator(_int_or_string),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
+]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+        # The API server does not coerce: "3" is not an integer and "true" not a boolean. Strict
+        # validation keeps `finetune run` and the operator rejecting what `kubectl apply` rejects.
+        # Enum fields opt out (strict=False) because strict enums refuse their own string values.
+        strict=True,
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml11_numbers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fixed = dict(data)
+        for name, field in cls.model_fields.items():
+            key = field.alias if field.alias in data else name
+            value = data.get(key)
+            if not _takes_float(field.annotation):
+                continue
+            if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+                fixed[key] = float(value)
+            elif isinstance(value, list):
+                fixed[key] = [float(v) if isinstance(v, str) and _EXPONENT_NUMBER.fullmatch(v.strip()) else v for v in value]
+        return fixed
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):  # noqa: D105
+        schema = handler(core_schema)
+        schema = handler.resolve_ref_schema(schema)
+        for name, field in cls.model_fields.items():
+            factory = field.default_factory
+            if isinstance(factory, type) and issubclass(factory, BaseModel):
+                # `default: {}` lets the API server apply the nested defaults when the object is omitted.
+                schema["properties"][field.alias or name]["default"] = {}
+        rules = cel_rules_for(cls.__name__)
+        if rules:
+            schema["x-kubernetes-validations"] = [r.crd() for r in rules]
+        return schema
+
+
+class Task(StrEnum):
+    SEQUENCE_CLASSIFICATION = "sequence-classification"
+    CAUSAL_LM = "causal-lm"
+    EMBEDDING = "embedding"
+
+
+class Preset(StrEnum):
+    FAST = "fast"
+    BALANCED = "balanced"
+    MAX_ACCURACY = "max-accuracy"
+
+
+class DataFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    JSONL = "jsonl"
+    CSV = "csv"
+    TEXT_FOLDERS = "text-folders"
+
+
+class OptimizerName(StrEnum):
+    ADAMW = "adamw"
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class SchedulerName(StrEnum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+    ONECYCLE = "onecycle"
+
+
+class LossName(StrEnum):
+    CROSS_ENTROPY = "cross-entropy"
+    FOCAL = "focal"
+    CONTRASTIVE = "contrastive"
+    TRIPLET = "triplet"
+
+
+class Miner(StrEnum):
+    ALL = "all"
+    HARD = "hard"
+    SEMI_HARD = "semi-hard"
+
+
+class MixedPrecision(StrEnum):
+    NO = "no"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class Strategy(StrEnum):
+    DDP = "ddp"
+    DEEPSPEED = "deepspeed"
+
+
+class Mode(StrEnum):
+    AUTO = "auto"
+    MIN = "min"
+    MAX = "max"
+
+
+class Metric(StrEnum):
+    VAL_LOSS = "val_loss"
+    VAL_ACCURACY = "val_accuracy"
+    VAL_F1 = "val_f1"
+    VAL_PERPLEXITY = "val_perplexity"
+    VAL_RECALL_AT_1 = "val_recall_at_1"
+    TRAIN_LOSS = "train_loss"
+
+
+MAXIMIZED_METRICS = frozenset({Metric.VAL_ACCURACY, Metric.VAL_F1, Metric.VAL_RECALL_AT_1})
+TASK_METRICS = {
+    Task.SEQUENCE_CLASSIFICATION: {"val_loss", "val_accuracy", "val_f1", "train_loss"},
+    Task.CAUSAL_LM: {"val_loss", "val_perplexity", "train_loss"},
+    Task.EMBEDDING: {"val_loss", "val_recall_at_1", "train_loss"},
+}
+
+
+class ModelSource(ApiModel):
+    """Where the base model comes from."""
+
+    name: Path = Field(
+        description=(
+            "The base model: a Hugging Face hub id (e.g. `distilbert-base-uncased`, needs network), "
+            "an absolute path inside the pod (or inside `pvc` when set), or `package:<python_package>[/subdir]` "
+            "for a model shipped inside an installed Python package (offline tests and demos)."
+        )
+    )
+    pvc: Name | None = Field(
+        None, description="PersistentVolumeClaim holding the model, mounted read-only at /models; `name` is then a path inside it."
+    )
+    revision: ShortStr | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
+
+
+class DatasetSpec(ApiModel):
+    """The training data and how to read it."""
+
+    source: Path = Field(
+        description=(
+            "Training data: a file (.json, .jsonl, .csv) or a folder of text files with one sub-folder per label; "
+            "a path inside the pod (or inside `pvc`), a hub dataset id, or `package:<python_package>[/subdir]`."
+        )
+    )
+    pvc: Name | None = Field(None, description="PersistentVolumeClaim holding the data, mounted read-only at /data.")
+    format: DataFormat = Field(strict=False, default=DataFormat.AUTO, description="File format. Default `auto`: from the file extension, `text-folders` for a directory.")
+    text_field: ShortStr = Field("text", description="Field (column) holding the input text. Default `text`.")
+    text_pair_field: ShortStr | None = Field(
+        None, description="For `embedding`: field holding the positive text paired with `textField`. Unset: texts with the same label are positives."
+    )
+    label_field: ShortStr = Field("label", description="Field holding the label (classification, embedding). Default `label`.")
+    validation_source: Path | None = Field(None, description="Separate validation data in the same format. Unset: split off `validationFraction`.")
+    validation_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Fraction of `source` held out for validation. Unset: 0.1, or none when `validationSource` is set."
+    )
+    max_length: int = Field(128, ge=8, le=32768, description="Maximum sequence length in tokens; longer texts are truncated. Default 128.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (quick experiments). Unset: all.")
+    max_validation_samples: int | None = Field(None, ge=1, description="Use at most this many validation examples. Unset: all.")
+
+
+class OptimizerSpec(ApiModel):
+    """Optimizer and its coefficients. Unset fields come from the preset."""
+
+    name: OptimizerName | None = Field(strict=False, default=None, description="`adamw`, `adam` or `sgd`. Preset default: `adamw`.")
+    betas: list[Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
+        None, min_length=2, max_length=2, description="Adam(W) coefficients [beta1, beta2], each in [0, 1). Preset default: [0.9, 0.999]."
+    )
+    eps: float | None = Field(None, gt=0.0, le=1.0, description="Adam(W) epsilon. Preset default: 1e-8.")
+    momentum: float | None = Field(None, ge=0.0, lt=1.0, description="SGD momentum in [0, 1). Preset default: 0.9 (sgd only).")
+    nesterov: bool | None = Field(None, description="SGD Nesterov momentum (needs momentum > 0). Preset default: false.")
+
+
+class SchedulerSpec(ApiModel):
+    """Learning-rate schedule. Set `warmupRatio` or `warmupSteps`, not both."""
+
+    name: SchedulerName | None = Field(strict=False, default=None, description="`constant`, `linear`, `cosine` or `onecycle`. Preset default: `linear`.")
+    warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Warm-up as a fraction of all optimizer steps, in [0, 1).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up in optimizer steps; must be fewer than the run's total steps.")
+
+
+class LossSpec(ApiModel):
+    """Training loss. Classification and causal LM: `cross-entropy` or `focal`; embedding: `contrastive` or `triplet`."""
+
+    name: LossName | None = Field(strict=False, default=None, description="Preset default: `cross-entropy` (`contrastive` for embedding).")
+    focal_alpha: float | None = Field(None, ge=0.0, le=1.0, description="Focal loss class weight alpha in [0, 1]. Default 0.25 (focal only).")
+    focal_gamma: float | None = Field(None, ge=0.0, le=10.0, description="Focal loss focusing gamma; 0 equals cross-entropy. Default 2.0 (focal only).")
+    temperature: float | None = Field(None, gt=0.0, le=10.0, description="Contrastive (InfoNCE) softmax temperature. Default 0.05 (contrastive only).")
+    margin: float | None = Field(None, gt=0.0, le=10.0, description="Triplet margin in cosine distance. Default 0.2 (triplet only).")
+    miner: Miner | None = Field(strict=False, default=None, description="Triplet negatives: `all`, `hard` or `semi-hard`. Default `semi-hard` (triplet only).")
+
+
+class Hyperparameters(ApiModel):
+    """Training hyperparameters. Every unset field is filled by the preset; explicit values win."""
+
+    epochs: int | None = Field(None, ge=1, le=1000, description="Passes over the training data.")
+    batch_size: int | None = Field(
+        None, ge=1, le=65536, description="Examples per device per step. Unset: the largest batch that fits in memory is found before training."
+    )
+    gradient_accumulation_steps: int | None = Field(None, ge=1, le=4096, description="Steps whose gradients are summed before an optimizer step.")
+    learning_rate: float | None = Field(None, gt=0.0, le=10.0, description="Peak learning rate (after warm-up).")
+    optimizer: OptimizerSpec | None = Field(None, description="Optimizer and its coefficients.")
+    weight_decay: float | None = Field(None, ge=0.0, le=1.0, description="Decoupled weight decay; never applied to biases and norm weights.")
+    scheduler: SchedulerSpec | None = Field(None, description="Learning-rate schedule and warm-up.")
+    max_grad_norm: float | None = Field(None, ge=0.0, le=1000.0, description="Clip the global gradient norm to this value; 0 disables clipping.")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override the model's dropout probabilities. Unset: keep the model's own.")
+    loss: LossSpec | None = Field(None, description="Loss function and its parameters.")
+    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0, description="Label smoothing for cross-entropy/focal, in [0, 1).")
+    mixup_alpha: float | None = Field(None, ge=0.0, le=10.0, description="Mixup on embeddings (sequence-classification); Beta(alpha, alpha), 0 disables.")
+    head_learning_rate_multiplier: float | None = Field(
+        None, ge=0.01, le=1000.0, description="Newly initialised layers (the task head) learn this many times faster than the base model."
+    )
+    layerwise_lr_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="Each transformer layer below the top gets this factor times the learning rate of the layer above; 1 disables."
+    )
+    mixed_precision: MixedPrecision | None = Field(strict=False, default=None, description="`no`, `fp16` or `bf16`.")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; one seed gives identical losses run to run.")
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adaptation through peft: trains small adapter matrices instead of the whole model."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights. Default false.")
+    rank: int = Field(8, ge=0, le=1024, description="Adapter rank r; must be > 0 when enabled. Default 8.")
+    alpha: float = Field(16.0, gt=0.0, le=4096.0, description="Scaling alpha (effective scale alpha/r). Default 16.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input. Default 0.05.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=64, description="Module names to adapt. Empty: peft's defaults for the architecture, else all linear layers."
+    )
+
+
+class EarlyStoppingSpec(ApiModel):
+    """Patience-based early stopping, decided by the operator from the status history."""
+
+    enabled: bool = Field(True, description="Stop when the metric stops improving. Default true.")
+    metric: Metric = Field(strict=False, default=Metric.VAL_LOSS, description="Metric watched at the end of each epoch. Default `val_loss`.")
+    mode: Mode = Field(strict=False, default=Mode.AUTO, description="`min` or `max`; `auto`: max for accuracy/f1/recall, min otherwise. Default `auto`.")
+    patience: int | None = Field(None, ge=0, le=1000, description="Epochs without improvement before stopping. Preset default (balanced: 2).")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement. Default 0.")
+    stop_grace_period_seconds: int = Field(
+        300, ge=0, le=86400, description="After a stop request, seconds the trainer has to stop by itself before the operator suspends its Job. Default 300."
+    )
+
+
+class DistributedSpec(ApiModel):
+    """How many processes train, and how they share the model."""
+
+    nodes: int = Field(1, ge=1, le=256, description="Pods (one per node). Default 1.")
+    processes_per_node: int = Field(1, ge=1, le=16, description="Training processes per pod (GPUs per node when `resources.gpu`). Default 1.")
+    strategy: Strategy = Field(strict=False, default=Strategy.DDP, description="`ddp` (data parallel) or `deepspeed` (ZeRO). Default `ddp`.")
+    zero_stage: int | None = Field(None, ge=1, le=3, description="DeepSpeed ZeRO stage 1-3 (deepspeed only). Default 2 with deepspeed.")
+
+
+class ResourcesSpec(ApiModel):
+    """Compute for each training pod."""
+
+    gpu: bool = Field(False, description="Request `gpuResourceName: processesPerNode` for each pod. Default false.")
+    gpu_resource_name: ShortStr = Field("nvidia.com/gpu", description="Extended resource that names a GPU. Default `nvidia.com/gpu`.")
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16, description="Container resource requests (cpu, memory, ...).")
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16, description="Container resource limits.")
+    shm_size: ShortStr | None = Field("1Gi", description="Size of the /dev/shm memory volume (data loader workers, NCCL). Default 1Gi.")
+
+
+class OutputSpec(ApiModel):
+    """Where checkpoints and the final model go."""
+
+    path: Path = Field("/output", description="Directory for checkpoints, the best model and result.json. Default /output.")
+    pvc: Name | None = Field(
+        None, description="PersistentVolumeClaim mounted at `path`. Unset: an emptyDir, so checkpoints do not survive a pod's loss."
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Resumable epoch checkpoints to keep besides the best model. Default 2.")
+
+
+class Toleration(ApiModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: ShortStr | None = Field(None, description="Taint key the toleration applies to; empty with `Exists` matches every taint.")
+    operator: ShortStr | None = Field(None, description="`Exists` or `Equal`. Default `Equal`.")
+    value: ShortStr | None = Field(None, description="Taint value to match (with `Equal`).")
+    effect: ShortStr | None = Field(None, description="`NoSchedule`, `PreferNoSchedule` or `NoExecute`. Empty: all effects.")
+    toleration_seconds: int | None = Field(
+        None, ge=0, description="With `NoExecute`: seconds the pod stays bound after the taint appears. Unset: forever."
+    )
+
+
+class WatchdogSpec(ApiModel):
+    """Catches a job whose pods run but make no progress (hung collective, dead data loader)."""
+
+    stall_timeout_seconds: int = Field(
+        1800, ge=0, le=7 * 86400, description="Fail the job when the trainer's heartbeat has not moved for this long while pods run; 0 disables. Default 1800."
+    )
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, on what data, how, and on which compute."""
+
+    model: ModelSource = Field(description="The base model.")
+    task: Task = Field(strict=False, default=Task.SEQUENCE_CLASSIFICATION, description="`sequence-classification`, `causal-lm` or `embedding`. Default `sequence-classification`.")
+    dataset: DatasetSpec = Field(description="Training and validation data.")
+    preset: Preset = Field(strict=False, default=
+        Preset.BALANCED, description="Fills unset hyperparameters: `fast`, `balanced` or `max-accuracy`. Default `balanced`."
+    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training hyperparameters; unset fields come from the preset.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapters (peft).")
+    early_stopping: EarlyStoppingSpec = Field(default_factory=EarlyStoppingSpec, description="Early stopping on a validation metric.")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Nodes, processes and the parallel strategy.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute per pod.")
+    image: ShortStr | None = Field(None, description="Trainer image. Unset: the operator's default trainer image.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Checkpoints and final model.")
+    watchdog: WatchdogSpec = Field(default_factory=WatchdogSpec, description="Stall detection.")
+    suspend: bool = Field(False, description="Suspend the training Job (pods are deleted; resuming continues from the last checkpoint). Default false.")
+    stop: bool = Field(False, description="Request a graceful stop: the trainer finishes the current step, keeps the best checkpoint and exits. Default false.")
+    backoff_limit: int = Field(3, ge=0, le=100, description="Pod failures tolerated before the job fails (each restart resumes from a checkpoint). Default 3.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished training Job after this many seconds. Unset: keep it.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the training Job when it runs longer than this. Unset: no limit.")
+    node_selector: dict[str, ShortStr] = Field(default_factory=dict, max_length=32, description="Node labels the training pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations of the training pods.")
+    priority_class_name: ShortStr | None = Field(None, description="PriorityClass of the training pods.")
+    service_account_name: ShortStr | None = Field(
+        None, description="Existing ServiceAccount for the pods. Unset: the operator creates one that may only report this job's status."
+    )
+    env: dict[str, ShortStr] = Field(default_factory=dict, max_length=64, description="Extra environment variables for the trainer.")
+
+
+def spec_schema_extra() -> dict[str, Any]:
+    return FineTuneJobSpec.model_json_schema(by_alias=True)
