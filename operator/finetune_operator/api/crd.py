@@ -77,10 +77,43 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in node.items() if k in _KEEP}
 
 
+def _defaulted(value: Any, node: dict[str, Any]) -> Any:
+    """`value` with the nested defaults of `node` applied, top-down, as the API server defaults objects."""
+    if isinstance(value, dict):
+        value = dict(value)
+        for key, sub in (node.get("properties") or {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = _defaulted(value[key], sub)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        value = [_defaulted(item, node["items"]) for item in value]
+    return value
+
+
+def _materialise_defaults(node: dict[str, Any]) -> dict[str, Any]:
+    """Write every object default with its nested defaults already in it (bottom-up).
+
+    The API server validates each `default` against its node's schema AND its CEL rules as written,
+    without nested defaulting (apiextensions-apiserver schema/defaulting/validation.go): `default: {}`
+    on an object whose rule reads `self.enabled` is refused with `no such key: enabled evaluating rule`.
+    Objects are defaulted the same way at request time, so the materialised default stores exactly
+    what `{}` plus nested defaults would, and passes its own rules.
+    """
+    node = dict(node)
+    if isinstance(node.get("properties"), dict):
+        node["properties"] = {k: _materialise_defaults(v) for k, v in node["properties"].items()}
+    if isinstance(node.get("items"), dict):
+        node["items"] = _materialise_defaults(node["items"])
+    if isinstance(node.get("default"), dict | list):
+        node["default"] = _defaulted(node["default"], node)
+    return node
+
+
 def _schema(model: type) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
-    return _structural(_inline(raw, defs))
+    return _materialise_defaults(_structural(_inline(raw, defs)))
 
 
 def openapi_schema() -> dict[str, Any]:
@@ -96,7 +129,10 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            # A rule's fieldPath must name a property the schema declares (the server refuses
+            # `fieldPath: .metadata.name` while metadata declares none); at the root, metadata may
+            # declare name and generateName only. `type: string` adds no constraint of its own.
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec,
             "status": status,
         },
