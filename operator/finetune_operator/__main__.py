@@ -11,6 +11,7 @@ from .handlers.kopf_handlers import register
 from .handlers.reconcile import Reconciler
 from .handlers.resync import Resync
 from .kube.client import KubeClient, load_configuration
+from .kube.peering import check_peering
 from .settings import from_env
 
 
@@ -23,6 +24,11 @@ def main() -> None:
     metrics.serve(settings.metrics_port)
     client = KubeClient(load_configuration(settings.api_pool_size), settings.api_timeout_seconds,
                         settings.api_connect_timeout_seconds)
+    peering = check_peering(settings.peering, settings.clusterwide, client.get)
+    log.log(peering.level, peering.message)
+    if not peering.ok:
+        client.close()
+        raise SystemExit(1)
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(client, settings)
     register(registry, reconciler, settings)

@@ -97,6 +97,9 @@ def _prune(value: Any, schema: dict[str, Any], path: str, out: list[Violation]) 
                 continue
             if item is None and not sub.get("nullable"):
                 continue  # the server drops nulls before defaulting, so a default can apply
+            if not path and key == "metadata":
+                kept[key] = item  # ObjectMeta is the server's: a schema may restrict name, never prune it
+                continue
             kept[key] = _prune(item, sub, _join(path, key), out)
         return kept
     if isinstance(value, list) and isinstance(schema.get("items"), dict):

@@ -24,7 +24,10 @@ request from its own flat store instead of the request history:
 - watches resumable from a resourceVersion (410 Gone when it is older than the retained event log),
   label/field selectors with ADDED/DELETED when an object starts/stops matching, bookmarks,
   `sendInitialEvents` (kopf's initial streaming), `timeoutSeconds`;
-- CRDs POSTed to apiextensions.k8s.io register their resources (and get an Established condition);
+- CRDs POSTed to apiextensions.k8s.io are admitted like kube-apiserver admits them (crd_admission.py:
+  structural schema, defaults against schema and CEL as written, fieldPath, CEL compile and cost,
+  list types; 422 Invalid with the server's messages), then register their resources (and get an
+  Established condition);
   custom objects are pruned, defaulted and validated (schema + CEL rules, 422 Invalid) against their
   CRD with the API tests' harness (tests/api/crd_harness.py); FTJ_E2E_VALIDATE=0 turns that off.
 
@@ -951,6 +954,18 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             new["status"] = status
             self._update(crds, key, crd, new, True, False)
 
+    def _admit_crd(self, crd: JsonObj) -> None:
+        """Refuse a CRD the real API server would refuse (422 Invalid, its messages): see crd_admission.py."""
+        from .crd_admission import admit, causes
+
+        errors = admit(crd)
+        if errors:
+            name = crd.get("metadata", {}).get("name", "")
+            shown = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
+            raise ApiError(422, "Invalid", f'CustomResourceDefinition.apiextensions.k8s.io "{name}" is invalid: {shown}',
+                           {"name": name, "group": "apiextensions.k8s.io", "kind": "CustomResourceDefinition",
+                            "causes": causes(errors)})
+
     def _validate(self, spec: ResourceSpec, obj: JsonObj, strict: bool) -> JsonObj:
         """Custom objects: prune unknown fields, default, validate against the CRD schema + CEL rules (422).
 
@@ -958,6 +973,9 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         Unknown fields are pruned silently: the server's default field validation for clients that do not
         ask for Strict (the official Python client) only warns.
         """
+        if spec.key == ("apiextensions.k8s.io", "v1", "customresourcedefinitions"):
+            self._admit_crd(obj)
+            return obj
         crd = self._crds.get(spec.key)
         if crd is None or not self.validate_custom_objects:
             return obj

@@ -1,0 +1,53 @@
+"""The operator's start-up peering check (kube/peering.py): one clear line, and no start when peering is impossible."""
+
+from __future__ import annotations
+
+import logging
+
+from finetune_operator.kube.client import ApiError
+from finetune_operator.kube.peering import PEERING_CRDS_FILE, PEERING_GROUP_VERSION, check_peering
+
+SERVED = {"kind": "APIResourceList", "groupVersion": "kopf.dev/v1",
+          "resources": [{"name": "clusterkopfpeerings", "namespaced": False}, {"name": "kopfpeerings", "namespaced": True}]}
+
+
+def discovery(answer):
+    asked = []
+
+    def get(path):
+        asked.append(path)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return get, asked
+
+
+def test_without_fto_peering_the_operator_runs_standalone_and_asks_nothing():
+    get, asked = discovery(SERVED)
+    result = check_peering("", True, get)
+    assert result.ok and result.level == logging.INFO and asked == []
+    assert "standalone" in result.message and "one replica" in result.message
+
+
+def test_peering_without_the_kopf_crds_stops_with_the_file_to_apply():
+    for answer in (None, {"resources": [{"name": "kopfpeerings"}]}):  # 404 on the group, or only the namespaced CRD
+        get, asked = discovery(answer)
+        result = check_peering("finetune-operator", True, get)
+        assert not result.ok and result.level == logging.ERROR and asked == [PEERING_GROUP_VERSION]
+        assert "clusterkopfpeerings.kopf.dev" in result.message
+        assert f"kubectl apply -f {PEERING_CRDS_FILE}" in result.message and PEERING_CRDS_FILE == "crds/kopf-peering.yaml"
+
+
+def test_peering_with_the_crds_served_starts_and_names_the_resource():
+    get, _ = discovery(SERVED)
+    namespaced = check_peering("finetune-operator", False, get)
+    assert namespaced.ok and "kopfpeerings.kopf.dev" in namespaced.message and "cluster" not in namespaced.message
+    assert check_peering("finetune-operator", True, get).ok
+
+
+def test_an_unreadable_discovery_warns_and_starts():
+    # Discovery is open to every authenticated client; a failure here is the network's, not a missing CRD.
+    get, _ = discovery(ApiError(503, "Service Unavailable", ""))
+    result = check_peering("finetune-operator", True, get)
+    assert result.ok and result.level == logging.WARNING and PEERING_CRDS_FILE in result.message
