@@ -1,0 +1,124 @@
+"""An informer-style store: the FineTuneJobs, their children and pods as the watches delivered them.
+
+Why: a reconcile that GETs the FineTuneJob, its Job and LISTs its pods costs ~3 requests per pass (65-104
+requests per running job per minute were measured on a real server); controller-runtime's informers
+serve those reads from watch-fed caches, so steady state costs only the open watches. kopf already
+streams every FineTuneJob and every labelled child and pod (handlers/kopf_handlers.py feeds this store);
+our own writes are stored with the answer the server gave (write-through), so the next pass compares
+against what the server holds without waiting for the watch echo.
+
+Objects are kept without `metadata.managedFields` (often half of an object's size and never read here).
+Thread-safe: kopf's event loop writes, the reconcile workers read snapshots.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..api import constants as c
+
+JobKey = tuple[str, str]  # (namespace, FineTuneJob name)
+ChildKey = tuple[str, str]  # (kind, name)
+
+
+def _slim(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    if "managedFields" not in meta:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+def _rv(obj: dict[str, Any] | None) -> int | None:
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _newer_or_same(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    """Whether `new` may replace `old`. resourceVersions are opaque to clients in general, but every
+    server we know (etcd revisions) makes them increasing integers; comparing them keeps a late watch
+    event from overwriting the answer of our own, newer write. Unreadable versions always replace."""
+    a, b = _rv(new), _rv(old)
+    if old is None or a is None or b is None:
+        return True
+    return a >= b
+
+
+class Cache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ftjs: dict[JobKey, dict[str, Any]] = {}
+        self._owned: dict[JobKey, dict[ChildKey, dict[str, Any]]] = {}
+
+    # -- FineTuneJobs -----------------------------------------------------------------------------------
+
+    def put_ftj(self, obj: dict[str, Any]) -> bool:
+        """Store a FineTuneJob; False when a newer version is already stored (nothing changed)."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        with self._lock:
+            old = self._ftjs.get(key)
+            if not _newer_or_same(obj, old):
+                return False
+            self._ftjs[key] = _slim(obj)
+            return True
+
+    def drop_ftj(self, key: JobKey) -> None:
+        with self._lock:
+            self._ftjs.pop(key, None)
+
+    def ftj(self, key: JobKey) -> dict[str, Any] | None:
+        with self._lock:
+            return self._ftjs.get(key)
+
+    def ftj_keys(self) -> list[JobKey]:
+        with self._lock:
+            return list(self._ftjs)
+
+    # -- children and pods, by the job label -----------------------------------------------------------
+
+    @staticmethod
+    def job_of(obj: dict[str, Any]) -> JobKey | None:
+        meta = obj.get("metadata") or {}
+        job = (meta.get("labels") or {}).get(c.Label.JOB_NAME)
+        return (meta.get("namespace") or "", job) if job else None
+
+    def put_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:
+        """Store a child (or pod) under its job label; the job's key, or None for an unlabelled object."""
+        job = job or self.job_of(obj)
+        if job is None:
+            return None
+        key = (kind, (obj.get("metadata") or {}).get("name") or "")
+        with self._lock:
+            owned = self._owned.setdefault(job, {})
+            if _newer_or_same(obj, owned.get(key)):
+                owned[key] = _slim(obj)
+        return job
+
+    def drop_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:
+        job = job or self.job_of(obj)
+        if job is None:
+            return None
+        name = (obj.get("metadata") or {}).get("name") or ""
+        with self._lock:
+            owned = self._owned.get(job)
+            if owned is not None:
+                stored = owned.get((kind, name))
+                # A DELETED event for an older incarnation must not drop a newer object of the same name.
+                if stored is not None and (stored.get("metadata") or {}).get("uid") in (
+                        None, (obj.get("metadata") or {}).get("uid")):
+                    owned.pop((kind, name), None)
+                if not owned:
+                    self._owned.pop(job, None)
+        return job
+
+    def owned(self, job: JobKey) -> dict[ChildKey, dict[str, Any]]:
+        """A snapshot (a new dict; the objects themselves are never mutated in place)."""
+        with self._lock:
+            return dict(self._owned.get(job) or {})
+
+    def sizes(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._ftjs), sum(len(v) for v in self._owned.values())
