@@ -136,6 +136,9 @@ class KubeClient:
     def __init__(self, cfg: k8s.Configuration, timeout: float = 10.0, connect_timeout: float = 5.0, *,
                  qps: float = 0.0, burst: int = 1, retry: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep):
+        # urllib3 would otherwise retry 429/503 itself (sleeping Retry-After inside the call, unseen and
+        # uncapped) and repeat failed connections; our retry loop below is the only one.
+        cfg.retries = False
         self.api = k8s.ApiClient(cfg)
         self.timeout = (connect_timeout, timeout)
         self.limiter = TokenBucket(qps, burst, sleep=sleep)

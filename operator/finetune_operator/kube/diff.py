@@ -171,14 +171,23 @@ def plan(desired: dict[str, Any], observed: dict[str, Any] | None, owner_uid: st
     return Plan(Action.NONE, manifest) if in_sync(manifest, observed, remembered) else Plan(Action.APPLY, manifest, "differs")
 
 
+def _shape(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields that can drift: a Job's immutable fields cannot (the server refuses changes to them), and
+    whether we send them pinned to the server's values or not must not change the comparison."""
+    if manifest.get("kind") != "Job":
+        return manifest
+    return {**manifest, "spec": {k: v for k, v in (manifest.get("spec") or {}).items() if k not in JOB_IMMUTABLE}}
+
+
 def in_sync(manifest: dict[str, Any], observed: dict[str, Any], remembered: str | None) -> bool:
     if _ann(observed, APPLIED_HASH) != _ann(manifest, APPLIED_HASH):
         return False
+    shape = _shape(manifest)
     if remembered is not None:
-        return digest(project(observed, manifest)) == remembered
-    return contains(observed, manifest)
+        return digest(project(observed, shape)) == remembered
+    return contains(observed, shape)
 
 
 def remember(sent: dict[str, Any], answer: dict[str, Any]) -> str:
     """What `in_sync` compares later: our fields as the server answered them."""
-    return digest(project(answer, sent))
+    return digest(project(answer, _shape(sent)))
