@@ -11,7 +11,14 @@ import pytest
 from kubernetes import client as k8s
 
 from finetune_operator.handlers.workqueue import WorkQueue, backoff_delay
-from finetune_operator.kube.client import ApiError, KubeClient, RetryPolicy, TokenBucket, parse_retry_after, retry_delay
+from finetune_operator.kube.client import (
+    ApiError,
+    KubeClient,
+    RetryPolicy,
+    TokenBucket,
+    parse_retry_after,
+    retry_delay,
+)
 
 
 class FakeClock:
