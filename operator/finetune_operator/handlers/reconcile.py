@@ -81,6 +81,7 @@ class Reconciler:
         self.queue = queue or WorkQueue(settings.retry_base_seconds, settings.retry_max_seconds)
         self.applier = Applier(client, self.cache, settings.apply_concurrency)
         self._inputs: dict[Key, tuple[str | None, JobInput]] = {}  # parsed spec per resourceVersion
+        self._wanted: dict[Key, tuple[tuple[str | None, bool], list[dict[str, Any]]]] = {}
         self._guard = threading.Lock()
         self._workers: list[threading.Thread] = []
 
@@ -143,6 +144,7 @@ class Reconciler:
         self.applier.forget(key, [k for k in owned if k[0] != "Pod"])
         with self._guard:
             self._inputs.pop(key, None)
+            self._wanted.pop(key, None)
         self.queue.discard(key)
         metrics.PHASES.set(key, None)
 
@@ -157,6 +159,17 @@ class Reconciler:
         with self._guard:
             self._inputs[key] = (rv, parsed)
         return parsed
+
+    def _desired(self, key: Key, ftj: dict[str, Any], job: JobInput, enforced: bool) -> list[dict[str, Any]]:
+        """desired_children once per (resourceVersion, enforced stop); a fresh copy for the caller to edit."""
+        rv = (ftj.get("metadata") or {}).get("resourceVersion")
+        with self._guard:
+            hit = self._wanted.get(key)
+        if hit is None or hit[0] != (rv, enforced) or rv is None:
+            hit = ((rv, enforced), desired_children(job.resolved, self.settings, enforced_stop=enforced))
+            with self._guard:
+                self._wanted[key] = hit
+        return [dict(w) for w in hit[1]]
 
     # -- one pass ---------------------------------------------------------------------------------------
 
@@ -185,13 +198,14 @@ class Reconciler:
 
         outcome = None
         if job.resolved is not None:
-            wanted = desired_children(job.resolved, self.settings, enforced_stop=bool(new.get("stopEnforced")))
+            wanted = self._desired(key, ftj, job, bool(new.get("stopEnforced")))
             if spec_change_refused(new):
                 # The running job keeps its children: only the Job's mutable fields follow (suspend, our stops),
                 # with the node count it was started with.
                 wanted = [w for w in wanted if w["kind"] == "Job"] if job_obj is not None else []
                 for w in wanted:
-                    w["spec"]["parallelism"] = (job_obj.get("spec") or {}).get("parallelism", w["spec"]["parallelism"])
+                    w["spec"] = {**w["spec"], "parallelism": (job_obj.get("spec") or {}).get("parallelism",
+                                                                                           w["spec"]["parallelism"])}
             started = diff.job_started(job_obj, len(pods), status)
             plans = self.applier.plans(key, wanted, job.uid, started)
             outcome = self.applier.run(key, plans, job.uid)
@@ -225,8 +239,10 @@ class Reconciler:
                             "phase": new.get("phase"), "reason": new.get("reason")})
         merged = {**status, **{k: v for k, v in new.items() if v is not None}}
         visit = next_visit(job, merged, now, self.settings.resync_seconds)
-        if outcome is not None and outcome.found:
-            visit = 0.0  # children that existed before we cached them: compare them now
+        if outcome is not None and (outcome.found or outcome.wrote):
+            # What we observed changed under this pass (children written, or found that were not cached yet):
+            # one more pass sees it (the watch echoes of our own writes trigger none: the cache had them).
+            visit = 0.0
         if new.get("reason") == Reason.INVALID_SPEC:
             return Result("invalid", visit)
         if outcome is not None and outcome.conflicts:

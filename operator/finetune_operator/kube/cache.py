@@ -55,7 +55,8 @@ class Cache:
     # -- FineTuneJobs -----------------------------------------------------------------------------------
 
     def put_ftj(self, obj: dict[str, Any]) -> bool:
-        """Store a FineTuneJob; False when a newer version is already stored (nothing changed)."""
+        """Store a FineTuneJob; False when this or a newer version is already stored (nothing new: the
+        watch echo of our own status write, whose answer was stored when we made it)."""
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
         with self._lock:
@@ -63,7 +64,7 @@ class Cache:
             if not _newer_or_same(obj, old):
                 return False
             self._ftjs[key] = _slim(obj)
-            return True
+            return not (old is not None and _rv(old) is not None and _rv(old) == _rv(obj))
 
     def drop_ftj(self, key: JobKey) -> None:
         with self._lock:
@@ -86,15 +87,20 @@ class Cache:
         return (meta.get("namespace") or "", job) if job else None
 
     def put_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:
-        """Store a child (or pod) under its job label; the job's key, or None for an unlabelled object."""
+        """Store a child (or pod) under its job label; the job's key, or None for an unlabelled object and
+        for a version already stored (the watch echo of our own write: nothing new to reconcile)."""
         job = job or self.job_of(obj)
         if job is None:
             return None
         key = (kind, (obj.get("metadata") or {}).get("name") or "")
         with self._lock:
             owned = self._owned.setdefault(job, {})
-            if _newer_or_same(obj, owned.get(key)):
-                owned[key] = _slim(obj)
+            old = owned.get(key)
+            if not _newer_or_same(obj, old):
+                return None
+            owned[key] = _slim(obj)
+            if old is not None and _rv(old) is not None and _rv(old) == _rv(obj):
+                return None
         return job
 
     def drop_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:
