@@ -31,6 +31,21 @@ CHILD_LABELS = {c.Label.MANAGED_BY: c.FIELD_MANAGER}
 CHILD_SELECTOR = f"{c.Label.MANAGED_BY}={c.FIELD_MANAGER}"
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf builds a "diff base" (a deep copy of the body, for on.update handlers' diffs) for every event of
+    every watched object; with only on.event handlers nothing reads it, and it was ~6% of the operator's
+    CPU while creating jobs (py-spy). Never stored, never fetched."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        return {}
+
+    def fetch(self, *, body: Any) -> Any:
+        return None
+
+    def store(self, *, body: Any, patch: Any, essence: Any) -> None:
+        return None
+
+
 def _selector_key(api_version: str, plural: str) -> tuple[str, ...]:
     group, _, version = api_version.rpartition("/")
     return (group, version, plural) if group else (version, plural)
@@ -56,7 +71,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     kopf_settings.posting.enabled = False
     # Should kopf ever store state, keep it in annotations: status.kopf would be pruned by the CRD schema.
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=c.GROUP)
+    kopf_settings.persistence.diffbase_storage = NoDiffBase()
     kopf_settings.peering.standalone = not settings.peering
     if settings.peering:
         kopf_settings.peering.name = settings.peering

@@ -140,6 +140,9 @@ class KubeClient:
         # uncapped) and repeat failed connections; our retry loop below is the only one.
         cfg.retries = False
         self.api = k8s.ApiClient(cfg)
+        # At most as many calls in flight as pooled connections: urllib3 would open (and then discard) an
+        # extra connection per call beyond the pool, a TCP (and TLS) handshake each time.
+        self._in_flight = threading.BoundedSemaphore(max(1, int(cfg.connection_pool_maxsize or 4)))
         self.timeout = (connect_timeout, timeout)
         self.limiter = TokenBucket(qps, burst, sleep=sleep)
         self.retry = retry or RetryPolicy()
@@ -186,8 +189,9 @@ class KubeClient:
         self.calls += 1
         if content_type == APPLY_PATCH and not isinstance(body, str | bytes):
             body = json.dumps(body)  # the generated client serialises only JSON content types
-        response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=self.timeout)
-        data = response.read()
+        with self._in_flight:
+            response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=self.timeout)
+            data = response.read()
         if response.status >= 400:
             raise ApiError(response.status, response.reason or "", data.decode(errors="replace") if data else "",
                            parse_retry_after((response.headers or {}).get("Retry-After")))

@@ -25,7 +25,6 @@ only, where the storage class allows expansion), so an existing PVC gets only it
 
 from __future__ import annotations
 
-import copy
 import enum
 import hashlib
 import json
@@ -91,20 +90,21 @@ def owned_by(obj: dict[str, Any], owner_uid: str | None) -> bool:
             and labels.get(c.Label.MANAGED_BY) == c.FIELD_MANAGER)
 
 
+def _with_annotations(obj: dict[str, Any], extra: dict[str, str]) -> dict[str, Any]:
+    """A copy of `obj` with `extra` annotations (and no applied-hash); nested objects are shared, never
+    mutated (the desired children are cached and reused across passes)."""
+    meta = obj.get("metadata") or {}
+    ann = {k: v for k, v in (meta.get("annotations") or {}).items() if k != APPLIED_HASH}
+    ann.update(extra)
+    return {**obj, "metadata": {**meta, "annotations": ann}}
+
+
 def _annotate(manifest: dict[str, Any], extra: dict[str, str] | None = None,
               basis: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest with our annotations; the applied-hash is the digest of `basis` (default: the manifest)."""
-    out = copy.deepcopy(manifest)
-    ann = out.setdefault("metadata", {}).setdefault("annotations", {})
-    ann.pop(APPLIED_HASH, None)
-    ann.update(extra or {})
-    if basis is None:
-        basis = out
-    else:
-        basis = copy.deepcopy(basis)
-        basis.setdefault("metadata", {}).setdefault("annotations", {}).update(extra or {})
-        basis["metadata"]["annotations"].pop(APPLIED_HASH, None)
-    ann[APPLIED_HASH] = digest(basis)
+    out = _with_annotations(manifest, extra or {})
+    hashed = out if basis is None else _with_annotations(basis, extra or {})
+    out["metadata"]["annotations"][APPLIED_HASH] = digest(hashed)
     return out
 
 
@@ -133,22 +133,17 @@ def prepare(desired: dict[str, Any], observed: dict[str, Any] | None, *, started
         # The applied-hash of a Job covers its mutable fields plus the digest of the template in effect, so
         # a Job whose template we send back as the server holds it (defaults included) is still in sync.
         want = digest((desired.get("spec") or {}).get("template"))
-        basis = copy.deepcopy(desired)
-        for key in JOB_IMMUTABLE:
-            basis["spec"].pop(key, None)
+        basis = {**desired, "spec": {k: v for k, v in (desired.get("spec") or {}).items() if k not in JOB_IMMUTABLE}}
         if observed is None:
             return _annotate(desired, {TEMPLATE_HASH: want}, basis), False
         have = _ann(observed, TEMPLATE_HASH)
         changed = have != want
         if changed and not started:
             return _annotate(desired, {TEMPLATE_HASH: want}, basis), True
-        pinned = copy.deepcopy(desired)
-        spec, seen = pinned["spec"], observed.get("spec") or {}
-        for key in JOB_IMMUTABLE:
-            if key in seen:
-                spec[key] = copy.deepcopy(seen[key])
-            else:
-                spec.pop(key, None)
+        seen = observed.get("spec") or {}
+        spec = {k: v for k, v in (desired.get("spec") or {}).items() if k not in JOB_IMMUTABLE}
+        spec.update({k: seen[k] for k in JOB_IMMUTABLE if k in seen})
+        pinned = {**desired, "spec": spec}
         return _annotate(pinned, {TEMPLATE_HASH: have or want}, basis), False
     if kind == "PersistentVolumeClaim" and observed is not None:
         meta_only = {k: v for k, v in desired.items() if k != "spec"}
