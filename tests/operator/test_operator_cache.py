@@ -80,3 +80,15 @@ def test_only_jobs_whose_clock_matters_are_visited_and_when():
     assert 20 <= next_visit(grace, stop, NOW, cap=600) <= 20.1
     done = {"phase": "Succeeded", "reason": "TrainingCompleted"}
     assert next_visit(_job(done), done, NOW, cap=10) is None
+
+
+def test_pods_are_kept_without_their_spec_and_nothing_keeps_kubectls_copy():
+    cache = Cache()
+    pod = {"kind": "Pod", "metadata": {"name": "p", "namespace": "ns", "labels": LABELS, "resourceVersion": "1",
+                                       "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "a": "b"}},
+           "spec": {"containers": [{"name": "trainer"}]}, "status": {"phase": "Running"}}
+    cache.put_child("Pod", pod)
+    stored = cache.owned(("ns", "j"))[("Pod", "p")]
+    assert "spec" not in stored and stored["status"] == {"phase": "Running"}
+    assert stored["metadata"]["annotations"] == {"a": "b"}
+    assert pod["spec"] and "kubectl.kubernetes.io/last-applied-configuration" in pod["metadata"]["annotations"]

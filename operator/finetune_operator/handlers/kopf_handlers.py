@@ -61,6 +61,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     kopf_settings.watching.client_timeout = settings.watch_server_timeout_seconds + 30
     kopf_settings.watching.connect_timeout = settings.api_connect_timeout_seconds
     kopf_settings.watching.reconnect_backoff = 1.0
+    # Known gap (client-go's informers close it with Replace): after 410 Gone kopf re-lists without telling
+    # handlers which cached objects vanished meanwhile, so a child deleted during such an outage stays in
+    # the cache until its job's next event; the resumed watch (the usual case) replays the DELETED events.
     # Only our children and pods are streamed: the label selector is sent to the server.
     for api_version, plural in WATCHED.values():
         kopf_settings.watching.label_selectors[_selector_key(api_version, plural)] = CHILD_SELECTOR
