@@ -68,6 +68,7 @@ class Reason:
     JOB_DELETED = "JobDeleted"
     IMMUTABLE_FIELD = "ImmutableFieldChanged"
     NO_CHANGE_REFUSED = "NoRefusedChange"
+    CHILD_NOT_OWNED = "ChildNotOwned"  # an object with a child's name exists and another owner made it
 
 
 class Label:

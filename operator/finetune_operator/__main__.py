@@ -9,8 +9,7 @@ import kopf
 from . import logs, metrics
 from .handlers.kopf_handlers import register
 from .handlers.reconcile import Reconciler
-from .handlers.resync import Resync
-from .kube.client import KubeClient, load_configuration
+from .kube.client import KubeClient, RetryPolicy, load_configuration
 from .kube.peering import check_peering
 from .settings import from_env
 
@@ -23,7 +22,8 @@ def main() -> None:
         log.warning("ignoring unknown settings %s", ", ".join(sorted(settings.extra)))
     metrics.serve(settings.metrics_port)
     client = KubeClient(load_configuration(settings.api_pool_size), settings.api_timeout_seconds,
-                        settings.api_connect_timeout_seconds)
+                        settings.api_connect_timeout_seconds, qps=settings.api_qps, burst=settings.api_burst,
+                        retry=RetryPolicy(attempts=settings.api_retries))
     peering = check_peering(settings.peering, settings.clusterwide, client.get)
     log.log(peering.level, peering.message)
     if not peering.ok:
@@ -32,8 +32,7 @@ def main() -> None:
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(client, settings)
     register(registry, reconciler, settings)
-    resync = Resync(reconciler, settings.resync_seconds, settings.workers)
-    resync.start()
+    reconciler.start(settings.workers)
     log.info("starting finetune-operator: %s, metrics port %s, health port %s",
              "cluster-wide" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",
              settings.metrics_port, settings.health_port)
@@ -48,7 +47,7 @@ def main() -> None:
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
         )
     finally:
-        resync.close()
+        reconciler.close()
         client.close()
 
 

@@ -47,8 +47,10 @@ class Settings:
     every replica when two peers share a priority."""
 
     resync_seconds: float = 10.0
-    """FTO_RESYNC_SECONDS: period of the per-job timer that enforces grace periods, runs the stall
-    watchdog and recreates deleted children (seconds). Default 10; tests lower it."""
+    """FTO_RESYNC_SECONDS: the longest a job whose clock matters (a pending stop's grace period, the stall
+    watchdog of a running job) waits between passes that no watch event triggered (seconds). Such passes
+    read the watch cache and send nothing unless something is due. Jobs without a clock (pending,
+    suspended, finished) are visited only on events. Default 10; tests lower it."""
 
     api_timeout_seconds: float = 10.0
     """FTO_API_TIMEOUT_SECONDS: read timeout of every API call the operator makes itself (seconds).
@@ -62,7 +64,33 @@ class Settings:
     opened ~275 connections with 200 jobs at once and used 75% more memory for no throughput gain."""
 
     workers: int = 8
-    """FTO_WORKERS: threads running the synchronous reconciles (kopf's executor). Default 8."""
+    """FTO_WORKERS: threads running reconcile passes (each job is in at most one pass at a time). Default 8."""
+
+    apply_concurrency: int = 16
+    """FTO_APPLY_CONCURRENCY: child writes in flight at once, across all jobs (one job's children are applied
+    concurrently). Default 16, the size of the connection pool, so writes never wait for a connection."""
+
+    api_qps: float = 1000.0
+    """FTO_API_QPS: client-side rate limit of our own API calls (requests/s, token bucket like client-go's
+    QPS; 0 disables it). A safety net against a write loop (two controllers fighting over a field), not a
+    throttle: steady state sends ~0 requests and creating a job ~8 (6 children, 1 status, 1 Event), so
+    the default lets 1,000 jobs be created at the API server's own pace; API Priority and Fairness on the
+    server protects it from us beyond that (it answers 429 + Retry-After, which we honour). Default 1000."""
+
+    api_burst: int = 2000
+    """FTO_API_BURST: requests allowed at once above FTO_API_QPS (token bucket size). Default 2000."""
+
+    api_retries: int = 5
+    """FTO_API_RETRIES: attempts of one API call on 429 (waiting the server's Retry-After), 5xx and
+    timeouts (exponential backoff from 0.2 s, capped at 10 s) before the pass fails. Default 5."""
+
+    retry_base_seconds: float = 0.5
+    """FTO_RETRY_BASE_SECONDS: first delay before a failed pass is retried; doubled per consecutive failure
+    of that job (seconds). Default 0.5."""
+
+    retry_max_seconds: float = 300.0
+    """FTO_RETRY_MAX_SECONDS: cap of that backoff: a job that keeps failing is retried at least this often,
+    never dropped (seconds). Default 300, like controller-runtime's 1000 s cap but sooner."""
 
     watch_server_timeout_seconds: int = 300
     """FTO_WATCH_SERVER_TIMEOUT_SECONDS: the API server closes a watch after this long and kopf re-lists,
@@ -80,6 +108,8 @@ _KNOWN = {
     "FTO_NAMESPACES", "FTO_TRAINER_IMAGE", "FTO_IMAGE_PULL_POLICY", "FTO_LOG_FORMAT", "FTO_LOG_LEVEL",
     "FTO_METRICS_PORT", "FTO_HEALTH_PORT", "FTO_PEERING", "FTO_PEERING_PRIORITY", "FTO_RESYNC_SECONDS", "FTO_API_TIMEOUT_SECONDS",
     "FTO_API_CONNECT_TIMEOUT_SECONDS", "FTO_API_POOL_SIZE", "FTO_WORKERS", "FTO_WATCH_SERVER_TIMEOUT_SECONDS",
+    "FTO_APPLY_CONCURRENCY", "FTO_API_QPS", "FTO_API_BURST", "FTO_API_RETRIES", "FTO_RETRY_BASE_SECONDS",
+    "FTO_RETRY_MAX_SECONDS",
 }
 
 
@@ -122,6 +152,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         api_connect_timeout_seconds=max(0.5, num("FTO_API_CONNECT_TIMEOUT_SECONDS", d.api_connect_timeout_seconds)),
         api_pool_size=max(1, num("FTO_API_POOL_SIZE", d.api_pool_size, int)),
         workers=max(1, num("FTO_WORKERS", d.workers, int)),
+        apply_concurrency=max(1, num("FTO_APPLY_CONCURRENCY", d.apply_concurrency, int)),
+        api_qps=num("FTO_API_QPS", d.api_qps),
+        api_burst=max(1, num("FTO_API_BURST", d.api_burst, int)),
+        api_retries=max(1, num("FTO_API_RETRIES", d.api_retries, int)),
+        retry_base_seconds=max(0.01, num("FTO_RETRY_BASE_SECONDS", d.retry_base_seconds)),
+        retry_max_seconds=max(0.01, num("FTO_RETRY_MAX_SECONDS", d.retry_max_seconds)),
         watch_server_timeout_seconds=max(10, num("FTO_WATCH_SERVER_TIMEOUT_SECONDS", d.watch_server_timeout_seconds, int)),
         extra={k: v for k, v in env.items() if k.startswith("FTO_") and k not in _KNOWN},
     )

@@ -72,6 +72,7 @@ EVENT_LOG_SIZE = 5000
 # The real server sends bookmarks about once a minute; a shorter idle interval also lets us notice
 # watchers that disconnected (aiohttp does not cancel handlers on client disconnect).
 BOOKMARK_SECONDS = 10.0
+FAULTS_PATH = "/_e2e/faults"  # fault injection for tests (not a Kubernetes path)
 GENERATE_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the real server's alphabet for generateName
 
 
@@ -409,6 +410,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
     _gc_queue: asyncio.Queue[tuple[str, str]] | None = attrs.field(default=None)
     _gc_task: asyncio.Task[None] | None = attrs.field(default=None)
     requests_served: int = 0
+    faults: list[JsonObj] = attrs.field(factory=list)  # injected failures (see _serve_faults)
     audit_log: Any = None  # a text file: one JSON line per resource request, like the API server's audit log
 
     def __attrs_post_init__(self) -> None:
@@ -444,6 +446,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:  # type: ignore[override]
         self.requests_served += 1
+        if raw.path.startswith(FAULTS_PATH):
+            return await self._serve_faults(raw)
         parsed = parse_resource_path(raw.path)
         if parsed is None:
             # Discovery and anything else: kmock's own handlers. Its request history is trimmed so it
@@ -459,6 +463,9 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             if spec is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource",
                                {"group": parsed.group, "kind": parsed.plural})
+            injected = self._injected(raw, parsed)
+            if injected is not None:
+                return injected
             body = await raw.read()
             if raw.method == "GET" and raw.query.get("watch") in ("true", "1"):
                 return await self._watch(raw, spec, parsed)
@@ -469,15 +476,69 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             return aiohttp.web.Response(body=json.dumps(exc.status()).encode(), status=exc.code,
                                         content_type="application/json")
 
+    @staticmethod
+    def _verb(raw: aiohttp.web.BaseRequest, p: ParsedPath) -> str:
+        watch = raw.query.get("watch") in ("true", "1")
+        return {"GET": "watch" if watch else ("get" if p.name else "list"), "POST": "create", "PUT": "update",
+                "PATCH": "patch", "DELETE": "delete" if p.name else "deletecollection"}.get(raw.method, raw.method.lower())
+
     def _audit(self, raw: aiohttp.web.BaseRequest, p: ParsedPath) -> None:
         """Who did what, in RBAC terms (verb, apiGroup, resource[/subresource]), keyed by bearer token."""
-        watch = raw.query.get("watch") in ("true", "1")
-        verb = {"GET": "watch" if watch else ("get" if p.name else "list"), "POST": "create", "PUT": "update",
-                "PATCH": "patch", "DELETE": "delete" if p.name else "deletecollection"}.get(raw.method, raw.method.lower())
         token = raw.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         resource = (p.plural or "") + (f"/{p.subresource}" if p.subresource else "")
-        self.audit_log.write(json.dumps({"token": token, "verb": verb, "apiGroup": p.group, "resource": resource,
-                                         "namespace": p.namespace}) + "\n")
+        self.audit_log.write(json.dumps({"token": token, "verb": self._verb(raw, p), "apiGroup": p.group,
+                                         "resource": resource, "namespace": p.namespace, "name": p.name}) + "\n")
+
+    # -- fault injection (tests only; a real server has no such path) ----------------------------------
+
+    async def _serve_faults(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """`POST /_e2e/faults` with {"code": 429, "retryAfter": 1, "count": 3, "verbs": [...], "token": ...,
+        "resource": ...}: the next `count` matching requests are answered with that failure, as API Priority
+        and Fairness answers (429 TooManyRequests + Retry-After). `POST /_e2e/faults/drop-watches` ends every
+        open watch stream, like a load balancer cutting connections. `GET /_e2e/faults` lists what is left."""
+        if raw.method == "POST" and raw.path.rstrip("/").endswith("/drop-watches"):
+            dropped = 0
+            for queues in self._watchers.values():
+                for queue in list(queues):
+                    queue.put_nowait(None)  # type: ignore[arg-type]
+                    dropped += 1
+            return aiohttp.web.json_response({"dropped": dropped})
+        if raw.method == "POST":
+            fault = json.loads(await raw.read() or b"{}")
+            fault.setdefault("code", 429)
+            fault.setdefault("count", 1)
+            fault["hits"] = 0
+            self.faults.append(fault)
+            return aiohttp.web.json_response(fault, status=201)
+        if raw.method == "DELETE":
+            self.faults.clear()
+        return aiohttp.web.json_response({"faults": self.faults})
+
+    def _injected(self, raw: aiohttp.web.BaseRequest, p: ParsedPath) -> aiohttp.web.StreamResponse | None:
+        if not self.faults:
+            return None
+        token = raw.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        verb = self._verb(raw, p)
+        for fault in self.faults:
+            if fault["count"] <= fault["hits"]:
+                continue
+            if fault.get("verbs") and verb not in fault["verbs"]:
+                continue
+            if fault.get("token") and fault["token"] != token:
+                continue
+            if fault.get("resource") and fault["resource"] != p.plural:
+                continue
+            fault["hits"] += 1
+            code = int(fault["code"])
+            reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+                      504: "Timeout"}.get(code, "InternalError")
+            err = ApiError(code, reason, "the server has received too many requests and has asked us to try "
+                           "again later" if code == 429 else "injected failure", {"retryAfterSeconds": fault.get("retryAfter")}
+                           if fault.get("retryAfter") is not None else {})
+            headers = {"Retry-After": str(fault["retryAfter"])} if fault.get("retryAfter") is not None else {}
+            return aiohttp.web.Response(body=json.dumps(err.status()).encode(), status=code, headers=headers,
+                                        content_type="application/json")
+        return None
 
     def _dispatch(self, raw: aiohttp.web.BaseRequest, spec: ResourceSpec, p: ParsedPath,
                   body: bytes) -> tuple[int, JsonObj]:
@@ -663,6 +724,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
                     raise ApiError(422, "Invalid", f"metadata.finalizers: Forbidden: no new finalizers can be "
                                    f"added if the object is being deleted, found new finalizers {sorted(added)}")
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
+        if spec.key == ("batch", "v1", "jobs") and not status_only:
+            _check_job_update(old, new)
         new = self._validate(spec, new, strict=False)
         if new == old:
             return old  # a no-op write changes nothing, not even the resourceVersion
@@ -1052,7 +1115,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
                 return response
             if since not in (None, "", "0") and not initial:
                 # Drop events already replayed from the log (they were also queued after subscribing).
-                while not queue.empty() and queue._queue[0].rv <= seen:  # type: ignore[attr-defined]
+                while not queue.empty() and queue._queue[0] is not None and queue._queue[0].rv <= seen:  # type: ignore[attr-defined]
                     queue.get_nowait()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout if timeout is not None else None
@@ -1070,6 +1133,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
                     if bookmarks:
                         await response.write(self._bookmark(spec))
                     continue
+                if event is None:  # fault injection: the connection drops (clients must re-watch)
+                    break
                 chunk = self._render(event, match)
                 if chunk:
                     await response.write(chunk)
@@ -1113,6 +1178,45 @@ def _deep_apply(target: Any, applied: Any) -> Any:
             out[key] = _deep_apply(target.get(key), value)
         return out
     return copy.deepcopy(applied)
+
+
+# What a suspended Job that never started may change in its pod template (Kubernetes >= 1.27,
+# JobMutableNodeSchedulingDirectives / JobPodTemplateMutable... in pkg/apis/batch/validation).
+_JOB_TEMPLATE_MUTABLE_WHEN_SUSPENDED = (("spec", "nodeSelector"), ("spec", "tolerations"), ("spec", "affinity"),
+                                       ("spec", "schedulingGates"), ("metadata", "labels"), ("metadata", "annotations"))
+
+
+def _check_job_update(old: JsonObj, new: JsonObj) -> None:
+    """The real server's ValidateJobSpecUpdate: the selector, completionMode and the pod template are immutable
+    (the few scheduling fields above excepted while suspended and never started); `completions` may change
+    only together with `parallelism` on an Indexed Job (elastic Indexed Jobs)."""
+    o, n = old.get("spec") or {}, new.get("spec") or {}
+    name = old["metadata"]["name"]
+
+    def refuse(field: str, value: Any) -> None:
+        raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.{field}: Invalid value: '
+                       f'{json.dumps(value)[:200]}: field is immutable',
+                       {"name": name, "group": "batch", "kind": "Job",
+                        "causes": [{"reason": "FieldValueInvalid", "message": "field is immutable",
+                                    "field": f"spec.{field}"}]})
+
+    for field in ("selector", "completionMode", "manualSelector"):
+        if field in o and n.get(field, o[field]) != o[field]:
+            refuse(field, n.get(field))
+    if n.get("completions", o.get("completions")) != o.get("completions"):
+        elastic = (o.get("completionMode") == "Indexed" and n.get("completions") == n.get("parallelism"))
+        if not elastic:
+            refuse("completions", n.get("completions"))
+    ot, nt = copy.deepcopy(o.get("template") or {}), copy.deepcopy(n.get("template") or {})
+    if ot == nt:
+        return
+    never_started = bool(o.get("suspend")) and not (old.get("status") or {}).get("startTime")
+    if never_started:
+        for part, key in _JOB_TEMPLATE_MUTABLE_WHEN_SUSPENDED:
+            ot.get(part, {}).pop(key, None)
+            nt.get(part, {}).pop(key, None)
+    if ot != nt:
+        refuse("template", nt)
 
 
 def _apply_defaults(spec: ResourceSpec, obj: JsonObj) -> None:

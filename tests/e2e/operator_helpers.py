@@ -75,3 +75,39 @@ CHILD_PATHS = {
 def children(c: KubeClient, ns: str, job: str | None = None) -> dict[str, list[dict[str, Any]]]:
     selector = "app.kubernetes.io/managed-by=finetune-operator" + (f",finetune.dev/job-name={job}" if job else "")
     return {kind: items(c, path.format(ns=ns), selector) for kind, path in CHILD_PATHS.items()}
+
+
+# -- the emulation's audit log and fault injection (tests that need them skip on a real cluster) ----------
+
+def token_kubeconfig(kubeconfig: Path, token: str, out: Path) -> Path:
+    """A copy of `kubeconfig` whose user authenticates with `token`, so the audit log tells its calls apart."""
+    import yaml
+
+    config = yaml.safe_load(Path(kubeconfig).read_text())
+    for user in config["users"]:
+        user["user"] = {"token": token}
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def audit(kubeconfig: Path, token: str) -> list[dict[str, Any]]:
+    """Every resource request the emulation served for `token`, in order."""
+    import json
+
+    path = Path(kubeconfig).parent / "audit.jsonl"
+    return [e for e in (json.loads(line) for line in path.read_text().splitlines()) if e["token"] == token]
+
+
+def writes(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in entries if e["verb"] not in ("watch", "list", "get")]
+
+
+def faults(url: str, body: dict[str, Any] | None = None, action: str = "") -> dict[str, Any]:
+    """The emulation's fault injection (`/_e2e/faults`, see emulator.py): add one, or run an action."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/_e2e/faults{'/' + action if action else ''}", method="POST" if body is not None or action else "GET",
+                                 data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())

@@ -7,7 +7,7 @@ chart and fails on any difference, in either direction.
 
 {{/* Namespaced resources: a ClusterRole cluster-wide, or a Role in each watched namespace. */}}
 {{- define "fto.namespacedRules" -}}
-# FineTuneJobs: kopf lists/watches them, each reconcile GETs one; the trainer's Role needs get/watch too.
+# FineTuneJobs: kopf lists/watches them (every read comes from that watch); the trainer's Role needs get/watch.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch"]
@@ -15,22 +15,20 @@ chart and fails on any difference, in either direction.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
-# Children are created if missing and read back; only the ConfigMap's data and the Job's suspend are patched.
+# Children: watched into a cache, created when missing, server-side applied (patch) when they differ, read
+# (get) only after a create answered 409; a Job whose template changed before it started is re-created.
 - apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get", "create", "patch"]
-- apiGroups: [""]
-  resources: ["services", "serviceaccounts"]
-  verbs: ["get", "create"]
+  resources: ["configmaps", "services", "serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "create"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# Pods are watched for failure reasons (OOMKilled, image pulls).
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Kept PersistentVolumeClaims are watched like the other children; pods for phases and failure reasons.
 - apiGroups: [""]
-  resources: ["pods"]
+  resources: ["persistentvolumeclaims", "pods"]
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]

@@ -1,8 +1,10 @@
-"""One reconcile pass of one FineTuneJob: read, plan (pure), apply children, write status once, post Events.
+"""One reconcile pass of one FineTuneJob: read the cache, plan (pure), write only what differs.
 
-Level-based and idempotent: every pass re-reads the FineTuneJob and its training Job, so it does not
-matter which trigger (watch event, child event, timer, restart) started it or how often it runs.
-Passes for one job are serialised; a trigger that arrives while a pass is waiting is folded into it.
+Level-based and idempotent: every pass reads the FineTuneJob, its children and pods from the watch-fed
+cache (kube/cache.py), so it does not matter which trigger started it or how often it runs; a pass that
+finds desired == observed sends no request at all. The status is patched only when it changed, Events
+are posted only for transitions (plan/status.py decides both), and the children that differ are applied
+concurrently. Passes of one job never overlap (the work queue guarantees it).
 """
 
 from __future__ import annotations
@@ -11,145 +13,233 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from .. import metrics
 from ..api.constants import Condition, Phase, Reason
-from ..kube import children as kube_children
+from ..kube import diff
+from ..kube.cache import Cache, JobKey
+from ..kube.children import Applier
 from ..kube.client import ApiError, KubeClient
 from ..kube.events import post_event
-from ..kube.status import get_ftj, patch_status
+from ..kube.status import patch_status
 from ..plan import names
 from ..plan.children import desired_children
-from ..plan.conditions import find
-from ..plan.status import is_terminal, job_input, observe, spec_change_refused, status_patch
+from ..plan.conditions import find, parse_time, set_condition
+from ..plan.status import JobInput, is_terminal, job_input, observe, spec_change_refused, status_patch
 from ..settings import Settings
+from .workqueue import WorkQueue
 
 log = logging.getLogger("finetune_operator")
-Key = tuple[str, str]
+Key = JobKey
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class Reconciler:
-    def __init__(self, client: KubeClient, settings: Settings, clock: Callable[[], datetime] = _now):
-        self.client, self.settings, self.clock = client, settings, clock
-        self._locks: dict[Key, threading.Lock] = {}
-        self._waiting: set[Key] = set()
-        self._guard = threading.Lock()
-        self.written_versions: dict[Key, str] = {}  # resourceVersion of our own last status write (echo filter)
-        self.periodic: set[Key] = set()  # jobs the resync loop must revisit (see needs_timer)
+class PassFailed(Exception):
+    """The pass could not finish (API errors after the client's retries): re-queued with backoff."""
 
-    def _lock(self, key: Key) -> threading.Lock | None:
-        with self._guard:
-            if key in self._waiting:
-                return None  # a pass is already queued and will read the newest state
-            self._waiting.add(key)
-            return self._locks.setdefault(key, threading.Lock())
+
+@dataclass
+class Result:
+    result: str  # ok, changed, invalid, gone, conflict (metric label)
+    requeue_after: float | None = None  # when this job's clock next matters (seconds)
+
+
+def next_visit(job: JobInput, status: dict[str, Any], now: datetime, cap: float) -> float | None:
+    """Seconds until a pass is due without any watch event, or None when only events matter.
+
+    Only two clocks exist: a pending stop's grace period and the stall watchdog (the time since the
+    trainer's last heartbeat). Visiting early is harmless (the pass re-schedules itself); `cap` bounds
+    the wait so a clock read from a stale cache entry is re-read at least that often.
+    """
+    if job.resolved is None or is_terminal(job, status):
+        return None
+    spec = job.resolved.spec
+    waits: list[float] = []
+    requested = parse_time(status.get("stopRequestedTime"))
+    if requested and not status.get("stopEnforced"):
+        waits.append((requested - now).total_seconds() + spec.early_stopping.stop_grace_period_seconds)
+    timeout = spec.watchdog.stall_timeout_seconds
+    if timeout and status.get("phase") == Phase.RUNNING and not status.get("stopEnforced"):
+        marks = [m for m in (parse_time(status.get("lastHeartbeatTime")), parse_time(status.get("startTime"))) if m]
+        waits.append((max(marks) - now).total_seconds() + timeout if marks else 0.0)
+    if not waits:
+        return None
+    return min(cap, max(0.05, min(waits) + 0.05))
+
+
+class Reconciler:
+    def __init__(self, client: KubeClient, settings: Settings, cache: Cache | None = None,
+                 queue: WorkQueue | None = None, clock: Callable[[], datetime] = _now):
+        self.client, self.settings, self.clock = client, settings, clock
+        self.cache = cache or Cache()
+        self.queue = queue or WorkQueue(settings.retry_base_seconds, settings.retry_max_seconds)
+        self.applier = Applier(client, self.cache, settings.apply_concurrency)
+        self._inputs: dict[Key, tuple[str | None, JobInput]] = {}  # parsed spec per resourceVersion
+        self._guard = threading.Lock()
+        self._workers: list[threading.Thread] = []
+
+    # -- the worker loop --------------------------------------------------------------------------------
+
+    def start(self, workers: int) -> None:
+        for i in range(workers):
+            t = threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def close(self) -> None:
+        self.queue.shutdown()
+        for t in self._workers:
+            t.join(timeout=5)
+        self.applier.close()
+
+    def _work(self) -> None:
+        while True:
+            key = self.queue.get()
+            if key is None:
+                return
+            try:
+                self.process(key)  # type: ignore[arg-type]
+            finally:
+                self.queue.done(key)
+
+    def process(self, key: Key) -> str:
+        """One pass with its bookkeeping: metrics, logs, backoff on failure, the next clock visit."""
+        namespace, name = key
+        started = time.perf_counter()
+        try:
+            outcome = self._pass(key)
+        except (ApiError, PassFailed) as err:
+            delay = self.queue.backoff(key)
+            outcome = Result("error")
+            log.warning("reconcile of job %s/%s failed (%s); retrying in %.1f s", namespace, name, err, delay,
+                        extra={"job": name, "namespace": namespace, "action": "reconcile", "result": "error"})
+            self.queue.add_after(key, delay)
+        except Exception:  # noqa: BLE001 - a bug must not kill the worker; the job is retried like an API error
+            delay = self.queue.backoff(key)
+            outcome = Result("error")
+            log.exception("reconcile of job %s/%s crashed; retrying in %.1f s", namespace, name, delay,
+                          extra={"job": name, "namespace": namespace, "action": "reconcile", "result": "error"})
+            self.queue.add_after(key, delay)
+        else:
+            if outcome.result == "conflict":
+                # Someone else's object holds a child's name; it may be deleted without any event we see.
+                self.queue.add_after(key, self.queue.backoff(key))
+            else:
+                self.queue.forget(key)
+            if outcome.requeue_after is not None:
+                self.queue.add_after(key, outcome.requeue_after)
+        metrics.RECONCILES.labels(result=outcome.result).inc()
+        metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
+        return outcome.result
 
     def forget(self, key: Key) -> None:
+        owned = self.cache.owned(key)
+        self.applier.forget(key, [k for k in owned if k[0] != "Pod"])
         with self._guard:
-            self._locks.pop(key, None)
-            self.written_versions.pop(key, None)
-            self.periodic.discard(key)
+            self._inputs.pop(key, None)
+        self.queue.discard(key)
         metrics.PHASES.set(key, None)
 
-    def track(self, key: Key, body: dict[str, Any]) -> None:
+    def _input(self, key: Key, ftj: dict[str, Any]) -> JobInput:
+        """job_input (spec validation) once per resourceVersion: most passes are triggered by children."""
+        rv = (ftj.get("metadata") or {}).get("resourceVersion")
         with self._guard:
-            if needs_timer(body):
-                self.periodic.add(key)
-            else:
-                self.periodic.discard(key)
-
-    def periodic_keys(self) -> list[Key]:
+            cached = self._inputs.get(key)
+        if cached is not None and cached[0] == rv and rv is not None:
+            return cached[1]
+        parsed = job_input(ftj)
         with self._guard:
-            return sorted(self.periodic)
+            self._inputs[key] = (rv, parsed)
+        return parsed
 
-    def is_own_echo(self, key: Key, body: dict[str, Any]) -> bool:
-        rv = (body.get("metadata") or {}).get("resourceVersion")
-        return rv is not None and self.written_versions.get(key) == rv
+    def _desired(self, job: JobInput, enforced: bool) -> list[dict[str, Any]]:
+        # Built again each pass (~1 ms) rather than kept per job: the copies of 1,000 jobs' pod templates
+        # cost more memory than the passes cost CPU (passes are rare once jobs run).
+        return desired_children(job.resolved, self.settings, enforced_stop=enforced)
 
-    def reconcile(self, namespace: str, name: str, trigger: str) -> str:
-        key = (namespace, name)
-        lock = self._lock(key)
-        if lock is None:
-            return "coalesced"
-        with lock:
-            with self._guard:
-                self._waiting.discard(key)
-            started = time.perf_counter()
-            try:
-                result = self._pass(namespace, name, trigger)
-            except ApiError as err:
-                result = "error"
-                log.warning("reconcile of job %s/%s failed (%s); the next event or timer retries", namespace, name, err,
-                            extra={"job": name, "namespace": namespace, "action": "reconcile", "result": result})
-            except Exception:  # noqa: BLE001 - a bug or a network error must not kill the handler thread
-                result = "error"
-                log.exception("reconcile of job %s/%s crashed", namespace, name,
-                              extra={"job": name, "namespace": namespace, "action": "reconcile", "result": result})
-            metrics.RECONCILES.labels(result=result).inc()
-            metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
-            return result
+    # -- one pass ---------------------------------------------------------------------------------------
 
-    def _pass(self, namespace: str, name: str, trigger: str) -> str:
-        key = (namespace, name)
-        ftj = get_ftj(self.client, namespace, name)
+    def _pass(self, key: Key) -> Result:
+        namespace, name = key
+        ftj = self.cache.ftj(key)
         if ftj is None or (ftj.get("metadata") or {}).get("deletionTimestamp"):
             self.forget(key)
-            return "gone"
-        job = job_input(ftj)
+            return Result("gone")
+        job = self._input(key, ftj)
         status = job.status
+        now = self.clock()
         if is_terminal(job, status):
             metrics.PHASES.set(key, status.get("phase"))
-            self.track(key, ftj)
-            return "unchanged"
+            return Result("ok")
 
-        job_obj = pods = None
+        owned = self.cache.owned(key)
+        job_obj = None
+        pods: list[dict[str, Any]] = []
         if job.resolved is not None:
-            job_obj = self.client.get(kube_children.object_path("batch/v1", "jobs", namespace, names.batch_job_name(name)))
-            pods = kube_children.list_pods(self.client, namespace, names.selector(name)) if job_obj else []
-        new, events = observe(job, status, job_obj, pods or [], self.clock())
+            job_obj = owned.get(("Job", names.batch_job_name(name)))
+            if job_obj is not None and not diff.owned_by(job_obj, job.uid):
+                job_obj = None  # a Job of an earlier FineTuneJob with this name, or someone else's
+            pods = [o for (kind, _), o in sorted(owned.items()) if kind == "Pod"]
+        new, events = observe(job, status, job_obj, pods, now)
 
-        created: list[str] = []
+        outcome = None
         if job.resolved is not None:
-            wanted = desired_children(job.resolved, self.settings, enforced_stop=bool(new.get("stopEnforced")))
+            wanted = self._desired(job, bool(new.get("stopEnforced")))
             if spec_change_refused(new):
-                # The running job keeps its children; only suspend still follows the spec (and our stops).
-                if job_obj is not None:
-                    kube_children.converge(self.client, wanted[-1], job_obj)
-            else:
-                ready = find(status.get("conditions") or [], Condition.READY)
-                # Event-driven passes only converge the Job (watched); the periodic pass re-checks every
-                # child, so a deleted ConfigMap, Service or RBAC object comes back without a spec change.
-                fast = bool(job_obj is not None and ready and ready.get("status") == "True"
-                            and ready.get("observedGeneration") == job.generation and trigger != "timer")
-                _, created = kube_children.apply_children(self.client, wanted, job_obj, full=not fast)
+                # The running job keeps its children: only the Job's mutable fields follow (suspend, our stops),
+                # with the node count it was started with.
+                wanted = [w for w in wanted if w["kind"] == "Job"] if job_obj is not None else []
+                for w in wanted:
+                    w["spec"] = {**w["spec"], "parallelism": (job_obj.get("spec") or {}).get("parallelism",
+                                                                                           w["spec"]["parallelism"])}
+            started = diff.job_started(job_obj, len(pods), status)
+            plans = self.applier.plans(key, wanted, job.uid, started)
+            outcome = self.applier.run(key, plans, job.uid)
+            if outcome.errors:
+                raise PassFailed("; ".join(str(e) for e in outcome.errors[:3]))
+            if outcome.conflicts:
+                what = ", ".join(outcome.conflicts)
+                new["conditions"] = set_condition(
+                    new["conditions"], Condition.READY, False, Reason.CHILD_NOT_OWNED,
+                    f"{what} exists and is not owned by this FineTuneJob: the operator does not touch it; delete or "
+                    "rename it, or rename the FineTuneJob", now, job.generation)
+                _keep_transition_time(status, new, Condition.READY)
 
         patch = status_patch(status, new)
         if patch:
-            updated = patch_status(self.client, namespace, name, patch)
-            rv = ((updated or {}).get("metadata") or {}).get("resourceVersion")
-            if rv:
-                self.written_versions[key] = rv
+            answer = patch_status(self.client, namespace, name, patch)
+            if answer:
+                self.cache.put_ftj(answer)
+        if outcome is not None and outcome.conflicts and patch.get("conditions"):
+            events = [*events, _conflict_event(outcome.conflicts)]
         for ev in events:
             post_event(self.client, ftj, ev.type, ev.reason, ev.message)
             self._count(ev.reason)
         metrics.PHASES.set(key, new.get("phase"))
-        self.track(key, {"metadata": ftj.get("metadata") or {}, "status": {**status, **new}})
 
-        if created or patch:
-            log.info("job %s/%s: %s%s (trigger %s)", namespace, name,
-                     f"created {', '.join(created)}; " if created else "",
-                     f"phase {new.get('phase')} ({new.get('reason')})", trigger,
+        wrote = bool(outcome and outcome.wrote)
+        if wrote or patch:
+            log.info("job %s/%s: %s%s", namespace, name, _words(outcome) if outcome else "",
+                     f"phase {new.get('phase')} ({new.get('reason')})",
                      extra={"job": name, "namespace": namespace, "action": "reconcile",
                             "phase": new.get("phase"), "reason": new.get("reason")})
+        merged = {**status, **{k: v for k, v in new.items() if v is not None}}
+        visit = next_visit(job, merged, now, self.settings.resync_seconds)
+        if outcome is not None and (outcome.found or outcome.wrote):
+            # What we observed changed under this pass (children written, or found that were not cached yet):
+            # one more pass sees it (the watch echoes of our own writes trigger none: the cache had them).
+            visit = 0.0
         if new.get("reason") == Reason.INVALID_SPEC:
-            return "invalid"
-        return "changed" if (created or patch) else "ok"
+            return Result("invalid", visit)
+        if outcome is not None and outcome.conflicts:
+            return Result("conflict", visit)
+        return Result("changed" if (wrote or patch) else "ok", visit)
 
     @staticmethod
     def _count(reason: str) -> None:
@@ -161,15 +251,27 @@ class Reconciler:
             metrics.ENFORCED.inc()
 
 
-def needs_timer(body: dict[str, Any]) -> bool:
-    """Whether the periodic pass has anything to do: a pending stop's grace period, the stall watchdog,
-    or a pass that failed (status not yet written for this generation). Terminal jobs cost nothing."""
-    status = body.get("status") or {}
-    meta = body.get("metadata") or {}
-    if status.get("phase") in Phase.TERMINAL:
-        return status.get("reason") == Reason.INVALID_SPEC and status.get("observedGeneration") != meta.get("generation")
-    if status.get("observedGeneration") != meta.get("generation") or not status.get("phase"):
-        return True
-    if status.get("stopRequestedTime") and not status.get("stopEnforced"):
-        return True
-    return status.get("phase") == Phase.RUNNING
+def _keep_transition_time(status: dict[str, Any], new: dict[str, Any], type_: str) -> None:
+    """A condition overridden after observe() keeps the stored lastTransitionTime while its status holds
+    (otherwise every pass would rewrite the status)."""
+    stored = find(list(status.get("conditions") or []), type_)
+    conds = new.get("conditions") or []
+    cond = find(conds, type_)
+    if stored and cond and stored.get("status") == cond.get("status"):
+        new["conditions"] = [{**x, "lastTransitionTime": stored.get("lastTransitionTime")} if x is cond else x
+                             for x in conds]
+
+
+def _conflict_event(conflicts: list[str]):
+    from ..plan.status import Event
+
+    return Event("Warning", Reason.CHILD_NOT_OWNED,
+                 f"{', '.join(conflicts)} exists and is not owned by this FineTuneJob; it was left alone")
+
+
+def _words(outcome: Any) -> str:
+    parts = []
+    for verb, kinds in (("created", outcome.created), ("applied", outcome.applied), ("re-created", outcome.recreated)):
+        if kinds:
+            parts.append(f"{verb} {', '.join(kinds)}")
+    return "; ".join(parts) + ("; " if parts else "")

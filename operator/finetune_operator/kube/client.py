@@ -4,30 +4,46 @@ Why not the typed APIs: kubernetes 37's generated models validate every response
 cost a model round-trip per call; the reconciler works on plain dicts (what the pure plan
 produces), so we use the package only for what it is good at here: kubeconfig / in-cluster
 credentials, TLS, token refresh and a bounded urllib3 pool. Every call has a timeout.
+
+Like client-go's rest client (what controller-runtime uses), every call goes through a client-side
+token-bucket rate limit (QPS/burst) and is retried when the server says so: 429 with `Retry-After`
+(API Priority and Fairness, or the server's max-in-flight limit), 5xx and timeouts/refused connections
+with capped exponential backoff. The pure parts (`TokenBucket`, `retry_delay`) are unit-tested.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from ..api.constants import FIELD_MANAGER
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply; JSON is valid YAML
+
+log = logging.getLogger("finetune_operator.kube")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, reason: str, body: str):
-        self.status, self.reason, self.body = status, reason, body
+    def __init__(self, status: int, reason: str, body: str, retry_after: float | None = None):
+        self.status, self.reason, self.body, self.retry_after = status, reason, body, retry_after
         try:
-            message = json.loads(body).get("message", body)
+            decoded = json.loads(body)
+            message = decoded.get("message", body)
+            self.api_reason = decoded.get("reason", "")
         except (ValueError, AttributeError):
-            message = body
+            message, self.api_reason = body, ""
         super().__init__(f"{status} {reason}: {str(message)[:300]}")
 
     @property
@@ -37,6 +53,15 @@ class ApiError(Exception):
     @property
     def conflict(self) -> bool:
         return self.status == 409
+
+    @property
+    def already_exists(self) -> bool:
+        return self.status == 409 and self.api_reason == "AlreadyExists"
+
+    @property
+    def retriable(self) -> bool:
+        """What client-go retries: throttling (429) and server-side failures (5xx), never a verdict (4xx)."""
+        return self.status == 429 or self.status >= 500
 
 
 def load_configuration(pool_size: int) -> k8s.Configuration:
@@ -49,10 +74,80 @@ def load_configuration(pool_size: int) -> k8s.Configuration:
     return cfg
 
 
+class TokenBucket:
+    """client-go's `flowcontrol.NewTokenBucketRateLimiter(qps, burst)`: `burst` calls at once, then `qps` per
+    second. Thread-safe; `acquire` blocks (outside the lock) until a token is free. qps <= 0: unlimited."""
+
+    def __init__(self, qps: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.qps, self.burst = float(qps), max(1, int(burst))
+        self.clock, self.sleep = clock, sleep
+        self._tokens = float(self.burst)
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """Take a token (possibly one not yet earned); the seconds to wait before using it."""
+        if self.qps <= 0:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.qps)
+            self._last = now
+            self._tokens -= 1
+            return 0.0 if self._tokens >= 0 else -self._tokens / self.qps
+
+    def acquire(self) -> float:
+        delay = self.reserve()
+        if delay > 0:
+            self.sleep(delay)
+        return delay
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry one call (client-go retries up to 10 times on Retry-After)."""
+
+    attempts: int = 5
+    base_seconds: float = 0.2
+    max_seconds: float = 10.0
+    max_retry_after_seconds: float = 60.0
+
+
+def retry_delay(policy: RetryPolicy, attempt: int, retry_after: float | None) -> float:
+    """Seconds to wait before retry number `attempt` (1-based): the server's Retry-After when it gave one
+    (capped, so a wrong header cannot park a worker for an hour), else exponential backoff, capped."""
+    if retry_after is not None and retry_after >= 0:
+        return min(retry_after, policy.max_retry_after_seconds)
+    return min(policy.base_seconds * 2 ** (attempt - 1), policy.max_seconds)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds (the API server sends an integer); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value.strip()))
+    except ValueError:
+        return None
+
+
 class KubeClient:
-    def __init__(self, cfg: k8s.Configuration, timeout: float = 10.0, connect_timeout: float = 5.0):
+    def __init__(self, cfg: k8s.Configuration, timeout: float = 10.0, connect_timeout: float = 5.0, *,
+                 qps: float = 0.0, burst: int = 1, retry: RetryPolicy | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        # urllib3 would otherwise retry 429/503 itself (sleeping Retry-After inside the call, unseen and
+        # uncapped) and repeat failed connections; our retry loop below is the only one.
+        cfg.retries = False
         self.api = k8s.ApiClient(cfg)
+        # At most as many calls in flight as pooled connections: urllib3 would open (and then discard) an
+        # extra connection per call beyond the pool, a TCP (and TLS) handshake each time.
+        self._in_flight = threading.BoundedSemaphore(max(1, int(cfg.connection_pool_maxsize or 4)))
         self.timeout = (connect_timeout, timeout)
+        self.limiter = TokenBucket(qps, burst, sleep=sleep)
+        self.retry = retry or RetryPolicy()
+        self.sleep = sleep
+        self.calls = 0  # requests sent, retries included (for tests and the benchmark)
 
     def request(
         self,
@@ -63,17 +158,43 @@ class KubeClient:
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any] | None:
-        """One API call; the decoded JSON answer, or ApiError for a status >= 400."""
+        """One API call, retried on 429/5xx/timeouts; the decoded JSON answer, or ApiError for a status >= 400."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._once(method, path, body, query, content_type)
+            except ApiError as err:
+                if not err.retriable or attempt >= self.retry.attempts:
+                    raise
+                delay = retry_delay(self.retry, attempt, err.retry_after)
+                why = str(err)
+            except (urllib3.exceptions.HTTPError, OSError) as err:  # timeouts, resets, refused connections
+                if attempt >= self.retry.attempts:
+                    raise ApiError(503, "Unavailable", f"{method} {path}: {err}") from err
+                delay = retry_delay(self.retry, attempt, None)
+                why = f"{type(err).__name__}: {err}"
+            log.debug("retrying %s %s in %.2f s (attempt %d): %s", method, path, delay, attempt, why)
+            self.sleep(delay)
+
+    def _once(self, method: str, path: str, body: Any, query: dict[str, str] | None,
+              content_type: str) -> dict[str, Any] | None:
         params = dict(query or {})
         if method in ("POST", "PATCH", "PUT"):
             params.setdefault("fieldManager", FIELD_MANAGER)
         url_path = path + ("?" + urlencode(params) if params else "")
         headers = {"Accept": "application/json", "Content-Type": content_type}
         _, url, headers, _, _ = self.api.param_serialize(method, url_path, header_params=headers, auth_settings=["BearerToken"])
-        response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=self.timeout)
-        data = response.read()
+        self.limiter.acquire()
+        self.calls += 1
+        if content_type == APPLY_PATCH and not isinstance(body, str | bytes):
+            body = json.dumps(body)  # the generated client serialises only JSON content types
+        with self._in_flight:
+            response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=self.timeout)
+            data = response.read()
         if response.status >= 400:
-            raise ApiError(response.status, response.reason or "", data.decode(errors="replace") if data else "")
+            raise ApiError(response.status, response.reason or "", data.decode(errors="replace") if data else "",
+                           parse_retry_after((response.headers or {}).get("Retry-After")))
         return json.loads(data) if data else None
 
     def get(self, path: str, query: dict[str, str] | None = None) -> dict[str, Any] | None:

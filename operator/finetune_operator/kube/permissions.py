@@ -8,32 +8,28 @@ from __future__ import annotations
 
 from ..api.constants import GROUP, PLURAL
 
+_CHILDREN = (
+    ("", "configmaps"), ("", "services"), ("", "serviceaccounts"),
+    ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings"), ("batch", "jobs"),
+)
+
 OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
     {
-        # FineTuneJobs: kopf lists/watches them; we GET one at the start of each reconcile.
-        (GROUP, PLURAL, "get"),
+        # FineTuneJobs: kopf lists/watches them; every read of a pass comes from that watch (no GET).
         (GROUP, PLURAL, "list"),
         (GROUP, PLURAL, "watch"),
-        # Status: written once per pass with a merge patch (never spec or metadata).
+        # Status: a merge patch only when it changed (never spec or metadata).
         (GROUP, f"{PLURAL}/status", "patch"),
-        # Children: create-if-missing, read back, merge-patch drift (Job suspend, ConfigMap data).
-        ("", "configmaps", "create"),
-        ("", "configmaps", "get"),
-        ("", "configmaps", "patch"),
-        ("", "services", "create"),
-        ("", "services", "get"),
-        ("", "serviceaccounts", "create"),
-        ("", "serviceaccounts", "get"),
-        ("rbac.authorization.k8s.io", "roles", "create"),
-        ("rbac.authorization.k8s.io", "roles", "get"),
-        ("rbac.authorization.k8s.io", "rolebindings", "create"),
-        ("rbac.authorization.k8s.io", "rolebindings", "get"),
-        ("batch", "jobs", "create"),
-        ("batch", "jobs", "get"),
-        ("batch", "jobs", "patch"),
-        # kopf watches the training Jobs and pods (child handlers); we list pods for failure reasons.
-        ("batch", "jobs", "list"),
-        ("batch", "jobs", "watch"),
+        # Children: watched (label-selected) into the cache; created when missing; server-side applied
+        # (patch) when they differ; read once (get) only when a create answers 409, to tell our object
+        # from someone else's. Jobs are also deleted, to re-create one whose pod template changed before
+        # it started a pod (the template is immutable).
+        *((group, plural, verb) for group, plural in _CHILDREN for verb in ("list", "watch", "create", "patch", "get")),
+        ("batch", "jobs", "delete"),
+        # PersistentVolumeClaims a job keeps are watched like the other children.
+        ("", "persistentvolumeclaims", "list"),
+        ("", "persistentvolumeclaims", "watch"),
+        # Pods: watched for phases and failure reasons (OOMKilled, image pulls); never written.
         ("", "pods", "list"),
         ("", "pods", "watch"),
         # Events for every transition (core/v1, what `kubectl describe` shows).

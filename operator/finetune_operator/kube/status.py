@@ -12,10 +12,6 @@ def ftj_path(namespace: str, name: str) -> str:
     return object_path(c.API_VERSION, c.PLURAL, namespace, name)
 
 
-def get_ftj(client: KubeClient, namespace: str, name: str) -> dict[str, Any] | None:
-    return client.get(ftj_path(namespace, name))
-
-
 def patch_status(client: KubeClient, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
     # A merge patch sends only our fields: the trainer's progress fields are never overwritten.
     return client.request("PATCH", ftj_path(namespace, name) + "/status", body={"status": patch}, content_type=MERGE_PATCH)

@@ -1,0 +1,164 @@
+"""An informer-style store: the FineTuneJobs, their children and pods as the watches delivered them.
+
+Why: a reconcile that GETs the FineTuneJob, its Job and LISTs its pods costs ~3 requests per pass (65-104
+requests per running job per minute were measured on a real server); controller-runtime's informers
+serve those reads from watch-fed caches, so steady state costs only the open watches. kopf already
+streams every FineTuneJob and every labelled child and pod (handlers/kopf_handlers.py feeds this store);
+our own writes are stored with the answer the server gave (write-through), so the next pass compares
+against what the server holds without waiting for the watch echo.
+
+Objects are kept without `metadata.managedFields` (often half of an object's size and never read here).
+Thread-safe: kopf's event loop writes, the reconcile workers read snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from ..api import constants as c
+
+JobKey = tuple[str, str]  # (namespace, FineTuneJob name)
+ChildKey = tuple[str, str]  # (kind, name)
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _slim(obj: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
+    """What the reconcile reads, without what it never does: `managedFields` (often half an object),
+    kubectl's last-applied annotation (a second copy of the object), and a pod's spec (only its metadata
+    and status are read). Measured: RSS with 1,000 running jobs fell from 191 MiB (full objects)."""
+    meta = obj.get("metadata") or {}
+    ann = meta.get("annotations") or {}
+    if "managedFields" in meta or LAST_APPLIED in ann:
+        meta = {k: v for k, v in meta.items() if k != "managedFields"}
+        if LAST_APPLIED in ann:
+            meta["annotations"] = {k: v for k, v in ann.items() if k != LAST_APPLIED}
+        obj = {**obj, "metadata": meta}
+    if kind == "Pod" and "spec" in obj:
+        obj = {k: v for k, v in obj.items() if k != "spec"}
+    return obj
+
+
+def _rv(obj: dict[str, Any] | None) -> int | None:
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion"))
+    except (TypeError, ValueError):
+        return None
+
+
+class _Stored:
+    """One cached object as compact JSON: ~5x smaller than the decoded dicts (measured: RSS of an operator
+    with 1,000 running jobs), decoded only when a pass reads it (~0.1 ms per object; passes are rare in
+    steady state). resourceVersion and uid stay readable for the freshness checks."""
+
+    __slots__ = ("data", "rv", "uid")
+
+    def __init__(self, obj: dict[str, Any]) -> None:
+        self.rv = _rv(obj)
+        self.uid = (obj.get("metadata") or {}).get("uid")
+        self.data = json.dumps(obj, separators=(",", ":")).encode()
+
+    def get(self) -> dict[str, Any]:
+        return json.loads(self.data)
+
+
+def _replaces(new: dict[str, Any], old: _Stored | None) -> bool:
+    """Whether `new` may replace `old`. resourceVersions are opaque to clients in general, but every server
+    we know (etcd revisions) makes them increasing integers; comparing them keeps a late watch event from
+    overwriting the answer of our own, newer write. Unreadable versions always replace."""
+    a = _rv(new)
+    return old is None or a is None or old.rv is None or a >= old.rv
+
+
+def _same(new: dict[str, Any], old: _Stored | None) -> bool:
+    return old is not None and old.rv is not None and old.rv == _rv(new)
+
+
+class Cache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ftjs: dict[JobKey, _Stored] = {}
+        self._owned: dict[JobKey, dict[ChildKey, _Stored]] = {}
+
+    # -- FineTuneJobs -----------------------------------------------------------------------------------
+
+    def put_ftj(self, obj: dict[str, Any]) -> bool:
+        """Store a FineTuneJob; False when this or a newer version is already stored (nothing new: the
+        watch echo of our own status write, whose answer was stored when we made it)."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        stored = _Stored(_slim(obj))
+        with self._lock:
+            old = self._ftjs.get(key)
+            if not _replaces(obj, old):
+                return False
+            self._ftjs[key] = stored
+            return not _same(obj, old)
+
+    def drop_ftj(self, key: JobKey) -> None:
+        with self._lock:
+            self._ftjs.pop(key, None)
+
+    def ftj(self, key: JobKey) -> dict[str, Any] | None:
+        with self._lock:
+            stored = self._ftjs.get(key)
+        return stored.get() if stored is not None else None
+
+    def ftj_keys(self) -> list[JobKey]:
+        with self._lock:
+            return list(self._ftjs)
+
+    # -- children and pods, by the job label -----------------------------------------------------------
+
+    @staticmethod
+    def job_of(obj: dict[str, Any]) -> JobKey | None:
+        meta = obj.get("metadata") or {}
+        job = (meta.get("labels") or {}).get(c.Label.JOB_NAME)
+        return (meta.get("namespace") or "", job) if job else None
+
+    def put_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:
+        """Store a child (or pod) under its job label; the job's key, or None for an unlabelled object and
+        for a version already stored (the watch echo of our own write: nothing new to reconcile)."""
+        job = job or self.job_of(obj)
+        if job is None:
+            return None
+        key = (kind, (obj.get("metadata") or {}).get("name") or "")
+        stored = _Stored(_slim(obj, kind))
+        with self._lock:
+            owned = self._owned.setdefault(job, {})
+            old = owned.get(key)
+            if not _replaces(obj, old):
+                return None
+            owned[key] = stored
+            if _same(obj, old):
+                return None
+        return job
+
+    def drop_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:
+        job = job or self.job_of(obj)
+        if job is None:
+            return None
+        name = (obj.get("metadata") or {}).get("name") or ""
+        with self._lock:
+            owned = self._owned.get(job)
+            if owned is not None:
+                stored = owned.get((kind, name))
+                # A DELETED event for an older incarnation must not drop a newer object of the same name.
+                if stored is not None and stored.uid in (None, (obj.get("metadata") or {}).get("uid")):
+                    owned.pop((kind, name), None)
+                if not owned:
+                    self._owned.pop(job, None)
+        return job
+
+    def owned(self, job: JobKey) -> dict[ChildKey, dict[str, Any]]:
+        """A snapshot: freshly decoded objects the caller may keep."""
+        with self._lock:
+            items = list((self._owned.get(job) or {}).items())
+        return {k: v.get() for k, v in items}
+
+    def sizes(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._ftjs), sum(len(v) for v in self._owned.values())

@@ -1,0 +1,168 @@
+"""The API client's rate limit, retries and Retry-After, and the work queue's backoff (pure parts, plus one
+round trip through a local HTTP server that answers like API Priority and Fairness)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pytest
+from kubernetes import client as k8s
+
+from finetune_operator.handlers.workqueue import WorkQueue, backoff_delay
+from finetune_operator.kube.client import (
+    ApiError,
+    KubeClient,
+    RetryPolicy,
+    TokenBucket,
+    parse_retry_after,
+    retry_delay,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_token_bucket_allows_a_burst_then_qps():
+    clock = FakeClock()
+    bucket = TokenBucket(qps=10, burst=3, clock=clock, sleep=clock.sleep)
+    for _ in range(3):
+        assert bucket.acquire() == 0
+    assert bucket.acquire() == pytest.approx(0.1)  # the 4th waits for one token at 10/s
+    assert bucket.acquire() == pytest.approx(0.1)
+    clock.now += 10  # idle: the bucket refills to the burst, not beyond
+    assert [bucket.acquire() for _ in range(4)] == [0, 0, 0, pytest.approx(0.1)]
+
+
+def test_token_bucket_off_when_qps_is_zero():
+    clock = FakeClock()
+    bucket = TokenBucket(qps=0, burst=1, clock=clock, sleep=clock.sleep)
+    assert all(bucket.acquire() == 0 for _ in range(100)) and not clock.slept
+
+
+def test_retry_delay_prefers_retry_after_and_caps_backoff():
+    policy = RetryPolicy(attempts=5, base_seconds=0.2, max_seconds=1.0, max_retry_after_seconds=30)
+    assert [retry_delay(policy, n, None) for n in (1, 2, 3, 4)] == [0.2, 0.4, 0.8, 1.0]
+    assert retry_delay(policy, 1, 7) == 7
+    assert retry_delay(policy, 1, 3600) == 30
+    assert parse_retry_after("2") == 2 and parse_retry_after(" 1 ") == 1
+    assert parse_retry_after(None) is None and parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
+
+
+def test_backoff_is_exponential_with_a_cap():
+    assert [backoff_delay(n, 0.5, 4) for n in (0, 1, 2, 3, 4, 5, 100)] == [0, 0.5, 1, 2, 4, 4, 4]
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    answers: list[tuple[int, dict[str, str]]]
+    seen: list[str]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def _answer(self) -> None:
+        server: _Server = self.server  # type: ignore[assignment]
+        server.seen.append(self.command)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        code, headers = server.answers.pop(0) if server.answers else (200, {})
+        body = json.dumps({"kind": "Status", "code": code, "reason": "TooManyRequests"} if code >= 400
+                          else {"kind": "ConfigMap", "metadata": {"name": "x"}}).encode()
+        self.send_response(code)
+        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PATCH = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = _Server(("127.0.0.1", 0), _Handler)
+    srv.answers, srv.seen = [], []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _client(server, attempts: int = 5) -> tuple[KubeClient, list[float]]:
+    cfg = k8s.Configuration()
+    cfg.host = f"http://127.0.0.1:{server.server_address[1]}"
+    slept: list[float] = []
+    return KubeClient(cfg, timeout=5, retry=RetryPolicy(attempts=attempts), sleep=slept.append), slept
+
+
+def test_429_retry_after_is_honoured(server):
+    server.answers = [(429, {"Retry-After": "3"}), (429, {"Retry-After": "1"})]
+    client, slept = _client(server)
+    assert client.request("PATCH", "/api/v1/namespaces/a/configmaps/x", body={}, content_type="application/apply-patch+yaml")
+    assert slept == [3.0, 1.0] and server.seen == ["PATCH"] * 3
+
+
+def test_5xx_is_retried_with_backoff_and_4xx_is_not(server):
+    server.answers = [(503, {}), (500, {})]
+    client, slept = _client(server)
+    assert client.request("GET", "/api/v1/namespaces/a/configmaps/x")
+    assert slept == [0.2, 0.4]
+    server.answers = [(422, {})]
+    with pytest.raises(ApiError) as info:
+        client.request("POST", "/api/v1/namespaces/a/configmaps", body={})
+    assert info.value.status == 422 and slept == [0.2, 0.4]
+
+
+def test_retries_end_with_the_error(server):
+    server.answers = [(429, {"Retry-After": "1"})] * 3
+    client, slept = _client(server, attempts=3)
+    with pytest.raises(ApiError) as info:
+        client.request("GET", "/api/v1/namespaces/a/configmaps/x")
+    assert info.value.status == 429 and info.value.retry_after == 1 and slept == [1.0, 1.0]
+
+
+def test_work_queue_dedups_and_never_runs_a_key_twice_at_once():
+    clock = FakeClock()
+    q = WorkQueue(base_backoff=1, max_backoff=8, clock=clock)
+    q.add("a")
+    q.add("a")
+    q.add("b")
+    assert q.get(0) == "a"
+    q.add("a")  # while "a" is processed: queued again, handed out only after done()
+    assert q.get(0) == "b"
+    assert q.get(0) is None
+    q.done("a")
+    assert q.get(0) == "a"
+    q.done("a")
+    q.done("b")
+    assert q.get(0) is None
+
+
+def test_work_queue_delays_and_backoff():
+    clock = FakeClock()
+    q = WorkQueue(base_backoff=1, max_backoff=8, clock=clock)
+    assert [q.backoff("a") for _ in range(5)] == [1, 2, 4, 8, 8]
+    q.forget("a")
+    assert q.backoff("a") == 1
+    q.add_after("a", 5)
+    q.add_after("a", 9)  # the earlier schedule wins
+    assert q.get(0) is None
+    clock.now += 5
+    assert q.get(0) == "a"
+    q.done("a")
+    clock.now += 10
+    assert q.get(0) is None  # the later schedule was folded into the earlier one

@@ -1,0 +1,101 @@
+"""One reconcile pass against a recording fake API client: what it sends, and what it does not."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+from ftj_builders import manifest
+
+from finetune_operator.handlers.reconcile import Reconciler
+from finetune_operator.kube.client import ApiError
+from finetune_operator.settings import Settings
+
+KEY = ("team-a", "bbc-news")
+
+
+class FakeApi:
+    """Answers like a server: creates and applies return the object with uid/resourceVersion."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail: ApiError | None = None
+        self.rv = itertools.count(100)
+
+    def request(self, method, path, *, body=None, query=None, content_type="application/json"):
+        self.calls.append((method, path))
+        if self.fail is not None:
+            raise self.fail
+        if body is None or path.endswith("/events"):
+            return None
+        answer = copy.deepcopy(body)
+        if "/status" in path:  # the whole FineTuneJob, its status merged
+            self.ftj = {**self.ftj, "status": {**(self.ftj.get("status") or {}), **body["status"]}}
+            self.ftj["metadata"] = {**self.ftj["metadata"], "resourceVersion": str(next(self.rv))}
+            return copy.deepcopy(self.ftj)
+        answer["metadata"].update(uid=f"uid-{next(self.rv)}", resourceVersion=str(next(self.rv)))
+        return answer
+
+    def get(self, path, query=None):
+        self.calls.append(("GET", path))
+        return None
+
+
+def reconciler() -> tuple[Reconciler, FakeApi]:
+    api = FakeApi()
+    r = Reconciler(api, Settings(resync_seconds=10))  # type: ignore[arg-type]
+    obj = manifest(suspend=True)
+    obj["metadata"]["resourceVersion"] = "1"
+    api.ftj = obj
+    r.cache.put_ftj(obj)
+    return r, api
+
+
+def test_first_pass_creates_everything_then_passes_send_nothing():
+    r, api = reconciler()
+    assert r.process(KEY) == "changed"
+    verbs = sorted(m for m, _ in api.calls)
+    assert verbs == ["PATCH"] + ["POST"] * 7  # six children + one Event; one status patch
+    for _ in range(3):  # a follow-up pass and any number of later ones: desired == observed
+        api.calls.clear()
+        assert r.process(KEY) == "ok"
+        assert api.calls == []
+
+
+def test_a_deleted_child_comes_back_with_one_create():
+    r, api = reconciler()
+    r.process(KEY)
+    r.process(KEY)
+    cm = r.cache.owned(KEY)[("ConfigMap", "bbc-news-config")]
+    r.cache.drop_child("ConfigMap", cm)
+    api.calls.clear()
+    r.process(KEY)
+    assert api.calls == [("POST", "/api/v1/namespaces/team-a/configmaps")]
+
+
+def test_another_owners_object_is_reported_not_touched():
+    r, api = reconciler()
+    foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": "bbc-news-workers", "namespace": "team-a", "uid": "x", "resourceVersion": "5",
+        "labels": {"finetune.dev/job-name": "bbc-news", "app.kubernetes.io/managed-by": "finetune-operator"},
+        "ownerReferences": [{"uid": "someone-else", "controller": True}]}}
+    r.cache.put_child("Service", foreign)
+    assert r.process(KEY) == "conflict"
+    assert not any("/services" in p for _, p in api.calls)
+    st = r.cache.ftj(KEY)["status"]
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ChildNotOwned" and "Service bbc-news-workers" in ready["message"]
+    api.calls.clear()
+    r.process(KEY)  # the same conflict again: no new status write, no new Event
+    assert api.calls == []
+
+
+def test_a_failed_pass_is_retried_with_growing_backoff():
+    r, api = reconciler()
+    api.fail = ApiError(503, "Service Unavailable", "{}")
+    assert r.process(KEY) == "error"
+    assert r.process(KEY) == "error"
+    assert r.queue.failures(KEY) == 2
+    api.fail = None
+    assert r.process(KEY) == "changed"
+    assert r.queue.failures(KEY) == 0
