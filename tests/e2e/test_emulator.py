@@ -15,9 +15,10 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
-from kubernetes import dynamic, watch
+from kubernetes import dynamic
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator.api import constants as c
@@ -121,11 +122,13 @@ def test_patch_flavours_and_optimistic_concurrency(api, namespace):
 
 
 def server_side_apply(api, path: str, body: dict, manager: str) -> dict:
-    method, url, headers, data, _ = api.client.param_serialize(
-        "PATCH", path, query_params=[("fieldManager", manager)], body=body, auth_settings=["BearerToken"],
-        header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"})
-    response = api.client.call_api(method, url, headers, data)
-    response.read()
+    # Straight to the client's urllib3 pool: the generated ApiClient has no apply helper (and its request
+    # helpers differ between kubernetes 36 and 37).
+    cfg = api.client.configuration
+    headers = {"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"}
+    headers.update({a["key"]: a["value"] for a in cfg.auth_settings().values() if a.get("in") == "header"})
+    response = api.client.rest_client.pool_manager.request(
+        "PATCH", f"{cfg.host}{path}?fieldManager={manager}", body=json.dumps(body).encode(), headers=headers)
     assert response.status in (200, 201), response.data
     return json.loads(response.data)
 
@@ -260,14 +263,20 @@ def test_watch_resumes_from_resource_version_and_follows_selectors(api, namespac
     api.custom.patch_namespaced_custom_object(G, V, namespace, P, "w1", {"metadata": {"labels": {"team": "b"}}})
     api.custom.delete_namespaced_custom_object(G, V, namespace, P, "w2")
 
-    def events(**kwargs) -> list[tuple[str, str]]:
-        stream = watch.Watch().stream(api.custom.list_namespaced_custom_object, G, V, namespace, P,
-                                      timeout_seconds=1, **kwargs)
-        return [(e["type"], e["object"]["metadata"]["name"]) for e in stream]
+    def events(**query: str) -> list[tuple[str, str]]:
+        # The raw watch stream (what kopf reads), not the client's Watch helper, whose handling of a
+        # stream that ends by timeout differs between kubernetes 36 and 37.
+        cfg = api.client.configuration
+        headers = {a["key"]: a["value"] for a in cfg.auth_settings().values() if a.get("in") == "header"}
+        url = f"{cfg.host}/apis/{G}/{V}/namespaces/{namespace}/{P}?" + urlencode({"watch": "true", "timeoutSeconds": "1", **query})
+        response = api.client.rest_client.pool_manager.request("GET", url, headers=headers)
+        assert response.status == 200, response.data
+        lines = [json.loads(line) for line in response.data.decode().splitlines() if line.strip()]
+        return [(e["type"], e["object"]["metadata"]["name"]) for e in lines if e["type"] != "BOOKMARK"]
 
-    assert events(resource_version=rv) == [("ADDED", "w2"), ("MODIFIED", "w1"), ("DELETED", "w2")]
+    assert events(resourceVersion=rv) == [("ADDED", "w2"), ("MODIFIED", "w1"), ("DELETED", "w2")]
     # With a selector, an object leaving the selection is DELETED for that watcher.
-    assert events(resource_version=rv, label_selector="team=a") == [
+    assert events(resourceVersion=rv, labelSelector="team=a") == [
         ("ADDED", "w2"), ("DELETED", "w1"), ("DELETED", "w2")]
     assert events() == [("ADDED", "w1")]  # no resourceVersion: the current state
 

@@ -182,20 +182,33 @@ class KubeClient:
         params = dict(query or {})
         if method in ("POST", "PATCH", "PUT"):
             params.setdefault("fieldManager", FIELD_MANAGER)
-        url_path = path + ("?" + urlencode(params) if params else "")
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        _, url, headers, _, _ = self.api.param_serialize(method, url_path, header_params=headers, auth_settings=["BearerToken"])
+        url = self.api.configuration.host.rstrip("/") + path + ("?" + urlencode(params) if params else "")
+        headers = {"Accept": "application/json", "Content-Type": content_type, **self._auth_headers()}
+        # We serialise the body ourselves and talk to the client's urllib3 pool directly: the generated
+        # ApiClient's request helpers changed shape between kubernetes 36 and 37 (param_serialize), and
+        # they serialise only JSON content types, not server-side apply's YAML (of which JSON is a subset).
+        data_out = body if body is None or isinstance(body, bytes) else (
+            body.encode() if isinstance(body, str) else json.dumps(body).encode())
         self.limiter.acquire()
         self.calls += 1
-        if content_type == APPLY_PATCH and not isinstance(body, str | bytes):
-            body = json.dumps(body)  # the generated client serialises only JSON content types
         with self._in_flight:
-            response = self.api.call_api(method, url, header_params=headers, body=body, _request_timeout=self.timeout)
-            data = response.read()
+            response = self.api.rest_client.pool_manager.request(
+                method, url, body=data_out, headers=headers, retries=False, preload_content=True,
+                timeout=urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1]))
+            data = response.data
         if response.status >= 400:
             raise ApiError(response.status, response.reason or "", data.decode(errors="replace") if data else "",
                            parse_retry_after((response.headers or {}).get("Retry-After")))
         return json.loads(data) if data else None
+
+    def _auth_headers(self) -> dict[str, str]:
+        """The bearer token (refreshed by the configuration's hook for exec/OIDC credentials); client
+        certificates are handled by the pool itself."""
+        headers: dict[str, str] = {}
+        for auth in self.api.configuration.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        return headers
 
     def get(self, path: str, query: dict[str, str] | None = None) -> dict[str, Any] | None:
         """GET, or None when the object does not exist."""
