@@ -39,6 +39,7 @@ class Condition:
     EARLY_STOP_REQUESTED = "EarlyStopRequested"
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"
     STALLED = "Stalled"
+    OUTPUT_EPHEMERAL = "OutputEphemeral"  # Warning: spec.output.ephemeral, the model does not survive the pod
 
 
 class Reason:
@@ -68,6 +69,8 @@ class Reason:
     JOB_DELETED = "JobDeleted"
     IMMUTABLE_FIELD = "ImmutableFieldChanged"
     NO_CHANGE_REFUSED = "NoRefusedChange"
+    EPHEMERAL_OUTPUT = "EphemeralOutput"
+    DURABLE_OUTPUT = "DurableOutput"
 
 
 class Label:

@@ -68,6 +68,14 @@ class Settings:
     """FTO_WATCH_SERVER_TIMEOUT_SECONDS: the API server closes a watch after this long and kopf re-lists,
     so a silently broken watch heals itself (seconds). Default 300."""
 
+    output_pvc_size: str = "20Gi"
+    """FTO_OUTPUT_PVC_SIZE: size of the output PersistentVolumeClaim created for a job that sets neither
+    spec.output.pvc nor spec.output.size (a Kubernetes quantity). Default 20Gi (chart `output.defaultSize`)."""
+
+    output_storage_class: str = ""
+    """FTO_OUTPUT_STORAGE_CLASS: StorageClass of those claims when spec.output.storageClassName is unset; empty:
+    the cluster's default StorageClass (chart `output.storageClassName`)."""
+
     extra: Mapping[str, str] = field(default_factory=dict)
     """Unused variables with the FTO_ prefix (reported at start-up so a typo does not go unnoticed)."""
 
@@ -80,6 +88,7 @@ _KNOWN = {
     "FTO_NAMESPACES", "FTO_TRAINER_IMAGE", "FTO_IMAGE_PULL_POLICY", "FTO_LOG_FORMAT", "FTO_LOG_LEVEL",
     "FTO_METRICS_PORT", "FTO_HEALTH_PORT", "FTO_PEERING", "FTO_PEERING_PRIORITY", "FTO_RESYNC_SECONDS", "FTO_API_TIMEOUT_SECONDS",
     "FTO_API_CONNECT_TIMEOUT_SECONDS", "FTO_API_POOL_SIZE", "FTO_WORKERS", "FTO_WATCH_SERVER_TIMEOUT_SECONDS",
+    "FTO_OUTPUT_PVC_SIZE", "FTO_OUTPUT_STORAGE_CLASS",
 }
 
 
@@ -123,5 +132,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         api_pool_size=max(1, num("FTO_API_POOL_SIZE", d.api_pool_size, int)),
         workers=max(1, num("FTO_WORKERS", d.workers, int)),
         watch_server_timeout_seconds=max(10, num("FTO_WATCH_SERVER_TIMEOUT_SECONDS", d.watch_server_timeout_seconds, int)),
+        output_pvc_size=env.get("FTO_OUTPUT_PVC_SIZE", "").strip() or d.output_pvc_size,
+        output_storage_class=env.get("FTO_OUTPUT_STORAGE_CLASS", "").strip(),
         extra={k: v for k, v in env.items() if k.startswith("FTO_") and k not in _KNOWN},
     )

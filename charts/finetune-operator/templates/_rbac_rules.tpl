@@ -20,7 +20,7 @@ chart and fails on any difference, in either direction.
   resources: ["configmaps"]
   verbs: ["get", "create", "patch"]
 - apiGroups: [""]
-  resources: ["services", "serviceaccounts"]
+  resources: ["services", "serviceaccounts", "persistentvolumeclaims"]
   verbs: ["get", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]

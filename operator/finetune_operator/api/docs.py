@@ -31,6 +31,7 @@ RULE_OWNER_PATHS = {
     "LoraSpec": "spec.lora",
     "EarlyStoppingSpec": "spec.earlyStopping",
     "DistributedSpec": "spec.distributed",
+    "OutputSpec": "spec.output",
 }
 
 

@@ -17,6 +17,7 @@ log = logging.getLogger("finetune_operator.kube")
 
 PLURALS = {
     "ConfigMap": "configmaps",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
     "Service": "services",
     "ServiceAccount": "serviceaccounts",
     "Role": "roles",
@@ -59,6 +60,8 @@ def ensure(client: KubeClient, manifest: dict[str, Any], existing: dict[str, Any
 
 def converge(client: KubeClient, manifest: dict[str, Any], existing: dict[str, Any]) -> dict[str, Any]:
     """Patch the fields that may change after creation; the rest of a child is fixed by its name."""
+    if not manifest["metadata"].get("ownerReferences"):
+        return existing  # a retained output claim: unowned on purpose, and nothing of it changes after creation
     owner = manifest["metadata"]["ownerReferences"][0]["uid"]
     if owner and not _owned_by(existing, owner):
         # Never take over an object someone else made with our name; the reconcile reports it.

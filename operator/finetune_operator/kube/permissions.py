@@ -20,6 +20,8 @@ OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
         ("", "configmaps", "create"),
         ("", "configmaps", "get"),
         ("", "configmaps", "patch"),
+        ("", "persistentvolumeclaims", "create"),
+        ("", "persistentvolumeclaims", "get"),
         ("", "services", "create"),
         ("", "services", "get"),
         ("", "serviceaccounts", "create"),
