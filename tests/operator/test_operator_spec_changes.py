@@ -11,7 +11,12 @@ from ftj_builders import manifest
 from test_operator_status import T0, batch_job, pod, reasons, run, running
 
 from finetune_operator.api.constants import Condition, Reason
-from finetune_operator.api.validation import MUTABLE_AFTER_START, immutable_groups, immutable_hash, validate_manifest
+from finetune_operator.api.validation import (
+    MUTABLE_AFTER_START,
+    immutable_groups,
+    immutable_hash,
+    validate_manifest,
+)
 from finetune_operator.plan.conditions import find
 from finetune_operator.plan.status import SPEC_HASH_MAX, spec_fingerprint
 
