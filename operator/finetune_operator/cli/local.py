@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from typing import Any
 
 from finetune_contract.config import EXIT_INCOMPATIBLE_CONFIG, EXIT_PREEMPTED, TRAINER_COMMAND, Env, Paths
@@ -46,6 +47,46 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _Tee:
+    """Copies the trainer's stderr through as it comes (progress bars included) and keeps its end, so a failure
+    ends in one line that says what went wrong."""
+
+    def __init__(self, stream: Any, keep: int = 16384):
+        self.stream, self.keep, self.tail = stream, keep, b""
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        out = getattr(sys.stderr, "buffer", None)
+        while chunk := os.read(self.stream.fileno(), 65536):
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:  # pytest's capsys and other text-only streams
+                sys.stderr.write(chunk.decode(errors="replace"))
+            self.tail = (self.tail + chunk)[-self.keep:]
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)
+        self.stream.close()
+
+    def last_error(self) -> str:
+        """The last line that reads like an error: a traceback's final `Type: message`, or a JSON log's message."""
+        lines = [x.strip() for x in self.tail.decode(errors="replace").replace("\r", "\n").splitlines() if x.strip()]
+        for line in reversed(lines):
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("level") in ("error", "ERROR", "critical"):
+                    return " ".join(str(record.get("message", "")).split())[:500]
+                continue
+            if ":" in line and not line.startswith(("File ", "raise ", "^", "~")):
+                return " ".join(line.split())[:500]
+        return ""
 
 
 def loss_table(history: list[dict[str, Any]], metric: str) -> str:
@@ -89,13 +130,18 @@ def run(job: ResolvedJob, output_dir: str, *, processes: int | None = None, prog
         Env.MASTER_PORT: str(_free_port()),
         **(env or {}),
     })
-    proc = subprocess.Popen(command, env=run_env)
+    try:
+        proc = subprocess.Popen(command, env=run_env, stderr=subprocess.PIPE)
+    except OSError as err:
+        raise CliError(f"cannot start the trainer ({' '.join(command)}): {err.strerror or err}") from None
+    tail = _Tee(proc.stderr)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
         # Ctrl-C reached the trainer too (same process group); give it time to write its checkpoint.
         proc.send_signal(signal.SIGTERM)
         code = proc.wait()
+    tail.join()
     if code == EXIT_PREEMPTED:
         raise CliError(f"training was interrupted; a checkpoint is in {output_dir}/{Paths.CHECKPOINTS} "
                        "(run the same command again to resume)")
@@ -103,7 +149,8 @@ def run(job: ResolvedJob, output_dir: str, *, processes: int | None = None, prog
         raise CliError(f"the trainer ({' '.join(command)}) refused the config (see its message above): "
                        "install a trainer of the same release as this CLI")
     if code != 0:
-        raise CliError(f"training failed: the trainer ({' '.join(command)}) exited with {code}; see its log above")
+        raise CliError(f"training failed: {tail.last_error() or f'the trainer exited with {code}'} "
+                       f"(the trainer's log is above; command: {' '.join(command)})")
     with open(result_path, encoding="utf-8") as f:
         result = json.load(f)
     if progress and result.get("history"):
