@@ -33,9 +33,20 @@ def upload_results(output: Any, output_dir: str, job: str = "") -> list[str]:
     base = uri.rstrip("/")
     names = [Paths.BEST_MODEL, Paths.RESULT] + ([Paths.CHECKPOINTS] if getattr(output, "upload_checkpoints", False) else [])
     try:
-        fs, _ = fsspec.core.url_to_fs(base)
+        # A fresh instance: credentials and endpoint come from this process's environment now, not a cached client.
+        fs, _ = fsspec.core.url_to_fs(base, skip_instance_cache=True)
     except (ImportError, ValueError) as err:
         raise UploadError(f"spec.output.uri {uri}: no filesystem for it ({err}); s3:// needs s3fs, gs:// gcsfs") from None
+    bucket = base.split("://", 1)[1].split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except Exception as err:  # noqa: BLE001 - unreachable endpoint, bad credentials: one clear line
+        raise UploadError(f"job {job}: cannot reach bucket {bucket} of spec.output.uri {uri}: {type(err).__name__}: {err}; "
+                          f"the results are still in {output_dir}") from err
+    if not exists:
+        # Never create one: a typo would otherwise leave the model in a bucket nobody looks at (s3fs would make it).
+        raise UploadError(f"job {job}: bucket {bucket} of spec.output.uri {uri} does not exist (the trainer does not "
+                          f"create buckets); the results are still in {output_dir}")
     done = []
     for name in names:
         local = os.path.join(output_dir, name)
