@@ -13,7 +13,8 @@ import yaml
 
 from ..api import InvalidFineTuneJob, validate_manifest
 from ..api.presets import PRESETS, describe
-from .cluster import CliError, Cluster
+from .cluster import Cluster
+from .errors import CliError
 
 EMBEDDED_DEFAULT = "classification.yaml"
 

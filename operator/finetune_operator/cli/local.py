@@ -23,7 +23,7 @@ from typing import Any
 from finetune_contract.config import EXIT_INCOMPATIBLE_CONFIG, EXIT_PREEMPTED, TRAINER_COMMAND, Env, Paths
 
 from ..api.validation import ResolvedJob
-from .cluster import CliError
+from .errors import CliError
 
 TRAINER_COMMAND_ENV = "FINETUNE_TRAINER_COMMAND"
 
