@@ -124,7 +124,17 @@ class TrainerConfig(BaseModel):
     spec: FineTuneJobSpec
 
     def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, mode="json", exclude_none=True)
+        """The JSON the operator writes. Spec fields equal to their default are left out: the reader fills the same
+        defaults, and a field this release added stays invisible to an older trainer unless the job sets it (trainer
+        images of release 0.1.0 predate schemaVersion and refuse any field they do not know)."""
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "schemaVersion": self.schema_version,
+            "name": self.name,
+            "namespace": self.namespace,
+            "spec": self.spec.model_dump(by_alias=True, mode="json", exclude_none=True, exclude_defaults=True),
+        }
 
 
 def trainer_config(name: str, namespace: str, spec: FineTuneJobSpec) -> dict[str, Any]:

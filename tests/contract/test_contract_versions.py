@@ -42,7 +42,7 @@ def from_newer_operator(config: dict) -> dict:
     newer["schemaVersion"] = NEWER
     newer["traceContext"] = {"id": "abc"}
     newer["spec"]["hyperparameters"]["lookaheadSteps"] = 5
-    newer["spec"]["output"]["compression"] = "zstd"
+    newer["spec"].setdefault("output", {})["compression"] = "zstd"
     newer["spec"]["tolerations"][0]["priority"] = 1
     return newer
 
@@ -53,6 +53,16 @@ def test_the_operator_writes_the_contract_version():
     read = read_trainer_config(json.loads(json.dumps(config)))
     assert read.ignored == () and read.warning() is None
     assert read.config.spec == validate_manifest(base_manifest()).spec
+
+
+def test_fields_left_at_their_default_are_not_written():
+    # An older trainer (0.1.0 validates strictly) then sees none of the fields this release added unless a job sets them.
+    config = validate_manifest(base_manifest()).trainer_config()
+    assert "terminationGracePeriodSeconds" not in config["spec"] and "output" not in config["spec"]
+    assert config["spec"]["hyperparameters"]["learningRate"] == pytest.approx(5e-5)  # resolved values are all there
+    m = base_manifest()
+    m["spec"]["output"] = {"retain": False}
+    assert validate_manifest(m).trainer_config()["spec"]["output"] == {"retain": False}
 
 
 def test_a_newer_minor_is_read_and_its_unknown_fields_listed_once():
