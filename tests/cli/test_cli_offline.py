@@ -166,3 +166,38 @@ def test_run_reports_a_trainer_that_cannot_start(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FINETUNE_TRAINER_COMMAND", str(tmp_path / "no-such-trainer"))
     assert main(["run", str(ROOT / "examples" / "classification.yaml"), "-o", str(tmp_path / "out")]) == 1
     assert "error: cannot start the trainer" in capsys.readouterr().err
+
+
+SLOW_TRAINER = r"""
+import os, signal, sys, time
+def stop(*_):
+    open(os.path.join(os.environ["FINETUNE_OUTPUT_DIR"], "got-sigterm"), "w").close()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(os.environ["FINETUNE_OUTPUT_DIR"], "started"), "w").close()
+time.sleep(60)
+"""
+
+
+def test_sigterm_for_the_cli_reaches_the_trainer(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake = tmp_path / "slow_trainer.py"
+    fake.write_text(SLOW_TRAINER)
+    out = tmp_path / "out"
+    env = {**os.environ, "FINETUNE_TRAINER_COMMAND": f"{sys.executable} {fake}"}
+    cli = subprocess.Popen([sys.executable, "-c", "from finetune_operator.cli import main; raise SystemExit(main("
+                            f"['run', {str(ROOT / 'examples' / 'classification.yaml')!r}, '-o', {str(out)!r}]))"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "started").exists() and time.monotonic() < deadline and cli.poll() is None:
+        time.sleep(0.1)
+    assert (out / "started").exists(), cli.communicate()
+    cli.send_signal(signal.SIGTERM)
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode == 1 and (out / "got-sigterm").exists()
+    assert "training was interrupted; a checkpoint is in" in err

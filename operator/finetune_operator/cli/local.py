@@ -135,12 +135,18 @@ def run(job: ResolvedJob, output_dir: str, *, processes: int | None = None, prog
     except OSError as err:
         raise CliError(f"cannot start the trainer ({' '.join(command)}): {err.strerror or err}") from None
     tail = _Tee(proc.stderr)
+    # A SIGTERM for the CLI (a supervisor, `timeout`) goes to the trainer, which checkpoints and exits 143.
+    forward = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)) if forward else None
     try:
         code = proc.wait()
     except KeyboardInterrupt:
         # Ctrl-C reached the trainer too (same process group); give it time to write its checkpoint.
         proc.send_signal(signal.SIGTERM)
         code = proc.wait()
+    finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
     tail.join()
     if code == EXIT_PREEMPTED:
         raise CliError(f"training was interrupted; a checkpoint is in {output_dir}/{Paths.CHECKPOINTS} "
