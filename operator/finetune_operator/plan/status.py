@@ -18,6 +18,7 @@ from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
 from ..api.validation import (
     LEGACY_IMMUTABLE_FIELDS,
+    MUTABLE_AFTER_START,
     InvalidFineTuneJob,
     Problem,
     ResolvedJob,
@@ -308,8 +309,7 @@ def _check_immutable(p: _Pass, job: ResolvedJob) -> None:
         message = (
             f"{', '.join(changed)} cannot change after training started (the running trainer read its config once); "
             "the running job keeps its original settings. Revert the change, or delete and re-create the FineTuneJob "
-            "to train with the new ones. Fields that may change: spec.suspend, spec.stop, "
-            "spec.earlyStopping.stopGracePeriodSeconds, spec.watchdog.stallTimeoutSeconds"
+            "to train with the new ones. Fields that may change: " + ", ".join(f"spec.{f}" for f in MUTABLE_AFTER_START)
         )
         if not is_true(p.st["conditions"], Condition.SPEC_CHANGE_REFUSED) or find(p.st["conditions"], Condition.SPEC_CHANGE_REFUSED).get("message") != message:
             p.events.append(Event("Warning", Reason.IMMUTABLE_FIELD, message))
