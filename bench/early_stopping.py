@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 
+from finetune_operator.api import validate_manifest
 from finetune_trainer.local_run import run
 
 
@@ -59,7 +60,7 @@ def main() -> None:
         for label, enabled in (("fixed budget", False), ("early stopping", True)):
             m = manifest(args.epochs, args.train, args.validation, enabled, args.patience)
             start = time.perf_counter()
-            res = run(copy.deepcopy(m), output_dir=os.path.join(tmp, label.replace(" ", "-")), progress=False)
+            res = run(validate_manifest(copy.deepcopy(m)).trainer_config(), output_dir=os.path.join(tmp, label.replace(" ", "-")), progress=False)
             seconds = time.perf_counter() - start
             accs = [h.get("valMetric") for h in res["history"]]
             results[label] = {

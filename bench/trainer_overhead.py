@@ -48,7 +48,7 @@ def manifest(samples: int) -> dict:
 
 def trainer_round(samples: int) -> float:
     with tempfile.TemporaryDirectory() as out:
-        return run(manifest(samples), output_dir=out, progress=False)["samplesPerSecond"]
+        return run(validate_manifest(manifest(samples)).trainer_config(), output_dir=out, progress=False)["samplesPerSecond"]
 
 
 def pretokenized(samples: int) -> tuple[list[dict], int, int]:

@@ -39,6 +39,7 @@ class Condition:
     EARLY_STOP_REQUESTED = "EarlyStopRequested"
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"
     STALLED = "Stalled"
+    OUTPUT_EPHEMERAL = "OutputEphemeral"  # Warning: spec.output.ephemeral, the model does not survive the pod
 
 
 class Reason:
@@ -69,6 +70,8 @@ class Reason:
     IMMUTABLE_FIELD = "ImmutableFieldChanged"
     NO_CHANGE_REFUSED = "NoRefusedChange"
     CHILD_NOT_OWNED = "ChildNotOwned"  # an object with a child's name exists and another owner made it
+    EPHEMERAL_OUTPUT = "EphemeralOutput"
+    DURABLE_OUTPUT = "DurableOutput"
 
 
 class Label:

@@ -106,6 +106,35 @@ RULES: list[Rule] = [
         lambda d: not _set(d.zero_stage) or d.strategy == "deepspeed",
     ),
     Rule(
+        "OutputSpec",
+        "!(self.ephemeral && has(self.pvc))",
+        "set pvc or ephemeral, not both: pvc keeps the output on that claim, ephemeral throws it away with the pod",
+        ".ephemeral",
+        lambda o: not (o.ephemeral and _set(o.pvc)),
+    ),
+    Rule(
+        "OutputSpec",
+        "!(has(self.size) || has(self.storageClassName)) || (!has(self.pvc) && !self.ephemeral)",
+        "size and storageClassName apply only to the PersistentVolumeClaim the operator creates: remove them, "
+        "or unset pvc and ephemeral",
+        ".size",
+        lambda o: not (_set(o.size) or _set(o.storage_class_name)) or (not _set(o.pvc) and not o.ephemeral),
+    ),
+    Rule(
+        "OutputSpec",
+        "!has(self.credentialsSecret) || has(self.uri)",
+        "credentialsSecret applies only to an object-store upload: set uri or remove it",
+        ".credentialsSecret",
+        lambda o: not _set(o.credentials_secret) or _set(o.uri),
+    ),
+    Rule(
+        "OutputSpec",
+        "!self.uploadCheckpoints || has(self.uri)",
+        "uploadCheckpoints needs uri (where to upload them)",
+        ".uploadCheckpoints",
+        lambda o: not o.upload_checkpoints or _set(o.uri),
+    ),
+    Rule(
         "DatasetSpec",
         "!(has(self.validationSource) && has(self.validationFraction))",
         "set validationSource or validationFraction, not both",

@@ -318,11 +318,46 @@ class ResourcesSpec(ApiModel):
 
 
 class OutputSpec(ApiModel):
-    """Where checkpoints and the final model go."""
+    """Where checkpoints and the final model go. Default: a PersistentVolumeClaim the operator creates for the job,
+    kept after the job is deleted, so the model, checkpoints and result.json outlive the pods."""
 
     path: Path = Field("/output", description="Directory for checkpoints, the best model and result.json. Default /output.")
     pvc: Name | None = Field(
-        None, description="PersistentVolumeClaim mounted at `path`. Unset: an emptyDir, so checkpoints do not survive a pod's loss."
+        None, description="Existing PersistentVolumeClaim mounted at `path` (ReadWriteMany for more than one node). "
+        "Unset: the operator creates `<job>-output` (see `size`, `storageClassName`, `retain`), unless `ephemeral`."
+    )
+    size: ShortStr | None = Field(
+        None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        description="Size of the PersistentVolumeClaim the operator creates, a Kubernetes quantity (`50Gi`). "
+        "Unset: the operator's default (chart value `output.defaultSize`, 20Gi).",
+    )
+    storage_class_name: ShortStr | None = Field(
+        None, description="StorageClass of the PersistentVolumeClaim the operator creates. Unset: the operator's default "
+        "(chart value `output.storageClassName`), else the cluster's default StorageClass.",
+    )
+    retain: bool = Field(
+        True, description="Keep the PersistentVolumeClaim the operator created when the FineTuneJob is deleted (it gets "
+        "no ownerReference; delete it with `kubectl delete pvc -l finetune.dev/job-name=<job>`). false: it is "
+        "garbage-collected with the job. Default true.",
+    )
+    ephemeral: bool = Field(
+        False, description="Write output to an emptyDir instead of a PersistentVolumeClaim: the model, checkpoints and "
+        "result.json are lost with the pod (condition OutputEphemeral says so) unless `uri` uploads them. Default false.",
+    )
+    uri: ShortStr | None = Field(
+        None, pattern=r"^(s3|gs|gcs)://[^/]+(/.*)?$",
+        description="Object-store prefix (`s3://bucket/prefix`, `gs://bucket/prefix`) the trainer uploads the best model "
+        "(`best/`) and result.json to when training ends, through fsspec (s3fs; gcsfs for gs://). Credentials come from "
+        "`credentialsSecret`, never from the spec. Unset: no upload.",
+    )
+    credentials_secret: Name | None = Field(
+        None, description="Secret in the job's namespace holding the object-store credentials: each key becomes an "
+        "environment variable of the trainer (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, ...) "
+        "and a file under /var/run/secrets/finetune/output (e.g. for `GOOGLE_APPLICATION_CREDENTIALS`). Needs `uri`.",
+    )
+    upload_checkpoints: bool = Field(
+        False, description="Also upload the checkpoints directory to `uri` at the end. Default false (the best model "
+        "and result.json only).",
     )
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Resumable epoch checkpoints to keep besides the best model. Default 2.")
 
@@ -376,6 +411,12 @@ class FineTuneJobSpec(ApiModel):
         None, description="Existing ServiceAccount for the pods. Unset: the operator creates one that may only report this job's status."
     )
     env: dict[str, ShortStr] = Field(default_factory=dict, max_length=64, description="Extra environment variables for the trainer.")
+    termination_grace_period_seconds: int = Field(
+        600, ge=0, le=86400,
+        description="Seconds a training pod has after SIGTERM (suspend, preemption, node drain, stop enforcement) to "
+        "write its checkpoint before it is killed. Default 600: Kubernetes' own 30 s cuts short a sharded (ZeRO-3) save "
+        "of a billion-parameter model, whose weights and optimizer state are about 16 bytes per parameter.",
+    )
 
 
 def spec_schema_extra() -> dict[str, Any]:

@@ -96,6 +96,14 @@ class Settings:
     """FTO_WATCH_SERVER_TIMEOUT_SECONDS: the API server closes a watch after this long and kopf re-lists,
     so a silently broken watch heals itself (seconds). Default 300."""
 
+    output_pvc_size: str = "20Gi"
+    """FTO_OUTPUT_PVC_SIZE: size of the output PersistentVolumeClaim created for a job that sets neither
+    spec.output.pvc nor spec.output.size (a Kubernetes quantity). Default 20Gi (chart `output.defaultSize`)."""
+
+    output_storage_class: str = ""
+    """FTO_OUTPUT_STORAGE_CLASS: StorageClass of those claims when spec.output.storageClassName is unset; empty:
+    the cluster's default StorageClass (chart `output.storageClassName`)."""
+
     extra: Mapping[str, str] = field(default_factory=dict)
     """Unused variables with the FTO_ prefix (reported at start-up so a typo does not go unnoticed)."""
 
@@ -110,6 +118,7 @@ _KNOWN = {
     "FTO_API_CONNECT_TIMEOUT_SECONDS", "FTO_API_POOL_SIZE", "FTO_WORKERS", "FTO_WATCH_SERVER_TIMEOUT_SECONDS",
     "FTO_APPLY_CONCURRENCY", "FTO_API_QPS", "FTO_API_BURST", "FTO_API_RETRIES", "FTO_RETRY_BASE_SECONDS",
     "FTO_RETRY_MAX_SECONDS",
+    "FTO_OUTPUT_PVC_SIZE", "FTO_OUTPUT_STORAGE_CLASS",
 }
 
 
@@ -159,5 +168,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         retry_base_seconds=max(0.01, num("FTO_RETRY_BASE_SECONDS", d.retry_base_seconds)),
         retry_max_seconds=max(0.01, num("FTO_RETRY_MAX_SECONDS", d.retry_max_seconds)),
         watch_server_timeout_seconds=max(10, num("FTO_WATCH_SERVER_TIMEOUT_SECONDS", d.watch_server_timeout_seconds, int)),
+        output_pvc_size=env.get("FTO_OUTPUT_PVC_SIZE", "").strip() or d.output_pvc_size,
+        output_storage_class=env.get("FTO_OUTPUT_STORAGE_CLASS", "").strip(),
         extra={k: v for k, v in env.items() if k.startswith("FTO_") and k not in _KNOWN},
     )

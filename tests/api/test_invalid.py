@@ -158,6 +158,20 @@ CASES = [
     Case("recall-for-causal-lm", spec(task="causal-lm", earlyStopping={"metric": "val_recall_at_1"}),
          "spec.earlyStopping.metric", ("embedding val_loss, val_recall_at_1",)),
     Case("text-pair-for-classification", spec(dataset={"textPairField": "positive"}), "spec.dataset.textPairField", ("embedding",)),
+    # --- output: where the model goes
+    Case("output-pvc-and-ephemeral", spec(output={"pvc": "mine", "ephemeral": True}), "spec.output.ephemeral", ("not both",)),
+    Case("output-size-with-own-pvc", spec(output={"pvc": "mine", "size": "5Gi"}), "spec.output.size",
+         ("operator creates",)),
+    Case("output-storage-class-when-ephemeral", spec(output={"ephemeral": True, "storageClassName": "fast"}),
+         "spec.output.size", ("operator creates",)),
+    Case("output-credentials-without-uri", spec(output={"credentialsSecret": "s3-creds"}), "spec.output.credentialsSecret",
+         ("set uri",)),
+    Case("output-upload-checkpoints-without-uri", spec(output={"uploadCheckpoints": True}), "spec.output.uploadCheckpoints",
+         ("needs uri",)),
+    Case("output-uri-not-object-store", spec(output={"uri": "http://example.com/models"}), "spec.output.uri", ("pattern",)),
+    Case("output-size-not-a-quantity", spec(output={"size": "20 gigabytes"}), "spec.output.size", ("pattern",)),
+    Case("grace-period-negative", spec(terminationGracePeriodSeconds=-1), "spec.terminationGracePeriodSeconds",
+         ("greater than or equal to 0",)),
 ]
 
 

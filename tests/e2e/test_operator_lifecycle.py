@@ -54,6 +54,15 @@ def test_job_runs_to_success_with_children_status_and_events(c, operator, pod_ru
     metrics = operator.metrics()
     assert 'finetune_operator_reconciles_total{result="changed"}' in metrics
     assert "finetune_operator_reconcile_duration_seconds_bucket" in metrics
+    # No output.pvc: the pods wrote to a claim the operator made, which outlives the job (no ownerReference).
+    claim = f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/plain-output"
+    pvc = c.get(claim)
+    assert pvc and "ownerReferences" not in pvc["metadata"] and pvc["metadata"]["labels"]["finetune.dev/job-name"] == "plain"
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["output"]["persistentVolumeClaim"] == {"claimName": "plain-output"}
+    c.request("DELETE", f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/plain")
+    wait_for(lambda: not any(children(c, namespace, "plain").values()), timeout=60, what="garbage collection of the children")
+    assert c.get(claim) is not None
 
 
 def _without_cel(node):
@@ -165,5 +174,10 @@ def test_immutable_change_refused_while_running(c, operator, pod_runner, namespa
     assert "spec.distributed" in cond["message"]
     assert children(c, namespace, "fixed")["Job"][0]["spec"]["parallelism"] == 1
     assert "ImmutableFieldChanged" in [e["reason"] for e in events_for(c, namespace, "fixed")]
+    # A mid-run learning-rate edit is refused too: the running trainer read its config once.
+    patch(c, namespace, "fixed", {"spec": {"distributed": {"nodes": 1}, "hyperparameters": {"learningRate": 1e-3}}})
+    cond = wait_for(lambda: (x := condition(status(c, namespace, "fixed"), "SpecChangeRefused")).get("message", "")
+                    .startswith("spec.hyperparameters.learningRate cannot change") and x, what="the learning-rate refusal")
+    assert cond["status"] == "True" and "spec.distributed" not in cond["message"]
     patch(c, namespace, "fixed", {"spec": {"stop": True}})
     wait_for(lambda: status(c, namespace, "fixed").get("phase") == "Succeeded", timeout=60, what="stopped")

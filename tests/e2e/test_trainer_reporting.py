@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trainer.local_train import run
 from trainer.tiny_models import build_tiny_bert, load_weights, make_manifest, write_tiny_data
 
 from finetune_operator.api import GROUP, PLURAL, VERSION
 from finetune_trainer import worker
-from finetune_trainer.local_run import run
 
 from .kubeconfig import write_kubeconfig
 

@@ -40,6 +40,9 @@ CASES = {
         "env": {"HF_HUB_OFFLINE": "1"},
     },
     "own-service-account": {"serviceAccountName": "shared-trainer"},
+    "ephemeral-upload": {"output": {"ephemeral": True, "uri": "s3://models/bbc", "credentialsSecret": "s3-creds"}},
+    "pvc-not-retained": {"output": {"retain": False, "size": "100Gi", "storageClassName": "fast-rwx"},
+                         "distributed": {"nodes": 2}},
 }
 
 
@@ -60,7 +63,8 @@ def test_validation_would_catch_an_unknown_field(settings):
 
 def test_single_node_job(settings):
     children = desired_children(resolved(), settings)
-    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
+    assert [c["kind"] for c in children] == ["ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap",
+                                             "Service", "Job"]
     job = by_kind(children)["Job"]
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed"
@@ -131,7 +135,7 @@ def test_trainer_role_allows_only_its_own_job(settings):
 
 def test_own_service_account_skips_rbac(settings):
     children = desired_children(resolved(serviceAccountName="shared-trainer"), settings)
-    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "Job"]
+    assert [c["kind"] for c in children] == ["PersistentVolumeClaim", "ConfigMap", "Service", "Job"]
     assert by_kind(children)["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "shared-trainer"
 
 
@@ -158,8 +162,66 @@ def test_volumes_and_scheduling(settings):
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert job["spec"]["activeDeadlineSeconds"] == 3600 and job["spec"]["ttlSecondsAfterFinished"] == 600
     assert env_of(job)["HF_HUB_OFFLINE"] == "1"
-    default = {v["name"]: v for v in by_kind(desired_children(resolved(), settings))["Job"]["spec"]["template"]["spec"]["volumes"]}
-    assert default["output"] == {"name": "output", "emptyDir": {}}
+    assert "PersistentVolumeClaim" not in by_kind(children)  # the user's claim is used, none is created
+
+
+def _pod(children):
+    return by_kind(children)["Job"]["spec"]["template"]["spec"]
+
+
+def test_output_is_a_retained_claim_by_default(settings):
+    children = desired_children(resolved(), settings)
+    pvc = by_kind(children)["PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == "bbc-news-output" == names.output_pvc_name("bbc-news")
+    # Retained: no ownerReference, so deleting the FineTuneJob (garbage collection) leaves the model.
+    assert "ownerReferences" not in pvc["metadata"]
+    assert pvc["metadata"]["annotations"] == {"finetune.dev/retain": "true"}
+    assert pvc["metadata"]["labels"]["finetune.dev/job-name"] == "bbc-news"  # how `kubectl delete pvc -l` finds it
+    assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}}
+    volumes = {v["name"]: v for v in _pod(children)["volumes"]}
+    assert volumes["output"]["persistentVolumeClaim"] == {"claimName": "bbc-news-output"}
+    assert not any("emptyDir" in v for n, v in volumes.items() if n != "shm")
+
+
+def test_output_claim_size_and_class_from_spec_then_settings(settings):
+    import dataclasses
+
+    pvc = by_kind(desired_children(resolved(**CASES["pvc-not-retained"]), settings))["PersistentVolumeClaim"]
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == "0b6c2e8a-1111-2222-3333-444455556666"  # retain: false
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "100Gi" and pvc["spec"]["storageClassName"] == "fast-rwx"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # two nodes write to it
+    chart = dataclasses.replace(settings, output_pvc_size="75Gi", output_storage_class="standard-rwo")
+    pvc = by_kind(desired_children(resolved(), chart))["PersistentVolumeClaim"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "75Gi" and pvc["spec"]["storageClassName"] == "standard-rwo"
+
+
+def test_ephemeral_output_and_object_store_credentials(settings):
+    children = desired_children(resolved(**CASES["ephemeral-upload"]), settings)
+    assert "PersistentVolumeClaim" not in by_kind(children)
+    pod = _pod(children)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["output"] == {"name": "output", "emptyDir": {}}
+    container = pod["containers"][0]
+    # Credentials reach the trainer from the Secret only: env (envFrom) and files, never through spec or ConfigMap.
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert volumes["output-credentials"]["secret"] == {"secretName": "s3-creds"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["output-credentials"] == {"name": "output-credentials", "mountPath": "/var/run/secrets/finetune/output",
+                                            "readOnly": True}
+    config = json.loads(by_kind(children)["ConfigMap"]["data"]["config.json"])
+    assert config["spec"]["output"]["uri"] == "s3://models/bbc" and config["spec"]["output"]["credentialsSecret"] == "s3-creds"
+
+
+def test_termination_grace_period_is_rendered(settings):
+    assert _pod(desired_children(resolved(), settings))["terminationGracePeriodSeconds"] == 600
+    assert _pod(desired_children(resolved(terminationGracePeriodSeconds=1800), settings))["terminationGracePeriodSeconds"] == 1800
+
+
+def test_config_map_names_its_schema_version(settings):
+    from finetune_contract.config import SCHEMA_VERSION
+
+    config = json.loads(by_kind(desired_children(resolved(), settings))["ConfigMap"]["data"]["config.json"])
+    assert config["schemaVersion"] == SCHEMA_VERSION and config["kind"] == "TrainerConfig"
 
 
 def test_user_env_cannot_override_the_trainer_contract(settings):
@@ -175,6 +237,8 @@ def test_ownership_labels_and_deterministic_names(settings):
     assert a == b
     for child in a:
         meta = child["metadata"]
+        if child["kind"] == "PersistentVolumeClaim":
+            continue  # retained on purpose (test_output_is_a_retained_claim_by_default)
         assert meta["ownerReferences"] == [{
             "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "bbc-news",
             "uid": "0b6c2e8a-1111-2222-3333-444455556666", "controller": True, "blockOwnerDeletion": True,

@@ -55,7 +55,7 @@ def test_first_pass_creates_everything_then_passes_send_nothing():
     r, api = reconciler()
     assert r.process(KEY) == "changed"
     verbs = sorted(m for m, _ in api.calls)
-    assert verbs == ["PATCH"] + ["POST"] * 7  # six children + one Event; one status patch
+    assert verbs == ["PATCH"] + ["POST"] * 8  # seven children (the output claim included) + one Event; one status patch
     for _ in range(3):  # a follow-up pass and any number of later ones: desired == observed
         api.calls.clear()
         assert r.process(KEY) == "ok"

@@ -59,7 +59,7 @@ def test_first_pass_is_pending_and_records_the_spec_hash():
     st, events = run(obj, {})
     assert st["phase"] == Phase.PENDING and st["reason"] == Reason.CREATED
     assert st["observedGeneration"] == 1 and st["jobName"] == "bbc-news-train"
-    assert st["specHash"] == spec_fingerprint(job_input(obj).resolved.spec)
+    assert st["specHash"] == spec_fingerprint(job_input(obj).resolved)
     assert find(st["conditions"], Condition.VALID)["status"] == "True"
     assert find(st["conditions"], Condition.READY)["observedGeneration"] == 1
     assert reasons(events) == [Reason.CREATED]
@@ -142,8 +142,8 @@ def test_immutable_change_is_refused_and_named():
     assert "spec.dataset" in cond["message"] and "spec.model" not in cond["message"]
     assert reasons(events) == [Reason.IMMUTABLE_FIELD]
     assert st2["specHash"] == st["specHash"]  # the running job's fingerprint is kept
-    # a mutable change (hyperparameters) is fine
-    tweak = manifest(hyperparameters={"epochs": 7, "batchSize": 16})
+    # a change the running job honours (the operator's own stall watchdog) is fine
+    tweak = manifest(watchdog={"stallTimeoutSeconds": 7200})
     st3, _ = run(tweak, st, batch_job(active=1, start=T0), [pod()])
     assert find(st3["conditions"], Condition.SPEC_CHANGE_REFUSED) is None
 

@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 from conftest import load_weights
-
-from finetune_trainer.local_run import run
+from local_train import run
 
 # A deterministic baseline: no dropout, constant learning rate, so only the parameter under test differs.
 PLAIN = {"dropout": 0.0, "scheduler": {"name": "constant", "warmupSteps": 0}, "epochs": 1}

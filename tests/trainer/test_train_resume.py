@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 from conftest import load_weights
-
-from finetune_trainer.local_run import run
+from local_train import run
 
 HP = {"dropout": 0.0, "epochs": 2, "batchSize": 4}
 

@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 from conftest import load_weights, make_manifest
+from local_train import run
 from safetensors.torch import load_file
-
-from finetune_trainer.local_run import run
 
 PLAIN = {"dropout": 0.0, "scheduler": {"name": "constant", "warmupSteps": 0}, "epochs": 1}
 

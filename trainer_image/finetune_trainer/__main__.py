@@ -1,17 +1,25 @@
-"""`finetune-trainer`: the container's entry point.
+"""`finetune-trainer` (also `python -m finetune_trainer`): the container's entry point, and what `finetune run`
+starts on a workstation.
 
-World size 1 trains in this process. Otherwise it becomes torchrun (exec, so SIGTERM from the
-kubelet reaches torchrun, which forwards it to every worker) with the node layout from the
-environment, and each worker checks that the world it joined is the one the job asked for.
+It reads the config first (refusing, with both versions named, one whose schemaVersion it cannot read, and
+warning once about fields of a newer operator it ignores). World size 1 then trains in this process.
+Otherwise it becomes torchrun (exec, so SIGTERM from the kubelet reaches torchrun, which forwards it to every
+worker) with the node layout from the environment, and each worker checks that the world it joined is the
+one the job asked for.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 
-from .config import Runtime, TrainerConfig
+from pydantic import ValidationError
+
+from finetune_contract.config import EXIT_INCOMPATIBLE_CONFIG, Env
+
+from .config import IncompatibleConfig, Runtime, TrainerConfig
 
 
 def _free_port() -> int:
@@ -29,33 +37,45 @@ def torchrun_command(rt: Runtime, nnodes: int, nproc: int) -> list[str]:
     ]
 
 
+def _refuse(message: str) -> int:
+    print(json.dumps({"level": "error", "message": message}), file=sys.stderr)
+    return EXIT_INCOMPATIBLE_CONFIG
+
+
 def main(argv: list[str] | None = None) -> int:
     rt = Runtime.from_env()
-    cfg = TrainerConfig.load(rt.config_path)
+    try:
+        cfg = TrainerConfig.load(rt.config_path, warn=True)
+    except IncompatibleConfig as err:
+        return _refuse(str(err))
+    except ValidationError as err:
+        return _refuse(f"trainer config {rt.config_path} is not valid for this trainer: {err}")
     nnodes, nproc = rt.layout(cfg.spec)
     world = nnodes * nproc
+    # Imported after the config check: a refused config costs no torch import.
     from . import worker
 
     if rt.rank is not None and rt.world_size is not None:
         # Already a worker (a PyTorchJob-style pod with RANK/WORLD_SIZE, or started by torchrun).
-        os.environ.setdefault("FINETUNE_WORLD_SIZE", str(world))
+        os.environ.setdefault(Env.WORLD_SIZE, str(world))
         return worker.main()
     if world == 1:
-        os.environ.update({"FINETUNE_WORLD_SIZE": "1", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
+        os.environ.update({Env.WORLD_SIZE: "1", "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
         # A one-process group still rendezvouses with itself: outside a pod nothing set these.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         return worker.main()
-    env = {**os.environ, "FINETUNE_WORLD_SIZE": str(world)}
+    env = {**os.environ, Env.WORLD_SIZE: str(world)}
     os.execve(sys.executable, torchrun_command(rt, nnodes, nproc), env)
     return 0  # not reached
 
 
 def cli() -> None:
     """The console script: exits like a torchrun worker does (see worker.exit_process)."""
-    from .worker import exit_process
-
-    exit_process(main())
+    code = main()
+    if "finetune_trainer.worker" in sys.modules:
+        sys.modules["finetune_trainer.worker"].exit_process(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

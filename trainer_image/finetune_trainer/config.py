@@ -3,35 +3,50 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_contract.config import Env, IncompatibleConfig, Paths, Ports, read_trainer_config
 from finetune_contract.spec import FineTuneJobSpec
 
-DEFAULT_CONFIG_PATH = "/etc/finetune/config.json"
-MODEL_PVC_MOUNT = "/models"
-DATA_PVC_MOUNT = "/data"
+DEFAULT_CONFIG_PATH = Paths.CONFIG_FILE
+MODEL_PVC_MOUNT = Paths.MODEL_PVC_MOUNT
+DATA_PVC_MOUNT = Paths.DATA_PVC_MOUNT
+
+log = logging.getLogger("finetune_trainer")
+
+__all__ = ["DATA_PVC_MOUNT", "DEFAULT_CONFIG_PATH", "MODEL_PVC_MOUNT", "IncompatibleConfig", "Runtime", "TrainerConfig"]
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """`ResolvedJob.trainer_config()` parsed back into the API types (every hyperparameter filled)."""
+    """The resolved job (finetune_contract.config.TrainerConfig on the wire), every hyperparameter filled."""
 
     name: str
     namespace: str
     spec: FineTuneJobSpec
+    schema_version: str = "1.0"
+    ignored: tuple[str, ...] = ()  # fields of a newer operator this trainer does not know (dropped)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> TrainerConfig:
-        if raw.get("kind") != "TrainerConfig":
-            raise ValueError(f"trainer config: kind must be TrainerConfig (got {raw.get('kind')!r})")
-        return cls(name=raw["name"], namespace=raw.get("namespace") or "default", spec=FineTuneJobSpec.model_validate(raw["spec"]))
+    def from_dict(cls, raw: dict[str, Any], *, warn: bool = False) -> TrainerConfig:
+        """Raises IncompatibleConfig (naming both versions) for a config this trainer cannot read.
+
+        `warn`: log the one warning that lists ignored fields (the launcher does; workers it starts do not,
+        so a pod's log has the line once)."""
+        read = read_trainer_config(raw)
+        if warn and read.warning():
+            log.warning(read.warning())
+        cfg = read.config
+        return cls(name=cfg.name, namespace=cfg.namespace or "default", spec=cfg.spec, schema_version=read.version,
+                   ignored=read.ignored)
 
     @classmethod
-    def load(cls, path: str) -> TrainerConfig:
+    def load(cls, path: str, *, warn: bool = False) -> TrainerConfig:
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            return cls.from_dict(json.load(f), warn=warn)
 
 
 def _int(env: dict[str, str], *names: str) -> int | None:
@@ -75,27 +90,27 @@ class Runtime:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Runtime:
         env = dict(os.environ if env is None else env)
-        port = env.get("FINETUNE_METRICS_PORT")
+        port = env.get(Env.METRICS_PORT)
         return cls(
-            config_path=env.get("FINETUNE_CONFIG") or DEFAULT_CONFIG_PATH,
-            output_dir=env.get("FINETUNE_OUTPUT_DIR") or None,
-            job_name=env.get("FINETUNE_JOB_NAME") or None,
-            namespace=env.get("FINETUNE_JOB_NAMESPACE") or None,
-            nnodes=_int(env, "FINETUNE_NNODES", "PET_NNODES"),
-            nproc_per_node=_int(env, "FINETUNE_NPROC_PER_NODE", "PET_NPROC_PER_NODE"),
-            node_rank=_int(env, "JOB_COMPLETION_INDEX", "PET_NODE_RANK", "NODE_RANK", "GROUP_RANK") or 0,
-            master_addr=env.get("MASTER_ADDR") or env.get("PET_MASTER_ADDR") or "127.0.0.1",
-            master_port=_int(env, "MASTER_PORT", "PET_MASTER_PORT") or 29500,
+            config_path=env.get(Env.CONFIG) or DEFAULT_CONFIG_PATH,
+            output_dir=env.get(Env.OUTPUT_DIR) or None,
+            job_name=env.get(Env.JOB_NAME) or None,
+            namespace=env.get(Env.JOB_NAMESPACE) or None,
+            nnodes=_int(env, Env.NNODES, "PET_NNODES"),
+            nproc_per_node=_int(env, Env.NPROC_PER_NODE, "PET_NPROC_PER_NODE"),
+            node_rank=_int(env, Env.NODE_RANK, "PET_NODE_RANK", "NODE_RANK", "GROUP_RANK") or 0,
+            master_addr=env.get(Env.MASTER_ADDR) or env.get("PET_MASTER_ADDR") or "127.0.0.1",
+            master_port=_int(env, Env.MASTER_PORT, "PET_MASTER_PORT") or Ports.RENDEZVOUS,
             metrics_port=int(port) if port not in (None, "") else None,
-            status_enabled=(env.get("FINETUNE_STATUS") or "on").lower() not in ("off", "false", "0", "no"),
-            stop_poll_seconds=float(env.get("FINETUNE_STOP_POLL_SECONDS") or 5),
-            stop_file=env.get("FINETUNE_STOP_FILE") or None,
+            status_enabled=(env.get(Env.STATUS) or "on").lower() not in ("off", "false", "0", "no"),
+            stop_poll_seconds=float(env.get(Env.STOP_POLL_SECONDS) or 5),
+            stop_file=env.get(Env.STOP_FILE) or None,
             rank=_int(env, "RANK"),
             world_size=_int(env, "WORLD_SIZE"),
             local_rank=_int(env, "LOCAL_RANK"),
-            expected_world_size=_int(env, "FINETUNE_WORLD_SIZE"),
+            expected_world_size=_int(env, Env.WORLD_SIZE),
             kubeconfig=env.get("KUBECONFIG") or None,
-            fault_oom_above=env.get("FINETUNE_FAULT_OOM_ABOVE") or None,
+            fault_oom_above=env.get(Env.FAULT_OOM_ABOVE) or None,
         )
 
     def layout(self, spec: FineTuneJobSpec) -> tuple[int, int]:

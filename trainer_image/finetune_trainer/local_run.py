@@ -1,7 +1,10 @@
-"""`finetune run job.yaml`: validate a FineTuneJob manifest and train it on this machine.
+"""Train a resolved trainer config on this machine, from Python (tests, benchmarks, notebooks).
 
-World size 1 trains in this process; more processes run under torchrun (gloo on CPU) exactly as
-in a pod. A progress bar per epoch shows loss and samples/s; the loss table follows at the end.
+The input is what the operator writes into the ConfigMap (`finetune_contract.config.TrainerConfig`, e.g.
+`finetune_operator.api.validate_manifest(manifest).trainer_config()`); the trainer never resolves a
+FineTuneJob manifest itself (that is the operator's and `finetune run`'s job; the trainer image carries no
+operator). World size 1 trains in this process; more processes run under torchrun (gloo on CPU) exactly as
+in a pod.
 """
 
 from __future__ import annotations
@@ -13,24 +16,12 @@ import subprocess
 import sys
 from typing import Any
 
-import yaml
-
-from finetune_operator.api import validate_manifest
+from finetune_contract.config import KIND, Env, Paths
 
 from .checkpoints import write_json_atomic
 from .config import Runtime, TrainerConfig
 
 DEFAULT_OUTPUT_ROOT = "runs"
-
-
-def _load(manifest: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
-    if isinstance(manifest, dict):
-        return manifest
-    with open(manifest, encoding="utf-8") as f:
-        docs = [d for d in yaml.safe_load_all(f) if d]
-    if len(docs) != 1:
-        raise ValueError(f"{manifest}: expected one FineTuneJob document, found {len(docs)}")
-    return docs[0]
 
 
 def _free_port() -> int:
@@ -39,63 +30,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def loss_table(history: list[dict[str, Any]], metric: str) -> str:
-    lines = [f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>10}  {metric:>16}  {'lr':>9}"]
-    for h in history:
-        vm = h.get("valMetric")
-        lines.append(
-            f"{h['epoch']:>5}  {h.get('trainLoss', float('nan')):>10.4f}  {h.get('valLoss', float('nan')):>10.4f}  "
-            f"{(vm if vm is not None else float('nan')):>16.4f}  {h.get('learningRate', 0.0):>9.2e}"
-        )
-    return "\n".join(lines)
+def _load(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    if isinstance(config, dict):
+        raw = config
+    else:
+        with open(config, encoding="utf-8") as f:
+            raw = json.load(f)
+    if raw.get("kind") != KIND:
+        raise TypeError(f"local_run.run takes a {KIND} (the operator's resolved config), got kind {raw.get('kind')!r}: "
+                        "resolve a FineTuneJob with finetune_operator.api.validate_manifest(m).trainer_config(), "
+                        "or train it with `finetune run job.yaml`")
+    return raw
 
 
 def run(
-    manifest: dict[str, Any] | str | os.PathLike,
+    config: dict[str, Any] | str | os.PathLike,
     *,
     output_dir: str | None = None,
     processes: int | None = None,
     progress: bool = True,
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train a manifest locally; returns result.json's content (raises on invalid manifests and failed runs).
+    """Train locally; returns result.json's content (raises on incompatible configs and failed runs).
 
     `processes` overrides nodes x processesPerNode; `env` adds variables for the trainer (e.g. FINETUNE_STOP_FILE).
     """
-    resolved = validate_manifest(_load(manifest))
-    spec = resolved.spec
+    raw = _load(config)
+    cfg = TrainerConfig.from_dict(raw, warn=True)
+    spec = cfg.spec
     if output_dir is None:
         # The API default /output is a pod path; locally, write under ./runs/<name>.
-        output_dir = spec.output.path if spec.output.path != "/output" else os.path.join(DEFAULT_OUTPUT_ROOT, resolved.name)
+        output_dir = spec.output.path if spec.output.path != Paths.OUTPUT_DIR else os.path.join(DEFAULT_OUTPUT_ROOT, cfg.name)
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     config_path = os.path.join(output_dir, "config.json")
-    write_json_atomic(config_path, resolved.trainer_config())
-    result_path = os.path.join(output_dir, "result.json")
+    write_json_atomic(config_path, raw)
+    result_path = os.path.join(output_dir, Paths.RESULT)
     if os.path.exists(result_path):
         os.remove(result_path)  # a stale result must not pass for this run's
     world = processes or spec.distributed.nodes * spec.distributed.processes_per_node
-    run_env = {
-        **os.environ,
-        "FINETUNE_CONFIG": config_path,
-        "FINETUNE_OUTPUT_DIR": output_dir,
-        "FINETUNE_JOB_NAME": resolved.name,
-        "FINETUNE_JOB_NAMESPACE": resolved.namespace,
-        "FINETUNE_STATUS": "off",  # a local run has no FineTuneJob object to report to
-        "FINETUNE_NNODES": "1",
-        "FINETUNE_NPROC_PER_NODE": str(world),
-        "FINETUNE_WORLD_SIZE": str(world),
-        "FINETUNE_PROGRESS": "1" if progress else "0",
-        **(env or {}),
+    run_env = {**os.environ, **local_env(config_path, output_dir, cfg.name, cfg.namespace, world, progress), **(env or {})}
+    if Env.METRICS_PORT not in (env or {}):
+        run_env.pop(Env.METRICS_PORT, None)  # metrics only when asked: a fixed port would clash between runs
+    return _run_in_process(run_env, progress) if world == 1 else _run_torchrun(run_env, world, result_path)
+
+
+def local_env(config_path: str, output_dir: str, name: str, namespace: str, world: int, progress: bool) -> dict[str, str]:
+    """The pod environment of docs/contracts.md, for one machine (`finetune run` sets the same)."""
+    return {
+        Env.CONFIG: config_path,
+        Env.OUTPUT_DIR: output_dir,
+        Env.JOB_NAME: name,
+        Env.JOB_NAMESPACE: namespace,
+        Env.STATUS: "off",  # a local run has no FineTuneJob object to report to
+        Env.NNODES: "1",
+        Env.NPROC_PER_NODE: str(world),
+        Env.WORLD_SIZE: str(world),
+        Env.PROGRESS: "1" if progress else "0",
     }
-    if "FINETUNE_METRICS_PORT" not in (env or {}):
-        run_env.pop("FINETUNE_METRICS_PORT", None)  # metrics only when asked: a fixed port would clash between runs
-    result = _run_in_process(run_env, progress) if world == 1 else _run_torchrun(run_env, world, result_path)
-    if progress and result.get("history"):
-        metric = result.get("metric")
-        print(loss_table(result["history"], metric if metric not in ("val_loss", "train_loss") else result.get("mainMetric", "metric")))
-        print(f"{result['outcome']}: best epoch {result.get('bestEpoch')}, model in {result.get('modelPath')}")
-    return result
 
 
 def _run_in_process(run_env: dict[str, str], progress: bool) -> dict[str, Any]:

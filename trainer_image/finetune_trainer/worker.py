@@ -33,6 +33,7 @@ from .reporting import StatusReporter, now_rfc3339
 from .schedules import build_scheduler
 from .signals import TerminationFlag
 from .steps import forward
+from .upload import upload_results
 
 log = logging.getLogger("finetune_trainer")
 
@@ -425,6 +426,7 @@ class Trainer:
                 self.metrics.early_stops.inc()
             if self.is_main:
                 ckpt.write_json_atomic(os.path.join(self.output_dir, "result.json"), result)
+                upload_results(self.spec.output, self.output_dir, self.job)  # spec.output.uri, if set
         if self.reporter is not None:
             self.reporter.close()
         acc.wait_for_everyone()

@@ -18,7 +18,7 @@ chart and fails on any difference, in either direction.
 # Children: watched into a cache, created when missing, server-side applied (patch) when they differ, read
 # (get) only after a create answered 409; a Job whose template changed before it started is re-created.
 - apiGroups: [""]
-  resources: ["configmaps", "services", "serviceaccounts"]
+  resources: ["configmaps", "services", "serviceaccounts", "persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
@@ -26,9 +26,9 @@ chart and fails on any difference, in either direction.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Kept PersistentVolumeClaims are watched like the other children; pods for phases and failure reasons.
+# Pods: watched for phases and failure reasons, never written.
 - apiGroups: [""]
-  resources: ["persistentvolumeclaims", "pods"]
+  resources: ["pods"]
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]

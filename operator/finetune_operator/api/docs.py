@@ -16,6 +16,7 @@ from . import constants as c
 from .crd import ROOT, openapi_schema
 from .presets import LORA_LEARNING_RATE_FACTOR, LOSS_DEFAULTS, PATIENCE, PRESETS, SGD_DEFAULTS, WHY
 from .rules import ROOT_RULES, RULES
+from .validation import MUTABLE_AFTER_START, immutable_groups
 
 API_REFERENCE = ROOT / "docs" / "api-reference.md"
 PRESETS_DOC = ROOT / "docs" / "presets.md"
@@ -31,6 +32,7 @@ RULE_OWNER_PATHS = {
     "LoraSpec": "spec.lora",
     "EarlyStoppingSpec": "spec.earlyStopping",
     "DistributedSpec": "spec.distributed",
+    "OutputSpec": "spec.output",
 }
 
 
@@ -153,6 +155,23 @@ def render_api_reference() -> str:
         out.append(f"| `{rule['fieldPath'].lstrip('.')}` | `{_cell(rule['rule'])}` | {_cell(rule['message'])} |")
     for rule in RULES:
         out.append(f"| `{RULE_OWNER_PATHS[rule.owner]}{rule.field}` | `{_cell(rule.cel)}` | {_cell(rule.message)} |")
+    out += [
+        "",
+        "## Changes after start",
+        "",
+        "Once a FineTuneJob's children exist, its training Job and trainer run with the spec they were created from: the "
+        "trainer reads its config once (a restarted pod restores the optimizer state, learning rate included) and a "
+        "Job's pod template cannot change. An edit of any field below except the mutable ones is refused: condition "
+        f"`{c.Condition.SPEC_CHANGE_REFUSED}` (reason `{c.Reason.IMMUTABLE_FIELD}`) and a Warning Event name the "
+        "fields, and the running job keeps its settings. Revert the edit to clear it, or delete and re-create the job.",
+        "",
+        "| Mutable after start | Why the running job honours it |",
+        "|---|---|",
+        *(f"| `spec.{path}` | {_cell(why)} |" for path, why in MUTABLE_AFTER_START.items()),
+        "",
+        "Fixed after start (a field added to the API is fixed unless listed as mutable): "
+        + ", ".join(f"`spec.{g}`" for g in immutable_groups()) + ".",
+    ]
     out += [
         "",
         "## status",

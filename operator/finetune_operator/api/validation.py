@@ -16,6 +16,8 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from finetune_contract.config import trainer_config
+
 from . import constants as c
 from .presets import PATIENCE, resolve_hyperparameters
 from .rules import MAX_METRICS, NAME_MAX_LENGTH, NAME_PATTERN, ROOT_RULES, RULES
@@ -43,16 +45,12 @@ class ResolvedJob:
     namespace: str
     uid: str | None
     spec: FineTuneJobSpec  # every hyperparameter filled
+    user_spec: FineTuneJobSpec | None = None  # as written (validated, not resolved): what a refused change compares
 
     def trainer_config(self) -> dict[str, Any]:
-        """What the trainer reads (the ConfigMap's config.json and `finetune run`)."""
-        return {
-            "apiVersion": c.API_VERSION,
-            "kind": "TrainerConfig",
-            "name": self.name,
-            "namespace": self.namespace,
-            "spec": self.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
-        }
+        """What the trainer reads (the ConfigMap's config.json and `finetune run`): finetune_contract.config's
+        TrainerConfig, with this contract's schemaVersion."""
+        return trainer_config(self.name, self.namespace, self.spec)
 
 
 def _model_for(path: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
@@ -187,16 +185,83 @@ def validate_manifest(obj: Any) -> ResolvedJob:
         problems.extend(err.problems)
     if problems:
         raise InvalidFineTuneJob(problems)
-    return ResolvedJob(name=name, namespace=meta.get("namespace") or "default", uid=meta.get("uid"), spec=resolve_spec(spec))
+    return ResolvedJob(name=name, namespace=meta.get("namespace") or "default", uid=meta.get("uid"),
+                       spec=resolve_spec(spec), user_spec=spec)
 
 
-# Fields that define *what* is trained; they cannot change once training has started.
-IMMUTABLE_AFTER_START = ("model", "task", "dataset", "distributed")
+# -- fields fixed after start ---------------------------------------------------------------------------------
+# The running trainer read its config once (and a restarted pod restores the optimizer state), and a batch/v1
+# Job's pod template cannot change, so every spec field is fixed once the job's children exist, except these,
+# whose new value takes effect on the running job. Anything added to the spec is fixed unless listed here.
+MUTABLE_AFTER_START: dict[str, str] = {
+    "suspend": "the operator suspends or resumes the training Job; a resumed job continues from its last checkpoint",
+    "stop": "requests a graceful stop, which the trainer and the operator both honour",
+    "earlyStopping.stopGracePeriodSeconds": "the operator enforces it; the trainer does not read it",
+    "watchdog.stallTimeoutSeconds": "the operator's stall watchdog reads it on every pass",
+}
+
+
+def _alias(model: type[BaseModel], name: str) -> str:
+    field = model.model_fields[name]
+    return field.alias or name
+
+
+def immutable_groups() -> list[str]:
+    """Spec paths (camelCase, under `spec.`) compared after start: each top-level field, and for object-valued
+    ones each of their fields (so a refusal names `hyperparameters.learningRate`, not `hyperparameters`)."""
+    groups: list[str] = []
+    for name, field in FineTuneJobSpec.model_fields.items():
+        top = _alias(FineTuneJobSpec, name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            groups += [f"{top}.{_alias(ann, sub)}" for sub in ann.model_fields]
+        else:
+            groups.append(top)
+    return [g for g in groups if g not in MUTABLE_AFTER_START]
+
+
+def _value(spec: BaseModel, path: str) -> tuple[Any, Any]:
+    """(value as JSON, the field's default as JSON) of a group path."""
+    obj: Any = spec
+    parts = path.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, next(n for n, f in type(obj).model_fields.items() if (f.alias or n) == part))
+    model = type(obj)
+    name = next(n for n, f in model.model_fields.items() if (f.alias or n) == parts[-1])
+    field = model.model_fields[name]
+
+    def as_json(x: Any) -> Any:
+        if isinstance(x, BaseModel):
+            return x.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if isinstance(x, list):
+            return [as_json(i) for i in x]
+        return x.value if hasattr(x, "value") and not isinstance(x, int | float | str) else x
+
+    default = field.get_default(call_default_factory=True)
+    return as_json(getattr(obj, name)), as_json(default)
+
+
+def immutable_values(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """{group path: value} of the fixed-after-start groups whose value is not the field's default.
+
+    Defaults are left out so that an operator upgrade that adds a field (with a default) does not make every
+    running job look changed."""
+    out = {}
+    for path in immutable_groups():
+        value, default = _value(spec, path)
+        if json.dumps(value, sort_keys=True, default=str) != json.dumps(default, sort_keys=True, default=str):
+            out[path] = value
+    return out
+
+
+# Release 0.1.0 fixed only these, with status.specHash = immutable_hash(resolved spec) + per-field digests;
+# kept to read the fingerprints of jobs started before an upgrade.
+LEGACY_IMMUTABLE_FIELDS = ("model", "task", "dataset", "distributed")
 
 
 def immutable_hash(spec: FineTuneJobSpec) -> str:
     data = {k: getattr(spec, k).model_dump(mode="json") if hasattr(getattr(spec, k), "model_dump") else getattr(spec, k)
-            for k in ("model", "task", "dataset", "distributed")}
+            for k in LEGACY_IMMUTABLE_FIELDS}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -13,7 +13,8 @@ import yaml
 
 from ..api import InvalidFineTuneJob, validate_manifest
 from ..api.presets import PRESETS, describe
-from .cluster import CliError, Cluster
+from .cluster import Cluster
+from .errors import CliError
 
 EMBEDDED_DEFAULT = "classification.yaml"
 
@@ -53,22 +54,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     obj = _load(args.file)
     try:
-        validate_manifest(obj)
+        job = validate_manifest(obj)
     except InvalidFineTuneJob as err:
         print(f"{args.file or 'embedded default'}: {len(err.problems)} problem(s):", file=sys.stderr)
         for p in err.problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
-    from finetune_trainer.local_run import run
+    from .local import run  # the trainer runs as its own process: no torch in the CLI
 
-    try:
-        result = run(obj, output_dir=args.output, processes=args.processes, progress=not args.no_progress)
-    except (OSError, ValueError, RuntimeError, ImportError) as err:
-        if args.debug:
-            raise
-        # The trainer has logged the details above; the user gets one line that says what to fix.
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise CliError(f"training failed: {message[:500]} (rerun with --debug for the traceback)") from None
+    result = run(job, args.output, processes=args.processes, progress=not args.no_progress)
     best = result.get("bestMetric")
     best_text = f"{best:.4f}" if isinstance(best, int | float) else "-"
     print(f"outcome: {result.get('outcome')}; best {result.get('metric')} {best_text} at epoch {result.get('bestEpoch')}; "
@@ -145,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", default="out/run", help="output directory (default out/run)")
     sp.add_argument("--processes", type=int, help="processes on this machine (default: from the manifest)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sp.add_argument("--debug", action="store_true", help="show the full traceback when training fails")
+    sp.add_argument("--debug", action="store_true", help="kept for compatibility: the trainer's own log shows the traceback")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("validate", help="validate a manifest and print every problem")

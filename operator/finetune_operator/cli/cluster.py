@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api import constants as c
+from .errors import CliError
+
+__all__ = ["CliError", "Cluster"]
 
 REQUEST_TIMEOUT = (5, 30)  # connect, read seconds
-
-
-class CliError(Exception):
-    """A failure the user can act on, printed as one line."""
 
 
 @dataclass

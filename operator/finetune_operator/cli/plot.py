@@ -15,7 +15,7 @@ def plot_curves(obj: dict[str, Any], out: str | Path) -> Path:
     status = obj.get("status") or {}
     history = status.get("history") or []
     if not history:
-        from .cluster import CliError
+        from .errors import CliError
 
         raise CliError(f"FineTuneJob {obj['metadata']['name']} has no finished epoch yet: nothing to plot")
     epochs = [p["epoch"] for p in history]

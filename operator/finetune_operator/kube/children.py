@@ -26,12 +26,12 @@ log = logging.getLogger("finetune_operator.kube")
 
 PLURALS = {
     "ConfigMap": "configmaps",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
     "Service": "services",
     "ServiceAccount": "serviceaccounts",
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "Job": "jobs",
-    "PersistentVolumeClaim": "persistentvolumeclaims",
 }
 # (apiVersion, plural) of every kind the operator watches for its children (handlers/kopf_handlers.py).
 WATCHED = {

@@ -145,9 +145,11 @@ def prepare(desired: dict[str, Any], observed: dict[str, Any] | None, *, started
         spec.update({k: seen[k] for k in JOB_IMMUTABLE if k in seen})
         pinned = {**desired, "spec": spec}
         return _annotate(pinned, {TEMPLATE_HASH: have or want}, basis), False
-    if kind == "PersistentVolumeClaim" and observed is not None:
+    if kind == "PersistentVolumeClaim":
+        # The applied-hash covers the metadata only, at create too: otherwise the first pass after the
+        # create would see a different hash and send one needless apply per claim.
         meta_only = {k: v for k, v in desired.items() if k != "spec"}
-        return _annotate(meta_only), False
+        return (_annotate(desired, basis=meta_only) if observed is None else _annotate(meta_only)), False
     return _annotate(desired), False
 
 
@@ -169,6 +171,8 @@ def plan(desired: dict[str, Any], observed: dict[str, Any] | None, owner_uid: st
 def _shape(manifest: dict[str, Any]) -> dict[str, Any]:
     """The fields that can drift: a Job's immutable fields cannot (the server refuses changes to them), and
     whether we send them pinned to the server's values or not must not change the comparison."""
+    if manifest.get("kind") == "PersistentVolumeClaim":
+        return {k: v for k, v in manifest.items() if k != "spec"}  # fixed at create (see prepare)
     if manifest.get("kind") != "Job":
         return manifest
     return {**manifest, "spec": {k: v for k, v in (manifest.get("spec") or {}).items() if k not in JOB_IMMUTABLE}}

@@ -26,9 +26,8 @@ OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
         # it started a pod (the template is immutable).
         *((group, plural, verb) for group, plural in _CHILDREN for verb in ("list", "watch", "create", "patch", "get")),
         ("batch", "jobs", "delete"),
-        # PersistentVolumeClaims a job keeps are watched like the other children.
-        ("", "persistentvolumeclaims", "list"),
-        ("", "persistentvolumeclaims", "watch"),
+        # The output PersistentVolumeClaim (kept after its job is deleted) is a child like the others.
+        *(("", "persistentvolumeclaims", verb) for verb in ("list", "watch", "create", "patch", "get")),
         # Pods: watched for phases and failure reasons (OOMKilled, image pulls); never written.
         ("", "pods", "list"),
         ("", "pods", "watch"),

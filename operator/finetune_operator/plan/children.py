@@ -1,9 +1,11 @@
 """What the operator creates for a FineTuneJob: one function, `desired_children`, pure.
 
-Children (all owned by the FineTuneJob, so deleting it removes them through garbage collection):
+Children (owned by the FineTuneJob, so deleting it removes them through garbage collection):
 ConfigMap (the resolved trainer config), headless Service (rendezvous DNS), Indexed batch/v1 Job
 (one pod per node), and unless spec.serviceAccountName is set a ServiceAccount + Role + RoleBinding
-that let the trainer read its own FineTuneJob and patch its status, nothing else.
+that let the trainer read its own FineTuneJob and patch its status. Unless spec.output names a claim
+or asks for an emptyDir, also a PersistentVolumeClaim `<job>-output` for the model, checkpoints and
+result.json; with spec.output.retain (the default) it has no ownerReference, so it outlives the job.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import hashlib
 import json
 from typing import Any
 
+from finetune_contract.config import Env, Paths
+
 from ..api import constants as c
 from ..api.validation import ResolvedJob
 from ..settings import Settings
 from . import names
 
 # Order matters only for readability of `kubectl get`: RBAC before the pods that use it, Job last.
-KIND_ORDER = ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job")
+KIND_ORDER = ("ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap", "Service", "Job")
+RETAIN_ANNOTATION = f"{c.GROUP}/retain"  # on a kept output claim: why it has no ownerReference
 
 # Pod Security Standard "restricted": non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp.
 # https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted
@@ -59,6 +64,37 @@ def _meta(job: ResolvedJob, name: str, component: str, annotations: dict[str, st
     if annotations:
         meta["annotations"] = annotations
     return meta
+
+
+def creates_output_pvc(job: ResolvedJob) -> bool:
+    out = job.spec.output
+    return not out.pvc and not out.ephemeral
+
+
+def output_claim_name(job: ResolvedJob) -> str | None:
+    """The claim mounted at spec.output.path: the user's, ours, or None (emptyDir)."""
+    if job.spec.output.pvc:
+        return job.spec.output.pvc
+    return names.output_pvc_name(job.name) if creates_output_pvc(job) else None
+
+
+def output_pvc(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
+    """The job's output claim. Retained (the default): no ownerReference, so garbage collection leaves it when the
+    FineTuneJob is deleted and a re-created job of the same name resumes from its checkpoints."""
+    out = job.spec.output
+    meta = _meta(job, names.output_pvc_name(job.name), "output")
+    if out.retain:
+        del meta["ownerReferences"]
+        meta["annotations"] = {RETAIN_ANNOTATION: "true"}
+    spec: dict[str, Any] = {
+        # Every node's rank 0 writes shards and checkpoints there, so more than one node needs ReadWriteMany.
+        "accessModes": ["ReadWriteMany" if job.spec.distributed.nodes > 1 else "ReadWriteOnce"],
+        "resources": {"requests": {"storage": out.size or settings.output_pvc_size}},
+    }
+    storage_class = out.storage_class_name or settings.output_storage_class
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
 def config_json(job: ResolvedJob) -> str:
@@ -132,15 +168,15 @@ def cpu_threads_per_process(cpu: int | str | None, processes: int) -> int | None
 def trainer_env(job: ResolvedJob) -> list[dict[str, Any]]:
     spec = job.spec
     env = {
-        "FINETUNE_CONFIG": f"{names.CONFIG_DIR}/{names.CONFIG_KEY}",
-        "FINETUNE_OUTPUT_DIR": spec.output.path,
-        "FINETUNE_JOB_NAME": job.name,
-        "FINETUNE_JOB_NAMESPACE": job.namespace,
-        "FINETUNE_NNODES": str(spec.distributed.nodes),
-        "FINETUNE_NPROC_PER_NODE": str(spec.distributed.processes_per_node),
-        "MASTER_ADDR": names.master_addr(job.name),
-        "MASTER_PORT": str(names.MASTER_PORT),
-        "FINETUNE_METRICS_PORT": str(names.TRAINER_METRICS_PORT),
+        Env.CONFIG: Paths.CONFIG_FILE,
+        Env.OUTPUT_DIR: spec.output.path,
+        Env.JOB_NAME: job.name,
+        Env.JOB_NAMESPACE: job.namespace,
+        Env.NNODES: str(spec.distributed.nodes),
+        Env.NPROC_PER_NODE: str(spec.distributed.processes_per_node),
+        Env.MASTER_ADDR: names.master_addr(job.name),
+        Env.MASTER_PORT: str(names.MASTER_PORT),
+        Env.METRICS_PORT: str(names.TRAINER_METRICS_PORT),
     }
     threads = cpu_threads_per_process(spec.resources.limits.get("cpu") or spec.resources.requests.get("cpu"),
                                       spec.distributed.processes_per_node)
@@ -175,17 +211,21 @@ def _volumes(job: ResolvedJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
     spec = job.spec
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": names.config_map_name(job.name)}}]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True}]
-    if spec.output.pvc:
-        volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": spec.output.pvc}})
-    else:
+    claim = output_claim_name(job)
+    if claim:
+        volumes.append({"name": "output", "persistentVolumeClaim": {"claimName": claim}})
+    else:  # spec.output.ephemeral: asked for; the OutputEphemeral condition warns that nothing survives the pod
         volumes.append({"name": "output", "emptyDir": {}})
     mounts.append({"name": "output", "mountPath": spec.output.path})
+    if spec.output.credentials_secret:
+        volumes.append({"name": "output-credentials", "secret": {"secretName": spec.output.credentials_secret}})
+        mounts.append({"name": "output-credentials", "mountPath": Paths.OUTPUT_SECRET_MOUNT, "readOnly": True})
     if spec.model.pvc:
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": True}})
-        mounts.append({"name": "model", "mountPath": "/models", "readOnly": True})
+        mounts.append({"name": "model", "mountPath": Paths.MODEL_PVC_MOUNT, "readOnly": True})
     if spec.dataset.pvc:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": spec.dataset.pvc, "readOnly": True}})
-        mounts.append({"name": "data", "mountPath": "/data", "readOnly": True})
+        mounts.append({"name": "data", "mountPath": Paths.DATA_PVC_MOUNT, "readOnly": True})
     if spec.resources.shm_size:
         # Containers get a 64 MiB /dev/shm by default; data-loader workers and NCCL need more.
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}})
@@ -211,11 +251,17 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY_CONTEXT,
     }
+    if spec.output.credentials_secret:
+        # Object-store credentials as the trainer's environment (boto/s3fs and gcsfs read their standard variables);
+        # the values never pass through the spec, the ConfigMap or the operator.
+        container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret}}]
     resources = _resources(job)
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
+        # After SIGTERM the trainer writes a checkpoint; a sharded save needs far more than Kubernetes' 30 s.
+        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         # Indexed Job pods get hostname `<batch job>-<index>`; with this subdomain they resolve through the Service.
         "subdomain": names.service_name(job.name),
         "serviceAccountName": spec.service_account_name or names.service_account_name(job.name),
@@ -268,5 +314,7 @@ def desired_children(job: ResolvedJob, settings: Settings, *, enforced_stop: boo
     children = []
     if not job.spec.service_account_name:
         children += rbac(job)
+    if creates_output_pvc(job):
+        children.append(output_pvc(job, settings))
     children += [config_map(job), headless_service(job), batch_job(job, settings, enforced_stop=enforced_stop)]
     return children

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 
+from finetune_contract.config import Paths, Ports
+
 from ..api import constants as c
 
 DNS_LABEL_MAX = 63
-MASTER_PORT = 29500
-TRAINER_METRICS_PORT = 9400
-CONFIG_DIR = "/etc/finetune"
-CONFIG_KEY = "config.json"
+# The trainer's side of these is finetune_contract.config (one definition for both images).
+MASTER_PORT = Ports.RENDEZVOUS
+TRAINER_METRICS_PORT = Ports.METRICS
+CONFIG_DIR = Paths.CONFIG_DIR
+CONFIG_KEY = Paths.CONFIG_KEY
 
 
 def child_name(job: str, suffix: str, limit: int = DNS_LABEL_MAX) -> str:
@@ -38,6 +41,10 @@ def config_map_name(job: str) -> str:
 
 def service_account_name(job: str) -> str:
     return child_name(job, "trainer")
+
+
+def output_pvc_name(job: str) -> str:
+    return child_name(job, "output")
 
 
 def master_addr(job: str) -> str:

@@ -17,11 +17,14 @@ from typing import Any
 from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
 from ..api.validation import (
-    IMMUTABLE_AFTER_START,
+    LEGACY_IMMUTABLE_FIELDS,
+    MUTABLE_AFTER_START,
     InvalidFineTuneJob,
     Problem,
     ResolvedJob,
+    immutable_groups,
     immutable_hash,
+    immutable_values,
     validate_manifest,
 )
 from ..policy import early_stopping
@@ -72,25 +75,73 @@ def job_input(obj: dict[str, Any]) -> JobInput:
 
 # -- fields fixed after start ------------------------------------------------------------------------------
 
-def _field_digest(spec: Any, key: str) -> str:
+FINGERPRINT_PREFIX = "v2/"
+SPEC_HASH_MAX = 253  # status.specHash's maxLength in the CRD (an older CRD may still be installed)
+
+
+def _digest(data: Any, n: int) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _token(path: str, value: Any) -> str:
+    return _digest(path, 3) + _digest(value, 2)
+
+
+def _user_spec(job: ResolvedJob | Any) -> Any:
+    return getattr(job, "user_spec", None) or getattr(job, "spec", job)
+
+
+def spec_fingerprint(job: ResolvedJob | Any) -> str:
+    """status.specHash: `v2/<hash of every fixed field>/<token per field>`, over the spec as the user wrote it.
+
+    Each token is 3 hex of the field's path + 2 of its value, for the fields that differ from their default, so a
+    refusal names the changed fields, and a field a newer operator adds (with its default) changes nothing. The
+    hash decides; the tokens only name. They are dropped when the whole would exceed the CRD's maxLength."""
+    values = immutable_values(_user_spec(job))
+    whole = _digest(sorted(values.items()), 12)
+    tokens = "".join(sorted(_token(k, v) for k, v in values.items()))
+    fingerprint = f"{FINGERPRINT_PREFIX}{whole}/{tokens}"
+    return fingerprint if len(fingerprint) <= SPEC_HASH_MAX else f"{FINGERPRINT_PREFIX}{whole}/"
+
+
+def _legacy_digest(spec: Any, key: str) -> str:
     value = getattr(spec, key)
     data = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:6]
 
 
-def spec_fingerprint(spec: Any) -> str:
-    """status.specHash: api.validation.immutable_hash, then a short digest per field so a refusal can name
-    the fields that changed (`<hash>/<model>.<task>.<dataset>.<distributed>`)."""
-    return immutable_hash(spec) + "/" + ".".join(_field_digest(spec, k) for k in IMMUTABLE_AFTER_START)
-
-
-def changed_immutable_fields(old: str, spec: Any) -> list[str]:
-    if old.split("/")[0] == immutable_hash(spec):
+def changed_immutable_fields(old: str, job: ResolvedJob | Any) -> list[str]:
+    """The `spec.` paths of fixed fields that differ from the fingerprint `old`; [] when nothing fixed changed."""
+    if not old.startswith(FINGERPRINT_PREFIX):
+        # A fingerprint of release 0.1.0 (model, task, dataset, distributed of the resolved spec).
+        resolved = getattr(job, "spec", job)
+        if old.split("/")[0] == immutable_hash(resolved):
+            return []
+        parts = old.split("/")[1].split(".") if "/" in old else []
+        if len(parts) != len(LEGACY_IMMUTABLE_FIELDS):
+            return [f"spec.{k}" for k in LEGACY_IMMUTABLE_FIELDS]
+        return [f"spec.{k}" for k, d in zip(LEGACY_IMMUTABLE_FIELDS, parts, strict=True) if d != _legacy_digest(resolved, k)]
+    _, whole, tokens = (old.split("/", 2) + ["", ""])[:3]
+    values = immutable_values(_user_spec(job))
+    if whole == _digest(sorted(values.items()), 12):
         return []
-    parts = old.split("/")[1].split(".") if "/" in old else []
-    if len(parts) != len(IMMUTABLE_AFTER_START):
-        return [f"spec.{k}" for k in IMMUTABLE_AFTER_START]  # an older fingerprint: name them all
-    return [f"spec.{k}" for k, d in zip(IMMUTABLE_AFTER_START, parts, strict=True) if d != _field_digest(spec, k)]
+    old_tokens = {tokens[i:i + 5] for i in range(0, len(tokens) - 4, 5)}
+    now = {k: _token(k, v) for k, v in values.items()}
+    changed = []
+    for path in immutable_groups():
+        prefix = _digest(path, 3)
+        if path in now:
+            if now[path] not in old_tokens:
+                changed.append(path)
+        elif any(t.startswith(prefix) and t not in now.values() for t in old_tokens):
+            changed.append(path)  # set before, back to its default now
+    if not changed:
+        return ["spec (a field fixed after start; see docs/api-reference.md)"]
+    return [f"spec.{p}" for p in changed]
+
+
+def is_legacy_fingerprint(value: str) -> bool:
+    return not value.startswith(FINGERPRINT_PREFIX)
 
 
 # -- reading the Job and its pods ----------------------------------------------------------------------------
@@ -222,7 +273,8 @@ def observe(
     p.cond(Condition.VALID, True, Reason.VALID, "spec is valid")
     spec = job.resolved.spec
 
-    _check_immutable(p, spec)
+    _check_immutable(p, job.resolved)
+    _output_condition(p, spec)
     p.cond(Condition.READY, True, Reason.CREATED, f"children created; training Job {st['jobName']}")
 
     if _finish_from_job(p, spec, job_obj, pods):
@@ -246,23 +298,42 @@ def is_terminal(job: JobInput, status: dict[str, Any]) -> bool:
     return not (status.get("reason") == Reason.INVALID_SPEC and job.generation != status.get("observedGeneration"))
 
 
-def _check_immutable(p: _Pass, spec: Any) -> None:
-    fingerprint = spec_fingerprint(spec)
+def _check_immutable(p: _Pass, job: ResolvedJob) -> None:
+    fingerprint = spec_fingerprint(job)
     old = p.st.get("specHash")
     if not old:
         p.st["specHash"] = fingerprint
         return
-    changed = changed_immutable_fields(old, spec)
+    changed = changed_immutable_fields(old, job)
     if changed:
         message = (
-            f"{', '.join(changed)} cannot change after training started; the running job keeps its original "
-            "settings. Revert the change, or delete and re-create the FineTuneJob to train with the new ones"
+            f"{', '.join(changed)} cannot change after training started (the running trainer read its config once); "
+            "the running job keeps its original settings. Revert the change, or delete and re-create the FineTuneJob "
+            "to train with the new ones. Fields that may change: " + ", ".join(f"spec.{f}" for f in MUTABLE_AFTER_START)
         )
         if not is_true(p.st["conditions"], Condition.SPEC_CHANGE_REFUSED) or find(p.st["conditions"], Condition.SPEC_CHANGE_REFUSED).get("message") != message:
             p.events.append(Event("Warning", Reason.IMMUTABLE_FIELD, message))
         p.cond(Condition.SPEC_CHANGE_REFUSED, True, Reason.IMMUTABLE_FIELD, message)
     else:
+        if is_legacy_fingerprint(old):
+            p.st["specHash"] = fingerprint  # same job, started before an upgrade: keep the newer, wider fingerprint
         p.clear(Condition.SPEC_CHANGE_REFUSED, Reason.NO_CHANGE_REFUSED, "the spec matches the running job")
+
+
+def _output_condition(p: _Pass, spec: Any) -> None:
+    """Warn (condition and Event) when the output lives in an emptyDir, which is gone with the pod."""
+    if not spec.output.ephemeral:
+        p.clear(Condition.OUTPUT_EPHEMERAL, Reason.DURABLE_OUTPUT, "output is on a PersistentVolumeClaim")
+        return
+    if spec.output.uri:
+        message = (f"spec.output.ephemeral: checkpoints live in an emptyDir and do not survive the pod, so a restarted pod "
+                   f"starts over; the best model and result.json are uploaded to {spec.output.uri} when training ends")
+    else:
+        message = ("spec.output.ephemeral: the model, checkpoints and result.json live in an emptyDir and will not survive "
+                   "the pod; unset ephemeral (the operator then keeps them on a PersistentVolumeClaim) or set output.uri")
+    if not is_true(p.st["conditions"], Condition.OUTPUT_EPHEMERAL):
+        p.events.append(Event("Warning", Reason.EPHEMERAL_OUTPUT, message))
+    p.cond(Condition.OUTPUT_EPHEMERAL, True, Reason.EPHEMERAL_OUTPUT, message)
 
 
 def spec_change_refused(status: dict[str, Any]) -> bool:
