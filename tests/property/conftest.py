@@ -19,7 +19,8 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
-settings.register_profile("dev", parent=settings.get_profile("ci"), max_examples=20)
+# Tests size themselves with pipeline.examples(n): n under "ci", n/20 under "dev".
+settings.register_profile("dev", parent=settings.get_profile("ci"), max_examples=5)
 settings.load_profile(os.environ.get("FTJ_HYPOTHESIS_PROFILE", "ci"))
 
 

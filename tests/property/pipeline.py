@@ -59,6 +59,13 @@ REQUEST, SCHEMA, CEL, OPERATOR, ACCEPTED = (
 STATS: Counter[str] = Counter()
 
 
+def examples(n: int) -> int:
+    """`n` examples under the "ci" profile (hypothesis' default of 100 max_examples), n/20 under "dev"."""
+    from hypothesis import settings
+
+    return max(5, n * settings().max_examples // 100)
+
+
 @dataclass
 class Expectation:
     """What a mutation must cause: a rejection naming `path`, by one of `layers` (crd_harness sources)."""
@@ -246,7 +253,7 @@ def kube_expand(text: str, env: dict[str, str]) -> str:
                     read, is_var, advance = rest[1:close], True, close + 1
             else:
                 read, is_var, advance = "$" + rest[0], False, 1
-            out.append((env[read] if read in env else f"$({read})") if is_var else read)
+            out.append(env.get(read, f"$({read})") if is_var else read)
             i += advance
             checkpoint = i + 1
         i += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 from hypothesis import assume
@@ -41,7 +41,7 @@ HOSTILE = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def text(min_size: int = 0, max_size: int = 64) -> st.SearchStrategy[str]:
     """Any string in the length bounds, hostile ones often."""
     max_size = min(max_size, 300)
@@ -134,7 +134,7 @@ def _number(node: Node) -> st.SearchStrategy[float | int]:
 # --- values from schema nodes ---------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def value(node: Node) -> st.SearchStrategy[Any]:
     """A value the schema accepts (cross-field rules aside)."""
     k8s = sch.KUBERNETES_STRINGS.get(node.path)
@@ -338,7 +338,8 @@ def schema_mutation(draw: st.DrawFn, manifest: dict[str, Any]) -> tuple[dict[str
     """Wrong type, out of range, not in the enum, too long/many, unknown field or missing required field."""
     manifest = copy.deepcopy(manifest)
     choices = slots(manifest["spec"])
-    kind = draw(st.sampled_from(["wrong-type", "out-of-range", "unknown-field", "missing-required"]))
+    # Hypothesis favours the first choice; the rarer kinds go first so the mix stays even.
+    kind = draw(st.sampled_from(["out-of-range", "unknown-field", "missing-required", "wrong-type"]))
     if kind == "missing-required":
         required = [s for s in choices if s.present and s.key in _required_of(s)]
         slot = draw(st.sampled_from(required))
@@ -467,5 +468,5 @@ def name_mutation(draw: st.DrawFn, manifest: dict[str, Any]) -> tuple[dict[str, 
 
 def invalid_manifests() -> st.SearchStrategy[tuple[dict[str, Any], Expectation]]:
     return valid_manifests().flatmap(
-        lambda m: st.one_of(schema_mutation(m), schema_mutation(m), rule_mutation(m), name_mutation(m))
+        lambda m: st.one_of(rule_mutation(m), name_mutation(m), schema_mutation(m), schema_mutation(m))
     )

@@ -6,7 +6,7 @@ from api import crd_harness as h
 from hypothesis import given, settings
 
 from . import strategies as s
-from .pipeline import CRD
+from .pipeline import CRD, examples
 
 
 def test_rule_chains_are_read_from_the_rule_text():
@@ -24,7 +24,7 @@ def test_presence_and_value_projections_differ():
     assert h._projection({"a": {"b": 1}, "c": 2}, chains) == h._projection({"a": {"b": 9}, "c": 2}, chains)
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(s.valid_manifests().flatmap(lambda m: s.rule_mutation(m) | s.name_mutation(m) | s.schema_mutation(m)))
 def test_memoised_and_direct_cel_verdicts_agree(case):
     manifest, _ = case

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -41,7 +42,7 @@ def test_cli_main_dispatches_validate_to_cmd_validate(tmp_path, capsys):
     assert args.fn is cli.cmd_validate and args.show_resolved is False
     rc, out = p.run_cli(p.REFERENCE)
     assert rc == 0 and "valid FineTuneJob reference" in out
-    (tmp_path / "job.yaml").write_text(open(p.os.path.join(p._TMP, "job.yaml")).read())
+    (tmp_path / "job.yaml").write_text(Path(p._TMP, "job.yaml").read_text())
     assert cli.main(["validate", str(tmp_path / "job.yaml")]) == 0
 
 
