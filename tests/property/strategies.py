@@ -232,13 +232,6 @@ def valid_manifests(draw: st.DrawFn) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": spec}
 
 
-def nodes_by_kind() -> dict[str, list[Node]]:
-    out: dict[str, list[Node]] = {}
-    for node in sch.walk(sch.spec_node()):
-        out.setdefault(node.kind, []).append(node)
-    return out
-
-
 # --- mutations: one change that must make a valid manifest invalid ---------------------------
 
 
