@@ -370,7 +370,7 @@ class Toleration(ApiModel):
     value: ShortStr | None = Field(None, description="Taint value to match (with `Equal`).")
     effect: ShortStr | None = Field(None, description="`NoSchedule`, `PreferNoSchedule` or `NoExecute`. Empty: all effects.")
     toleration_seconds: int | None = Field(
-        None, ge=0, description="With `NoExecute`: seconds the pod stays bound after the taint appears. Unset: forever."
+        None, ge=0, le=2**63 - 1, description="With `NoExecute`: seconds the pod stays bound after the taint appears. Unset: forever."
     )
 
 
@@ -402,8 +402,10 @@ class FineTuneJobSpec(ApiModel):
     suspend: bool = Field(False, description="Suspend the training Job (pods are deleted; resuming continues from the last checkpoint). Default false.")
     stop: bool = Field(False, description="Request a graceful stop: the trainer finishes the current step, keeps the best checkpoint and exits. Default false.")
     backoff_limit: int = Field(3, ge=0, le=100, description="Pod failures tolerated before the job fails (each restart resumes from a checkpoint). Default 3.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the finished training Job after this many seconds. Unset: keep it.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the training Job when it runs longer than this. Unset: no limit.")
+    # Upper bounds: the Job's fields are int32/int64, and the API server refuses a larger number when it
+    # decodes the Job, after this FineTuneJob was accepted.
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, le=2**31 - 1, description="Delete the finished training Job after this many seconds. Unset: keep it.")
+    active_deadline_seconds: int | None = Field(None, ge=1, le=2**63 - 1, description="Fail the training Job when it runs longer than this. Unset: no limit.")
     node_selector: dict[str, ShortStr] = Field(default_factory=dict, max_length=32, description="Node labels the training pods require.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations of the training pods.")
     priority_class_name: ShortStr | None = Field(None, description="PriorityClass of the training pods.")

@@ -24,6 +24,7 @@ Python validation uses (`spec.hyperparameters.learningRate`, `spec.tolerations[0
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -220,20 +221,87 @@ def _root_view(obj: dict[str, Any]) -> dict[str, Any]:
     return {**obj, "metadata": meta}
 
 
-def _cel_violations(obj: dict[str, Any], schema: dict[str, Any]) -> list[Violation]:
+# --- memoised evaluation ------------------------------------------------------------------
+# cel-python walks the parse tree on every evaluation (~2 ms a rule), and the generated-input suite
+# (tests/property) evaluates tens of thousands. A rule that reads `self` only through field chains
+# (`self.a.b`, `has(self.a.b)`) depends on nothing but the values at the ends of those chains, so its
+# verdict is memoised on them; any other use of `self` keys on the whole value.
+# tests/property/test_harness_memo.py checks memoised and direct verdicts agree.
+_STRING_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+_SELF_CHAIN = re.compile(r"\bself((?:\.[A-Za-z_][A-Za-z0-9_]*)*)(\s*\()?")
+_ABSENT = "\x00absent"
+
+
+@lru_cache(maxsize=512)
+def _chains(rule: str) -> tuple[tuple[bool, tuple[str, ...]], ...] | None:
+    """(presence only?, field chain) for each way a rule reads `self`; None when it uses `self` otherwise.
+
+    `has(self.a.b)` observes only whether a and a.b exist; any other `self.a.b` observes the value.
+    """
+    text = _STRING_LITERAL.sub("''", rule)
+    chains = set()
+    for m in _SELF_CHAIN.finditer(text):
+        parts = m.group(1).split(".")[1:]
+        if m.group(2) and parts:
+            parts = parts[:-1]  # `self.name.size()`: size is a method, not a field
+        if not parts or text[m.end(1):m.end(1) + 1] == "[":
+            return None
+        presence = text[:m.start()].rstrip().endswith("has(") and text[m.end(1):].lstrip().startswith(")")
+        chains.add((presence, tuple(parts)))
+    return tuple(sorted(chains))
+
+
+def _projection(value: Any, chains: tuple[tuple[bool, tuple[str, ...]], ...]) -> list[Any]:
     out = []
+    for presence, chain in chains:
+        cur: Any = value
+        for depth, part in enumerate(chain):
+            if not isinstance(cur, dict) or part not in cur:
+                cur = [_ABSENT, depth]
+                break
+            cur = cur[part]
+        else:
+            cur = "\x00present" if presence else cur
+        out.append(cur)
+    return out
+
+
+_MEMO: dict[tuple[str, int, str], tuple[str, str]] = {}
+_MEMO_NODES: dict[int, dict[str, Any]] = {}  # keeps each node alive, so its id is never reused
+
+
+def evaluate_rule(rule: str, value: Any, node: dict[str, Any]) -> tuple[str, str]:
+    """("ok" | "fail" | "error", error text) of one rule on one value."""
+    chains = _chains(rule)
+    seen = _projection(value, chains) if chains is not None else value
+    key = (rule, id(node), json.dumps(seen, sort_keys=True, default=repr))
+    if key not in _MEMO:
+        _MEMO_NODES[id(node)] = node
+        _MEMO[key] = _evaluate_directly(rule, value, node)
+    return _MEMO[key]
+
+
+def _evaluate_directly(rule: str, value: Any, node: dict[str, Any]) -> tuple[str, str]:
+    try:
+        ok = compile_rule(rule).evaluate({"self": _to_cel(value, node)})
+    except celpy.CELEvalError as err:
+        return "error", str(err)
+    if isinstance(ok, celpy.CELEvalError):
+        return "error", str(ok)
+    return ("ok", "") if ok else ("fail", "")
+
+
+def _cel_violations(obj: dict[str, Any], schema: dict[str, Any], memo: bool = True) -> list[Violation]:
+    out = []
+    evaluate = evaluate_rule if memo else _evaluate_directly
     for value, node, path in _cel_nodes(_root_view(obj), schema, ""):
         for rule in node.get("x-kubernetes-validations") or []:
             field = rule.get("fieldPath", "")
             where = (path + field) if path else field.lstrip(".")
-            try:
-                ok = compile_rule(rule["rule"]).evaluate({"self": _to_cel(value, node)})
-            except celpy.CELEvalError as err:
-                out.append(Violation(where or path or "(root)", f"rule {rule['rule']!r} failed to evaluate: {err}", "cel"))
-                continue
-            if isinstance(ok, celpy.CELEvalError):
-                out.append(Violation(where or path or "(root)", f"rule {rule['rule']!r} failed to evaluate: {ok}", "cel"))
-            elif not ok:
+            verdict, error = evaluate(rule["rule"], value, node)
+            if verdict == "error":
+                out.append(Violation(where or path or "(root)", f"rule {rule['rule']!r} failed to evaluate: {error}", "cel"))
+            elif verdict == "fail":
                 out.append(Violation(where or path or "(root)", rule.get("message") or f"failed rule: {rule['rule']}", "cel"))
     return out
 
@@ -258,7 +326,7 @@ def _request_violations(obj: dict[str, Any], crd: dict[str, Any]) -> list[Violat
     return out
 
 
-def validate(obj: Any, crd: dict[str, Any] | None = None) -> Result:
+def validate(obj: Any, crd: dict[str, Any] | None = None, *, memo: bool = True) -> Result:
     """Everything a `kubectl apply --validate=strict` of `obj` would be told, in one list."""
     crd = crd if crd is not None else load_crd()
     if not isinstance(obj, dict):
@@ -270,7 +338,7 @@ def validate(obj: Any, crd: dict[str, Any] | None = None) -> Result:
     violations += schema_errors
     unroutable = any(v.path in ("apiVersion", "kind") for v in violations)
     if not blocking and not unroutable:
-        violations += _cel_violations(stored, schema)
+        violations += _cel_violations(stored, schema, memo)
     return Result(stored, violations)
 
 

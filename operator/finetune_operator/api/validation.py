@@ -116,11 +116,22 @@ def rule_problems(spec: FineTuneJobSpec, prefix: str = "spec") -> list[Problem]:
     return problems
 
 
+def _without_nulls(value: Any) -> Any:
+    """`key: null` dropped from every object, as the API server does before defaulting: kubectl sends a
+    null for an empty YAML value (`epochs:`), and the CRD declares no field nullable, so null means unset.
+    A null list item stays (the server refuses it too)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def parse_spec(raw: Any, prefix: str = "spec") -> FineTuneJobSpec:
     if not isinstance(raw, dict):
         raise InvalidFineTuneJob([Problem(prefix, "must be an object with at least model and dataset")])
     try:
-        spec = FineTuneJobSpec.model_validate(raw)
+        spec = FineTuneJobSpec.model_validate(_without_nulls(raw))
     except ValidationError as err:
         raise InvalidFineTuneJob(_pydantic_problems(err, prefix, FineTuneJobSpec)) from None
     problems = rule_problems(spec, prefix)
@@ -159,6 +170,9 @@ def resolve_spec(spec: FineTuneJobSpec) -> FineTuneJobSpec:
     return resolved
 
 
+TOP_LEVEL_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
+
+
 def validate_manifest(obj: Any) -> ResolvedJob:
     """A whole FineTuneJob object (dict from YAML or the API) -> resolved job, or InvalidFineTuneJob."""
     if not isinstance(obj, dict):
@@ -168,6 +182,12 @@ def validate_manifest(obj: Any) -> ResolvedJob:
         problems.append(Problem("apiVersion", f"must be {c.API_VERSION} (got {obj.get('apiVersion')!r})"))
     if obj.get("kind") != c.KIND:
         problems.append(Problem("kind", f"must be {c.KIND} (got {obj.get('kind')!r})"))
+    # kubectl validates strictly by default (since 1.27): an unknown top-level field is an error there too.
+    for key in obj:
+        if key not in TOP_LEVEL_FIELDS:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL_FIELDS, n=1, cutoff=0.6)
+            problems.append(Problem(str(key), "unknown field" + (f"; did you mean '{close[0]}'?" if close
+                                                              else f"; allowed: {', '.join(TOP_LEVEL_FIELDS)}")))
     meta = obj.get("metadata") or {}
     name = meta.get("name")
     if not isinstance(name, str) or not name:

@@ -17,6 +17,8 @@ from .cluster import Cluster
 from .errors import CliError
 
 EMBEDDED_DEFAULT = "classification.yaml"
+# libyaml's loader when PyYAML was built with it (same YAML 1.1 resolution, ~10x faster), else the pure one.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _load(path: str | None) -> dict[str, Any]:
@@ -28,7 +30,7 @@ def _load(path: str | None) -> dict[str, Any]:
         except OSError as err:
             raise CliError(f"cannot read {path}: {err.strerror}") from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d]
+        docs = [d for d in yaml.load_all(text, Loader=_SAFE_LOADER) if d]
     except yaml.YAMLError as err:
         raise CliError(f"{path}: not valid YAML: {err}") from None
     if len(docs) != 1:

@@ -185,9 +185,16 @@ def trainer_env(job: ResolvedJob) -> list[dict[str, Any]]:
         # oversubscribes the cores and a descheduled thread stalls every step (measured 10x slower).
         env["OMP_NUM_THREADS"] = str(threads)
     # The user's extra variables come first so ours (the contract with the trainer) cannot be overridden by accident.
-    out = [{"name": k, "value": v} for k, v in sorted(spec.env.items()) if k not in env]
-    out += [{"name": k, "value": v} for k, v in env.items()]
+    out = [{"name": k, "value": literal(v)} for k, v in sorted(spec.env.items()) if k not in env]
+    out += [{"name": k, "value": literal(v)} for k, v in env.items()]
     return out
+
+
+def literal(value: str) -> str:
+    """`value` escaped so the kubelet passes it through as written: it expands `$(VAR)` in env values
+    (and command/args), and `$$` is its escape for `$`, so doubling every `$` is exactly the inverse.
+    https://kubernetes.io/docs/tasks/inject-data-application/define-interdependent-environment-variables/"""
+    return value.replace("$", "$$")
 
 
 def _resources(job: ResolvedJob) -> dict[str, Any]:
