@@ -417,6 +417,8 @@ class Trainer:
         acc, engine, hp, p = self.accelerator, self.engine, self.hp, self.progress
         crash_after = int(os.environ.get("FINETUNE_FAULT_EXIT_AFTER_EPOCH", "0") or 0)
         generator = self.mix_generator
+        if p.epochs_completed and not p.batch_in_epoch and self._early_stop() is not None:
+            return "early_stopped"  # resumed after the decision was taken (the pod was replaced before it exited)
         while p.epochs_completed < hp.epochs:
             epoch = p.epochs_completed + 1
             self.train_loader.set_epoch(epoch)
