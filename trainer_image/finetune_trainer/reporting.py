@@ -34,6 +34,12 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def now_rfc3339_micro() -> str:
+    """RFC 3339 with microseconds (metav1.MicroTime's format, as a Lease's renewTime): a heartbeat every few
+    seconds read against a timeout of a few seconds must not lose up to a second to truncation."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _load_api(kubeconfig: str | None = None) -> Any | None:
     """A CustomObjectsApi from the in-cluster ServiceAccount, else the kubeconfig; None without credentials.
 
@@ -132,7 +138,7 @@ class StatusReporter:
         self.heartbeats_sent += 1
         if self.on_heartbeat is not None:
             self.on_heartbeat(time.time(), step)
-        self.report({"lastHeartbeatTime": now_rfc3339(), "step": step})
+        self.report({"lastHeartbeatTime": now_rfc3339_micro(), "step": step})
 
     @property
     def stop_requested(self) -> bool:

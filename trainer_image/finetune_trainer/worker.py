@@ -38,7 +38,7 @@ from .evaluation import MAIN_METRIC, evaluate
 from .metrics import TrainerMetrics
 from .models import load_model, load_tokenizer, save_model
 from .optim import build_optimizer
-from .reporting import StatusReporter, now_rfc3339
+from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro
 from .schedules import build_scheduler
 from .signals import TerminationFlag
 from .steps import forward
@@ -56,6 +56,8 @@ BATCH_PLAN_OVERRIDE = "batch_plan_override.json"
 STEP_LOG_ENV = "FINETUNE_STEP_LOG"
 # Fault injection: after this optimizer step the loop blocks (a hung collective) until SIGTERM.
 FAULT_HANG_AT_STEP_ENV = "FINETUNE_FAULT_HANG_AT_STEP"
+# Fault injection: every optimizer step takes this many seconds longer (a long epoch on a tiny model).
+FAULT_SLOW_STEP_ENV = "FINETUNE_FAULT_SLOW_STEP_SECONDS"
 
 
 class WorldMismatch(RuntimeError):
@@ -316,7 +318,7 @@ class Trainer:
 
     def _report(self, patch: dict[str, Any]) -> None:
         if self.reporter is not None:
-            self.reporter.report({**patch, "lastHeartbeatTime": now_rfc3339()})
+            self.reporter.report({**patch, "lastHeartbeatTime": now_rfc3339_micro()})
 
     # --- the loop ------------------------------------------------------------------------------------
     def _step_flags(self) -> tuple[bool, bool, bool]:
@@ -347,6 +349,7 @@ class Trainer:
         self.rt_fault_sigterm_step = int(os.environ.get("FINETUNE_FAULT_SIGTERM_AT_STEP", "0") or 0)
         self.fault_hang_step = int(os.environ.get(FAULT_HANG_AT_STEP_ENV, "0") or 0)
         self.fault_oom_step = int(os.environ.get(FAULT_OOM_AT_STEP_ENV, "0") or 0)
+        self.fault_slow_step = float(os.environ.get(FAULT_SLOW_STEP_ENV, "0") or 0)
         self.fault_oom_batch: int | None = None  # the batch that stopped fitting at fault_oom_step
         step_log = os.environ.get(STEP_LOG_ENV) if self.is_main else None
         self.step_log = open(step_log, "a", buffering=1, encoding="utf-8") if step_log else None  # noqa: SIM115
@@ -453,6 +456,8 @@ class Trainer:
                 rows += batch["input_ids"].shape[0]
                 if not stepped:
                     continue
+                if self.fault_slow_step:
+                    time.sleep(self.fault_slow_step)
                 p.global_step += 1
                 self._tick()
                 if self.step_log is not None:
