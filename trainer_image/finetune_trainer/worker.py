@@ -596,6 +596,8 @@ class Trainer:
                          batchAutomatic=self.plan.automatic, worldSize=acc.num_processes, samplerSeed=self.sampler.seed)
             ckpt.commit(tmp, final, state)
             ckpt.prune(self.output_dir, self.spec.output.keep_checkpoints)
+            if getattr(self, "step_log", None) is not None:
+                self.step_log.write(f"checkpoint {self.progress.global_step} {'epoch' if batch is None else 'mid'}\n")
         acc.wait_for_everyone()
         self.last_checkpoint = time.monotonic()
         self._tick()
