@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 TRAINER_FIELDS = {
     "epoch", "totalEpochs", "step", "trainLoss", "valLoss", "valMetric", "valMetricName", "learningRate",
     "samplesPerSecond", "batchSize", "gradientAccumulationSteps", "bestEpoch", "bestMetric", "history",
-    "lastHeartbeatTime", "trainerPhase",
+    "lastHeartbeatTime", "trainerPhase", "trainerStopTime", "trainerStopReason", "trainerStopMessage", "trainerStopEpoch",
 }
 HISTORY_POINT = {"epoch", "trainLoss", "valLoss", "valMetric", "learningRate", "time"}
 OPERATOR_STATUS = {

@@ -101,14 +101,20 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(manifest, tmp_path,
     assert not (root / ".tmp-epoch-5").exists()  # pruned with the next checkpoint
 
 
-def test_time_based_checkpoints_are_written_mid_epoch(manifest, tmp_path):
-    m = manifest(hyperparameters={"epochs": 1, "batchSize": 4, "dropout": 0.0},
+def test_time_based_checkpoints_are_written_mid_epoch(manifest, tmp_path, monkeypatch):
+    from finetune_trainer import checkpoints as ckpt
+
+    log = tmp_path / "steps.log"
+    monkeypatch.setenv("FINETUNE_STEP_LOG", str(log))
+    m = manifest(hyperparameters={"epochs": 1, "batchSize": 2, "dropout": 0.0},
                  checkpointing={"intervalMinutes": 0.0001}, output={"keepCheckpoints": 1})
     result = run(m, output_dir=str(tmp_path / "out"), progress=False)
     assert result["outcome"] == "completed"
-    # Mid-epoch checkpoints were written (the newest survives each save until the epoch checkpoint replaces it).
-    from finetune_trainer import checkpoints as ckpt
-
+    saves = [line.split() for line in log.read_text().splitlines() if line.startswith("checkpoint ")]
+    mid = [int(step) for _, step, kind in saves if kind == "mid"]
+    # A 6 ms interval: every step boundary is due, so every step but the epoch's last was checkpointed mid-epoch.
+    assert mid == list(range(1, result["globalStep"])) and saves[-1] == ["checkpoint", str(result["globalStep"]), "epoch"]
+    # Each newer save replaced the older mid-epoch one; the epoch checkpoint replaced the last of them.
     found = ckpt.complete_checkpoints(str(tmp_path / "out"))
     assert [os.path.basename(p) for p, _ in found] == ["epoch-1"]
-    assert found[0][1]["files"] and found[0][1]["batchSize"] == 4
+    assert found[0][1]["files"] and found[0][1]["batchSize"] == 2
