@@ -170,9 +170,12 @@ class HP:
         self.gradient_accumulation_steps = gradient_accumulation_steps
 
 
-def test_plan_batch_keeps_the_effective_batch_when_the_request_does_not_fit(caplog):
+def test_plan_batch_keeps_the_effective_batch_when_the_request_does_not_fit(caplog, monkeypatch):
+    import logging
+
     from finetune_trainer.batching import plan_batch
 
+    monkeypatch.setattr(logging.getLogger("finetune_trainer"), "propagate", True)
     seen: list[int] = []
     with caplog.at_level("WARNING", logger="finetune_trainer"):
         plan = plan_batch(HP(16, 2), probe=simulated(6, seen), examples_per_rank=1000, on_gpu=True, job="j1")
@@ -281,9 +284,13 @@ def test_headroom_and_step_down():
     assert step_down(BatchPlan(6, 1, False)).per_device == 3 and step_down(BatchPlan(1, 4, False)) is None
 
 
-def test_plan_batch_on_cpu_without_the_knob_says_no_search_runs(caplog):
+def test_plan_batch_on_cpu_without_the_knob_says_no_search_runs(caplog, monkeypatch):
+    import logging
+
     from finetune_trainer.batching import CPU_DEFAULT_BATCH, plan_batch
 
+    # A trainer run earlier in the session turned propagation off (it logs through its own handler).
+    monkeypatch.setattr(logging.getLogger("finetune_trainer"), "propagate", True)
     seen: list[int] = []
     with caplog.at_level("INFO", logger="finetune_trainer"):
         plan = plan_batch(HP(None, 2), probe=simulated(2, seen), examples_per_rank=1000, on_gpu=False, job="j")

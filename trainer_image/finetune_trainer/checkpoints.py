@@ -207,6 +207,7 @@ def set_rng_state(state: dict[str, Any], extra: dict[str, torch.Generator] | Non
 
 
 def save_rng(path: str, rank: int, extra: dict[str, torch.Generator] | None = None) -> None:
+    os.makedirs(path, exist_ok=True)  # a node whose output directory is not rank 0's (no shared volume)
     torch.save(rng_state(extra), os.path.join(path, RNG_FILE.format(rank=rank)))
 
 
