@@ -116,7 +116,9 @@ def test_requested_batch_that_does_not_fit_keeps_the_effective_batch(manifest, t
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"FINETUNE_FAULT_OOM_ABOVE": "8", "FINETUNE_METRICS_PORT": str(port)}
-    result = run(manifest(hyperparameters={**PLAIN, "batchSize": 16}), output_dir=str(tmp_path / "oom"), progress=False, env=env)
+    # No headroom (default 10%, tested in test_batch_size.py): this test is about keeping the effective batch.
+    result = run(manifest(hyperparameters={**PLAIN, "batchSize": 16}, batchSearch={"headroomFraction": 0.0}),
+                 output_dir=str(tmp_path / "oom"), progress=False, env=env)
     plan = result["batchPlan"]
     assert (result["batchSize"], result["gradientAccumulationSteps"]) == (8, 2)
     assert plan["accumulationRaised"] and not plan["automatic"] and plan["localFit"] == 8 and 16 in plan["tried"]
