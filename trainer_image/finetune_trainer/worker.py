@@ -475,6 +475,7 @@ class Trainer:
                         rate = rows * acc.num_processes / max(time.perf_counter() - start, 1e-9)
                         bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", samples_s=f"{rate:.1f}", refresh=False)
                 stop, term, due = self._step_flags()
+                due = due and batch_index < len(self.train_loader)  # the epoch's own checkpoint follows at once
                 if term or due:
                     p.batch_in_epoch, p.partial_loss_sum, p.partial_batches = batch_index, float(loss_sum), seen
                     p.examples_in_epoch = batch_index * self.plan.per_device
