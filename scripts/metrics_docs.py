@@ -38,6 +38,7 @@ UNITS = {
     "finetune_gradient_accumulation_steps": "micro-batches per optimizer step",
     "finetune_best_metric": "the early-stopping metric's scale",
     "finetune_trainer_early_stops": "runs",
+    "finetune_trainer_last_progress_timestamp_seconds": "seconds since the Unix epoch",
 }
 
 # Sample names Prometheus stores for a family (prometheus-client's exposition).

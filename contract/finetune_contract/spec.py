@@ -374,12 +374,58 @@ class Toleration(ApiModel):
     )
 
 
+# --- issue 11 (liveness, checkpoints, batch headroom): the trainer's resilience settings -----------------
+
 class WatchdogSpec(ApiModel):
     """Catches a job whose pods run but make no progress (hung collective, dead data loader)."""
 
     stall_timeout_seconds: int = Field(
-        1800, ge=0, le=7 * 86400, description="Fail the job when the trainer's heartbeat has not moved for this long while pods run; 0 disables. Default 1800."
+        900, ge=0, le=7 * 86400,
+        description=(
+            "Fail the job when the trainer's step counter (training steps, evaluation batches and checkpoint saves "
+            "all count) has not advanced for this long while pods run; 0 disables. Default 900: longer than the "
+            "slowest single operation that publishes no progress (loading a multi-GB model from a volume plus the "
+            "first step, one sharded checkpoint save) and than NCCL's own 10-minute collective timeout."
+        ),
     )
+    heartbeat_seconds: float = Field(
+        30.0, ge=0.1, le=3600.0,
+        description=(
+            "Seconds between the trainer's heartbeats (status.lastHeartbeatTime and status.step), sent only while "
+            "the step counter advances. Default 30; keep it well below stallTimeoutSeconds."
+        ),
+    )
+
+
+class CheckpointingSpec(ApiModel):
+    """When the trainer writes resumable checkpoints (besides one at every epoch's end)."""
+
+    interval_minutes: float = Field(
+        30.0, ge=0.0, le=10080.0,
+        description=(
+            "Also checkpoint mid-epoch when this many minutes have passed since the last checkpoint, so a pod "
+            "killed without warning (SIGKILL, node loss) redoes at most this much training; 0: only at epoch "
+            "ends and on SIGTERM. Default 30."
+        ),
+    )
+
+
+class BatchSearchSpec(ApiModel):
+    """How the automatic batch size (hyperparameters.batchSize unset, on a GPU) keeps room for the unexpected."""
+
+    headroom_fraction: float = Field(
+        0.1, ge=0.0, le=0.9,
+        description=(
+            "Train with this fraction fewer examples per device than the largest batch whose full training step "
+            "(forward, backward, optimizer step) fitted: floor(largest x (1 - fraction)), at most largest - 1 when "
+            "the fraction is above 0 and at least 1; 0 keeps the largest. "
+            "Default 0.1: activation memory grows with the batch, so the fraction leaves that much of it free "
+            "for longer-than-probed batches and allocator fragmentation."
+        ),
+    )
+
+
+# --- end of issue 11's block ------------------------------------------------------------------------------
 
 
 class FineTuneJobSpec(ApiModel):
@@ -398,7 +444,9 @@ class FineTuneJobSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute per pod.")
     image: ShortStr | None = Field(None, description="Trainer image. Unset: the operator's default trainer image.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Checkpoints and final model.")
-    watchdog: WatchdogSpec = Field(default_factory=WatchdogSpec, description="Stall detection.")
+    watchdog: WatchdogSpec = Field(default_factory=WatchdogSpec, description="Stall detection and the trainer's heartbeat.")
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec, description="Time-based checkpoints (issue 11).")
+    batch_search: BatchSearchSpec = Field(default_factory=BatchSearchSpec, description="Headroom of the automatic batch size (issue 11).")
     suspend: bool = Field(False, description="Suspend the training Job (pods are deleted; resuming continues from the last checkpoint). Default false.")
     stop: bool = Field(False, description="Request a graceful stop: the trainer finishes the current step, keeps the best checkpoint and exits. Default false.")
     backoff_limit: int = Field(3, ge=0, le=100, description="Pod failures tolerated before the job fails (each restart resumes from a checkpoint). Default 3.")

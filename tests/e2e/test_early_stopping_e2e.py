@@ -1,8 +1,10 @@
-"""Issue 5's closed loop with the real trainer: a job built to overfit is stopped BY THE OPERATOR.
+"""Issue 5's closed loop with the real trainer, decided where the metric is computed (issue 11).
 
-The trainer reports every epoch into status; the operator's early-stopping policy sees validation loss
-stop improving, records `EarlyStopRequested` and sets `status.stopRequestedTime`; the trainer's stop poll
-sees it, stops at a step boundary and exits 0; the operator finishes the job `Succeeded/EarlyStopped`.
+After each evaluation the trainer applies the shared early-stopping policy (finetune_contract) to its own
+history; when patience is exhausted it stops at that epoch boundary (no partial epoch after it), reports
+the decision (`trainerStop*`) with that epoch's results in one status patch, and exits 0. The operator
+records the one decision (`EarlyStopRequested`, `stopRequestedTime`, `stopDecidedBy: trainer`) and finishes
+the job `Succeeded/EarlyStopped`; the trainer's result says `early_stopped` with the policy's reason.
 The output lives on a PVC (the pod runner keeps it in a local directory), so the test can check that the
 final model (`best/`) is the best epoch's: byte-identical weights to that epoch's checkpoint, and the
 validation loss recomputed from it equals the one reported for that epoch.
@@ -17,6 +19,7 @@ asks for far more epochs than it can run before the operator stops it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -133,13 +136,16 @@ def test_overfitting_job_is_stopped_by_the_operator_and_keeps_the_best_model(
     st = wait_for(lambda: (s := status(c, namespace, name)).get("phase") in ("Succeeded", "Failed") and s,
                   timeout=240, what="a finished job", interval=0.5)
 
-    # The operator's decision and how the job ended.
+    # One decision, taken by the trainer after its evaluation, recorded by the operator; how the job ended.
     assert (st["phase"], st["reason"]) == ("Succeeded", "EarlyStopped"), st.get("message")
-    assert not st.get("stopEnforced"), "the trainer should have obeyed within the grace period"
+    assert not st.get("stopEnforced"), "the trainer should have stopped by itself"
     requested = condition(st, "EarlyStopRequested")
     assert requested["status"] == "True" and requested["reason"] == "PatienceExhausted", requested
-    assert "val_loss" in requested["message"] and st["stopRequestedTime"] and st["stopReason"]
+    assert "val_loss" in requested["message"] and "decided by the trainer" in requested["message"]
+    assert st["stopDecidedBy"] == "trainer" and st["stopRequestedTime"] == st["trainerStopTime"]
+    assert st["stopReason"] == st["trainerStopMessage"] and st["trainerStopReason"] == "PatienceExhausted"
     decided_at = int(re.search(r"\(at epoch (\d+)\)", requested["message"]).group(1))
+    assert decided_at == st["trainerStopEpoch"]
     assert "PatienceExhausted" in [e["reason"] for e in events_for(c, namespace, name)]
 
     # What the trainer reported: it learned, then overfitted, and ran fewer epochs than configured.
@@ -150,15 +156,19 @@ def test_overfitting_job_is_stopped_by_the_operator_and_keeps_the_best_model(
     train = {h["epoch"]: h["trainLoss"] for h in history}
     assert best_epoch == min(val, key=val.get) and st["bestMetric"] == pytest.approx(val[best_epoch])
     assert best_epoch > 1 and val[best_epoch] < val[1], "validation loss should fall before it rises"
-    assert decided_at >= best_epoch + PATIENCE and best_epoch < epochs_run < CONFIGURED_EPOCHS
+    # The policy's epoch: exactly `patience` epochs without improvement after the best, and not one epoch more.
+    assert decided_at == best_epoch + PATIENCE == epochs_run and epochs_run < CONFIGURED_EPOCHS
     assert min(train[e] for e in range(best_epoch + 1, epochs_run + 1)) < train[best_epoch], "training loss keeps falling"
     assert st["epochsSaved"] == CONFIGURED_EPOCHS - epochs_run
 
-    # The trainer stopped because of the operator's status field (not spec.stop, not its local rule) and exited 0.
+    # The trainer stopped at the policy's epoch boundary by its own decision, with no partial epoch after it.
     out = pod_runner.workdir / "pvc" / namespace / CLAIM
     result = json.loads((out / "result.json").read_text())
-    assert result["outcome"] == "stopped" and result["stopReason"] == "status.stopRequestedTime is set", result["stopReason"]
+    assert result["outcome"] == "early_stopped" and result["stopReason"] == st["trainerStopMessage"], result["stopReason"]
     assert (result["epochsRun"], result["bestEpoch"]) == (epochs_run, best_epoch)
+    steps_per_epoch = result["totalSteps"] // CONFIGURED_EPOCHS
+    assert result["globalStep"] == epochs_run * steps_per_epoch  # not one step of epoch epochs_run + 1
+    assert not [n for n in os.listdir(out / "checkpoints") if "-batch-" in n]  # no mid-epoch checkpoint either
     pods = [p for p in pod_runner.pods.values() if p.job == f"{name}-train"]
     assert [(p.phase, p.exit_code) for p in pods] == [("Succeeded", 0)]
 

@@ -225,6 +225,59 @@ def test_stall_watchdog():
     assert st4["phase"] == Phase.RUNNING
 
 
+def test_watchdog_follows_the_heartbeat_of_progress_not_epochs():
+    """Heartbeats every 30 s while steps advance keep a job with a 3-hour epoch alive; the first heartbeat that
+    does not come starts the clock, and the job fails one timeout after the last progress, naming the step."""
+    obj = manifest(watchdog={"stallTimeoutSeconds": 900, "heartbeatSeconds": 30})
+    st = running(obj, epoch=0)
+    for beat in range(0, 3 * 3600, 30):  # epoch 1 lasts three hours: no epoch-end report in that time
+        st.update(lastHeartbeatTime=rfc3339(T0 + timedelta(seconds=beat)), step=beat // 3)
+        st, events = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(seconds=beat + 29))
+        assert st["phase"] == Phase.RUNNING, beat
+    last = T0 + timedelta(seconds=3 * 3600 - 30)  # the step counter stops at 3590: the heartbeat stops too
+    st_ok, _ = run(obj, st, batch_job(active=1, start=T0), [pod()], last + timedelta(seconds=899))
+    assert st_ok["phase"] == Phase.RUNNING
+    st_failed, events = run(obj, st, batch_job(active=1, start=T0), [pod()], last + timedelta(seconds=900))
+    assert (st_failed["phase"], st_failed["reason"]) == (Phase.FAILED, Reason.STALLED)
+    assert "step counter stuck at 3590" in st_failed["message"] and reasons(events) == [Reason.STALLED]
+
+
+def test_the_trainers_early_stop_decision_is_recorded_as_the_one_decision():
+    obj = manifest()
+    es = history(0.50, 0.41, 0.45, 0.47)
+    decided = rfc3339(T0 + timedelta(seconds=30))
+    st = running(obj, history=es, epoch=4, trainerStopTime=decided, trainerStopReason=Reason.PATIENCE_EXHAUSTED,
+                 trainerStopMessage="val_loss has not decreased for 2 epochs", trainerStopEpoch=4)
+    st, events = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(minutes=1))
+    cond = find(st["conditions"], Condition.EARLY_STOP_REQUESTED)
+    assert cond["reason"] == Reason.PATIENCE_EXHAUSTED and "decided by the trainer" in cond["message"]
+    assert "(at epoch 4)" in cond["message"]
+    assert (st["stopRequestedTime"], st["stopDecidedBy"]) == (decided, "trainer")  # the trainer's time, not the pass's
+    assert reasons(events) == [Reason.PATIENCE_EXHAUSTED]
+    again, events = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(minutes=2))
+    assert events == [] and again["stopRequestedTime"] == decided  # idempotent: one decision
+    done, _ = run(obj, st, batch_job(("Complete", "")), [pod("Succeeded")], T0 + timedelta(minutes=3))
+    assert (done["phase"], done["reason"]) == (Phase.SUCCEEDED, Reason.EARLY_STOPPED)
+    assert "the trainer stopped at the end of the epoch it decided at" in done["message"]
+
+
+def test_a_trainer_decision_that_arrives_with_the_jobs_completion_is_still_recorded():
+    obj = manifest()
+    st = running(obj, history=history(0.50, 0.41, 0.45, 0.47), epoch=4, trainerStopTime=rfc3339(T0),
+                 trainerStopReason=Reason.PATIENCE_EXHAUSTED, trainerStopMessage="patience", trainerStopEpoch=4)
+    done, events = run(obj, st, batch_job(("Complete", "")), [pod("Succeeded")], T0 + timedelta(minutes=1))
+    assert (done["phase"], done["reason"], done["stopDecidedBy"]) == (Phase.SUCCEEDED, Reason.EARLY_STOPPED, "trainer")
+    assert Reason.PATIENCE_EXHAUSTED in reasons(events)
+
+
+def test_an_older_trainer_that_cannot_decide_is_stopped_by_the_operator():
+    obj = manifest()
+    st = running(obj, history=history(0.50, 0.41, 0.45, 0.47), epoch=4)  # no trainerStop* fields
+    st, _ = run(obj, st, batch_job(active=1, start=T0), [pod()], T0 + timedelta(minutes=1))
+    assert st["stopDecidedBy"] == "operator" and "decided by the operator" in find(
+        st["conditions"], Condition.EARLY_STOP_REQUESTED)["message"]
+
+
 def test_suspend_and_resume():
     obj = manifest()
     st = running(obj)

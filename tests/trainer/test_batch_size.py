@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -172,9 +170,12 @@ class HP:
         self.gradient_accumulation_steps = gradient_accumulation_steps
 
 
-def test_plan_batch_keeps_the_effective_batch_when_the_request_does_not_fit(caplog):
+def test_plan_batch_keeps_the_effective_batch_when_the_request_does_not_fit(caplog, monkeypatch):
+    import logging
+
     from finetune_trainer.batching import plan_batch
 
+    monkeypatch.setattr(logging.getLogger("finetune_trainer"), "propagate", True)
     seen: list[int] = []
     with caplog.at_level("WARNING", logger="finetune_trainer"):
         plan = plan_batch(HP(16, 2), probe=simulated(6, seen), examples_per_rank=1000, on_gpu=True, job="j1")
@@ -216,25 +217,99 @@ def test_fault_injection_probe_raises_torchs_oom_type_above_the_limit():
     assert [fault_oom_limit("16,4", rank) for rank in (0, 1, 2)] == [16, 4, 4]
 
 
-def test_fault_injected_probe_runs_a_real_step_below_and_ooms_above(tiny_model_dir):
+@pytest.fixture
+def prepared(tiny_model_dir):
+    """The tiny embedding model prepared by accelerate with AdamW, as the trainer probes it, plus its dataset."""
+    from accelerate import Accelerator
     from transformers import AutoModel, AutoTokenizer
 
-    from finetune_trainer.batching import make_probe
     from finetune_trainer.data import Collator, TokenizedDataset
+    from finetune_trainer.engine import AccelerateEngine
     from finetune_trainer.models import EmbeddingModel
+    from finetune_trainer.worker import reset_accelerate_state
 
+    reset_accelerate_state()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
     model = EmbeddingModel(AutoModel.from_pretrained(tiny_model_dir))
-    rows = [{"input_ids": tokenizer("the goal of the match")["input_ids"], "pair_input_ids": tokenizer("a team")["input_ids"],
-             "labels": i % 2} for i in range(4)]
+    rows = [{"input_ids": tokenizer("the goal of the match " * (1 + i % 3))["input_ids"],
+             "pair_input_ids": tokenizer("a team")["input_ids"], "labels": i % 2} for i in range(64)]
+    engine = AccelerateEngine(Accelerator(cpu=True), model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1),
+                              None, 1.0)
 
     class Hp:
         loss = None
 
-    probe = make_probe(model, TokenizedDataset(rows), Collator(0, "embedding"), "embedding", Hp(), torch.device("cpu"),
-                       contextlib.nullcontext, oom_above=3)
-    probe(3)
-    assert all(p.grad is None for p in model.parameters())  # probes leave no gradients behind
-    with pytest.raises(torch.OutOfMemoryError) as info:
-        probe(4)
+    yield engine, TokenizedDataset(rows), Collator(0, "embedding"), Hp()
+    reset_accelerate_state()
+
+
+def test_the_probe_counts_the_optimizer_state_and_leaves_no_trace(prepared):
+    from finetune_trainer.batching import SimulatedMemory, make_probe, plan_batch
+
+    engine, dataset, collate, hp = prepared
+    before = {k: v.clone() for k, v in engine.unwrapped().state_dict().items()}
+    # 12 examples of memory; the optimizer state takes 4 once a step has run: only the optimizer step exceeds it.
+    probe = make_probe(engine, dataset, collate, "embedding", hp, memory=SimulatedMemory(12, optimizer_state=4))
+    probe(8)
+    with pytest.raises(torch.OutOfMemoryError, match="optimizer state") as info:
+        probe(9)  # forward and backward fit (9 <= 12); the optimizer step does not (9 + 4 > 12)
     assert is_out_of_memory(info.value)
+    # No trace: weights bit-identical (the step ran at learning rate 0), no gradients, no optimizer state, lr back.
+    after = engine.unwrapped().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in engine.model.parameters())
+    assert not engine.optimizer.optimizer.state and engine.optimizer.param_groups[0]["lr"] == 1e-3
+
+    class Auto:
+        batch_size = None
+        gradient_accumulation_steps = None
+
+    plan = plan_batch(Auto(), probe=probe, examples_per_rank=64, on_gpu=True, headroom=0.1)
+    assert plan.largest_fit == 8  # a probe without the optimizer step would have found 12
+    assert plan.per_device == 7 and plan.source == "searched"  # one below: 10% of 8, rounded down, at least one fewer
+    without_state = plan_batch(Auto(), probe=make_probe(engine, dataset, collate, "embedding", hp,
+                                                         memory=SimulatedMemory(12)), examples_per_rank=64, on_gpu=True)
+    assert without_state.largest_fit == 12
+
+
+def test_headroom_and_step_down():
+    from finetune_trainer.batching import BatchPlan, keep_headroom, step_down
+
+    assert [keep_headroom(f, 0.1) for f in (1, 2, 8, 10, 64)] == [1, 1, 7, 9, 57]
+    assert keep_headroom(64, 0.0) == 64
+    plan = BatchPlan(16, 2, True)
+    down = step_down(plan)
+    assert (down.per_device, down.accumulation, down.source) == (8, 4, "stepped-down")
+    assert step_down(BatchPlan(6, 1, False)).per_device == 3 and step_down(BatchPlan(1, 4, False)) is None
+
+
+def test_plan_batch_on_cpu_without_the_knob_says_no_search_runs(caplog, monkeypatch):
+    import logging
+
+    from finetune_trainer.batching import CPU_DEFAULT_BATCH, plan_batch
+
+    # A trainer run earlier in the session turned propagation off (it logs through its own handler).
+    monkeypatch.setattr(logging.getLogger("finetune_trainer"), "propagate", True)
+    seen: list[int] = []
+    with caplog.at_level("INFO", logger="finetune_trainer"):
+        plan = plan_batch(HP(None, 2), probe=simulated(2, seen), examples_per_rank=1000, on_gpu=False, job="j")
+    assert (plan.per_device, plan.accumulation, plan.source, seen) == (CPU_DEFAULT_BATCH, 2, "cpu-default", [])
+    assert "no batch-size search on CPU" in caplog.text
+
+
+def test_an_out_of_memory_error_in_training_steps_the_batch_down_and_finishes(manifest, tmp_path, monkeypatch):
+    from local_train import run
+
+    m = manifest(hyperparameters={"epochs": 2, "batchSize": 8, "gradientAccumulationSteps": 1, "dropout": 0.0})
+    reference = run(m, output_dir=str(tmp_path / "ref"), progress=False)
+    # From step 12 (epoch 2: 9 steps per epoch) the batch of 8 no longer fits.
+    monkeypatch.setenv("FINETUNE_FAULT_OOM_AT_STEP", "12")
+    result = run(m, output_dir=str(tmp_path / "oom"), progress=False)
+    assert result["outcome"] == "completed" and result["oomRecoveries"] == 1
+    assert (result["batchSize"], result["gradientAccumulationSteps"]) == (4, 2)  # the effective batch of 8 kept
+    assert result["batchPlan"]["source"] == "stepped-down"
+    assert result["globalStep"] == reference["globalStep"] == 18  # continued from the epoch-1 checkpoint
+    assert result["epochsRun"] == 2
+    # The same effective batch over the same examples: epoch 2's loss matches the uninterrupted run's closely.
+    assert result["history"][1]["trainLoss"] == pytest.approx(reference["history"][1]["trainLoss"], rel=1e-3)

@@ -79,15 +79,30 @@ def test_seed_gives_identical_losses(manifest, tmp_path):
     assert losses[0] != losses[2]
 
 
-def test_automatic_batch_size_is_found_and_recorded(manifest, tmp_path):
+def test_automatic_batch_size_on_cpu_is_the_documented_default_without_a_search(manifest, tmp_path, capsys):
+    """Issue 11: on CPU nothing can run out of memory catchably, so no search runs and the log says so."""
+    from finetune_trainer.batching import CPU_DEFAULT_BATCH
+
     m = manifest(hyperparameters={**PLAIN})
     m["spec"]["hyperparameters"].pop("batchSize")
     result = run(m, output_dir=str(tmp_path / "auto"), progress=False)
     plan = result["batchPlan"]
-    assert plan["automatic"] and plan["probes"] == len(plan["tried"]) >= 2
-    # Nothing raises out-of-memory on CPU: the search doubles up to its CPU cap (64, below the 72 examples).
-    assert plan["tried"] == [1, 2, 4, 8, 16, 32, 64]
-    assert result["batchSize"] == 64 and result["globalStep"] == 2
+    assert plan["automatic"] and plan["source"] == "cpu-default" and plan["probes"] == 0 and plan["tried"] == []
+    assert result["batchSize"] == CPU_DEFAULT_BATCH == 16 and result["globalStep"] == 5  # ceil(72 / 16)
+    assert "no batch-size search on CPU" in capsys.readouterr().err  # the trainer's log goes to stderr
+
+
+def test_automatic_batch_size_is_searched_on_the_prepared_model_with_the_knob(manifest, tmp_path, monkeypatch):
+    """With a simulated memory limit the search runs after accelerator.prepare, counts the optimizer state and
+    keeps the headroom: 20 examples of memory, 4 taken by AdamW's state -> 16 fit -> 10% headroom -> 14."""
+    monkeypatch.setenv("FINETUNE_FAULT_OOM_ABOVE", "20")
+    monkeypatch.setenv("FINETUNE_FAULT_OPTIMIZER_MEMORY", "4")
+    m = manifest(hyperparameters={**PLAIN})
+    m["spec"]["hyperparameters"].pop("batchSize")
+    result = run(m, output_dir=str(tmp_path / "auto"), progress=False)
+    plan = result["batchPlan"]
+    assert plan["automatic"] and plan["source"] == "searched" and plan["probes"] == len(plan["tried"]) >= 2
+    assert plan["largestFit"] == 16 and result["batchSize"] == 14 and result["globalStep"] == 6  # ceil(72 / 14)
 
 
 def test_requested_batch_that_does_not_fit_keeps_the_effective_batch(manifest, tmp_path, capsys):
@@ -100,7 +115,9 @@ def test_requested_batch_that_does_not_fit_keeps_the_effective_batch(manifest, t
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"FINETUNE_FAULT_OOM_ABOVE": "8", "FINETUNE_METRICS_PORT": str(port)}
-    result = run(manifest(hyperparameters={**PLAIN, "batchSize": 16}), output_dir=str(tmp_path / "oom"), progress=False, env=env)
+    # No headroom (default 10%, tested in test_batch_size.py): this test is about keeping the effective batch.
+    result = run(manifest(hyperparameters={**PLAIN, "batchSize": 16}, batchSearch={"headroomFraction": 0.0}),
+                 output_dir=str(tmp_path / "oom"), progress=False, env=env)
     plan = result["batchPlan"]
     assert (result["batchSize"], result["gradientAccumulationSteps"]) == (8, 2)
     assert plan["accumulationRaised"] and not plan["automatic"] and plan["localFit"] == 8 and 16 in plan["tried"]

@@ -69,15 +69,16 @@ def torch_extensions_dir() -> str:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_stage_trains_on_two_cpu_processes_with_an_agreed_batch(stage, manifest, tmp_path, torch_extensions_dir):
     """ZeRO 1-3 through deepspeed.initialize on gloo; batchSize unset, and fault injection lets rank 0 fit
-    16 examples but rank 1 only 8: both must train with 8 (the minimum), or the collectives would hang."""
+    16 examples but rank 1 only 8: both must train with the minimum (less the headroom), or the collectives would hang."""
     m = manifest(hyperparameters={**HP, "epochs": 1}, distributed={"strategy": "deepspeed", "zeroStage": stage})
     m["spec"]["hyperparameters"].pop("batchSize")
     result = run(m, output_dir=str(tmp_path), processes=2, progress=False, env={"FINETUNE_FAULT_OOM_ABOVE": "16,8"})
     assert result["strategy"] == "deepspeed" and result["worldSize"] == 2 and result["outcome"] == "completed"
     assert result["zeroStage"] == stage
     plan = result["batchPlan"]
-    assert plan["automatic"] and plan["localFit"] == 16 and result["batchSize"] == 8  # rank 0's view, then the min
-    assert result["globalStep"] == result["totalSteps"] == math.ceil(72 / 2 / 8)
+    # rank 0's view, then the min, then the default 10% headroom (at least one fewer): 7
+    assert plan["automatic"] and plan["localFit"] == 16 and plan["largestFit"] == 8 and result["batchSize"] == 7
+    assert result["globalStep"] == result["totalSteps"] == math.ceil(72 / 2 / 7)
     assert result["rankSteps"] == [result["globalStep"]] * 2
     # Parameters identical across ranks (under ZeRO-3 each rank gathers the shards before summing).
     assert result["rankParamChecksums"][0] == result["rankParamChecksums"][1] != 0.0

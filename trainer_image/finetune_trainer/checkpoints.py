@@ -1,29 +1,54 @@
-"""Resumable checkpoints under `<output>/checkpoints/`.
+"""Resumable checkpoints under `<output>/checkpoints/`, written so that a half-written one is never used.
 
-`epoch-<N>/` is written after epoch N; `epoch-<N>-batch-<k>/` when SIGTERM arrived k batches
-into epoch N. A checkpoint counts only once its `trainer_state.json` exists: that file is written
-last, after every rank has finished writing (a half-written `optimizer.bin` was seen otherwise).
+`epoch-<N>/` is written after epoch N; `epoch-<N>-batch-<k>/` k batches into epoch N (SIGTERM, or
+`checkpointing.intervalMinutes` elapsed). Every rank writes into `.tmp-<name>/`; once all ranks are done
+(`wait_for_everyone`, a half-written `optimizer.bin` was seen otherwise) rank 0 writes `trainer_state.json`
+(the loop's progress, the batch plan, and the size of every file) and renames the directory to `<name>`.
+A rename is atomic on one file system, so a SIGKILL leaves either the complete checkpoint or a `.tmp-`
+directory that no reader looks at. On load, a checkpoint whose files do not have the recorded sizes
+(truncated by a full disk, a torn copy) is skipped and the previous one is used.
+
+Why not accelerate's `ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)`: it writes
+straight into the final `checkpoint_<i>` directory (no rename, so a crash mid-save leaves a directory that
+looks complete) and it names by save count, not by training position; DeepSpeed's engine saves through
+its own `save_checkpoint`. The file layout inside a checkpoint is still accelerate's (`save_state`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import re
 import shutil
 from typing import Any
 
+import numpy as np
+import torch
+
+log = logging.getLogger("finetune_trainer")
+
 STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^epoch-(\d+)(?:-batch-(\d+))?$")
+RNG_FILE = "rng_state_{rank}.pt"
 
 
 def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+def checkpoint_name(epoch: int, batch: int | None = None) -> str:
+    return f"epoch-{epoch}" if batch is None else f"epoch-{epoch}-batch-{batch}"
+
+
 def epoch_dir(output_dir: str, epoch: int, batch: int | None = None) -> str:
-    name = f"epoch-{epoch}" if batch is None else f"epoch-{epoch}-batch-{batch}"
-    return os.path.join(checkpoints_dir(output_dir), name)
+    return os.path.join(checkpoints_dir(output_dir), checkpoint_name(epoch, batch))
+
+
+def tmp_dir(final: str) -> str:
+    return os.path.join(os.path.dirname(final), TMP_PREFIX + os.path.basename(final))
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
@@ -35,12 +60,73 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def mark_complete(path: str, state: dict[str, Any]) -> None:
-    write_json_atomic(os.path.join(path, STATE_FILE), state)
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sizes(path: str) -> dict[str, int]:
+    """Relative path -> size of every file under `path` (the state file excluded)."""
+    sizes = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if rel != STATE_FILE:
+                sizes[rel] = os.path.getsize(full)
+    return sizes
+
+
+def prepare(final: str) -> str:
+    """Rank 0, before any rank writes: an empty temporary directory for the checkpoint `final`."""
+    tmp = tmp_dir(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit(tmp: str, final: str, state: dict[str, Any]) -> None:
+    """Rank 0, after every rank finished writing into `tmp`: record the files, then rename to `final`."""
+    for root, _, files in os.walk(tmp):
+        for name in files:  # the data must be on disk before the rename makes it visible
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    write_json_atomic(os.path.join(tmp, STATE_FILE), {**state, "files": file_sizes(tmp)})
+    if os.path.exists(final):  # the same position saved again (an out-of-memory retry): replace it
+        old = tmp_dir(final) + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(os.path.dirname(final))
+
+
+def verify(path: str, state: dict[str, Any]) -> str | None:
+    """Why the checkpoint at `path` cannot be used (None: every recorded file has its recorded size)."""
+    recorded = state.get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return "no file list in trainer_state.json"
+    for rel, size in recorded.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
+    return None
 
 
 def complete_checkpoints(output_dir: str) -> list[tuple[str, dict[str, Any]]]:
-    """(path, trainer state) of every finished checkpoint, oldest first (by optimizer step)."""
+    """(path, trainer state) of every finished checkpoint, oldest first (by training position)."""
     root = checkpoints_dir(output_dir)
     if not os.path.isdir(root):
         return []
@@ -59,9 +145,21 @@ def complete_checkpoints(output_dir: str) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def usable_checkpoints(output_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """Complete checkpoints whose files are intact, newest first; a damaged one is logged and skipped."""
+    usable = []
+    for path, state in reversed(complete_checkpoints(output_dir)):
+        problem = verify(path, state)
+        if problem:
+            log.warning("checkpoint %s is damaged (%s); falling back to an older one", path, problem)
+            continue
+        usable.append((path, state))
+    return usable
+
+
 def latest(output_dir: str) -> tuple[str, dict[str, Any]] | None:
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
+    found = usable_checkpoints(output_dir)
+    return found[0] if found else None
 
 
 def prune(output_dir: str, keep: int) -> list[str]:
@@ -79,7 +177,43 @@ def prune(output_dir: str, keep: int) -> list[str]:
     root = checkpoints_dir(output_dir)
     for name in os.listdir(root):
         path = os.path.join(root, name)
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, STATE_FILE)):
+        if os.path.isdir(path) and (name.startswith(TMP_PREFIX) or not os.path.exists(os.path.join(path, STATE_FILE))):
             shutil.rmtree(path, ignore_errors=True)
             doomed.append(path)
     return doomed
+
+
+# -- random number generators ------------------------------------------------------------------------------
+
+def rng_state(extra: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG that decides what training does next (dropout, mixup): python, numpy, torch (+CUDA)."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    for name, gen in (extra or {}).items():
+        state[f"generator:{name}"] = gen.get_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], extra: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in (extra or {}).items():
+        if f"generator:{name}" in state:
+            gen.set_state(state[f"generator:{name}"])
+
+
+def save_rng(path: str, rank: int, extra: dict[str, torch.Generator] | None = None) -> None:
+    os.makedirs(path, exist_ok=True)  # a node whose output directory is not rank 0's (no shared volume)
+    torch.save(rng_state(extra), os.path.join(path, RNG_FILE.format(rank=rank)))
+
+
+def load_rng(path: str, rank: int, extra: dict[str, torch.Generator] | None = None) -> bool:
+    file = os.path.join(path, RNG_FILE.format(rank=rank))
+    if not os.path.isfile(file):
+        return False  # written by an older trainer: accelerate's own random_states_<rank>.pkl was restored
+    set_rng_state(torch.load(file, weights_only=False), extra)
+    return True

@@ -21,13 +21,47 @@ _DS_TAG = "deepspeed"
 class AccelerateEngine:
     """Plain accelerate: DDP across processes, autocast for mixed precision, `save_state` checkpoints."""
 
-    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any, max_grad_norm: float):
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any | None, max_grad_norm: float):
         self.accelerator = accelerator
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        # The scheduler is not prepared: accelerate would step it once per process per optimizer step.
-        self.scheduler = scheduler
-        accelerator.register_for_checkpointing(scheduler)
+        self.scheduler = None
         self.max_grad_norm = max_grad_norm
+        if scheduler is not None:
+            self.attach_scheduler(scheduler)
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """The schedule needs the step count, which needs the batch size, which the probe finds on the prepared
+        model: so it comes after `prepare`. Not prepared: accelerate would step it once per process per step."""
+        self.scheduler = scheduler
+        self.accelerator.register_for_checkpointing(scheduler)
+
+    def probe_step(self, loss_fn: Any, before_step: Any | None = None) -> None:
+        """One real training step that leaves no trace (the batch-size probe).
+
+        Forward and backward through the prepared model (DDP wrapper, autocast at the training precision), then
+        a real optimizer step, which allocates the optimizer state (AdamW's two moments: often more memory than
+        the weights), with every learning rate at 0: SGD, Adam and AdamW scale both the update and the decoupled
+        weight decay by the learning rate, so the weights do not move. Then the gradients and the optimizer state
+        are dropped, so training starts as if no probe had run. `no_sync`: no gradient all-reduce, so a rank
+        that runs out of memory cannot leave the others waiting in a collective; the ranks agree afterwards.
+        """
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        lrs = [g["lr"] for g in inner.param_groups]
+        try:
+            with self.accelerator.no_sync(self.model):
+                with self.autocast():
+                    loss = loss_fn(self.model)
+                self.accelerator.backward(loss)
+            if before_step is not None:
+                before_step()
+            for g in inner.param_groups:
+                g["lr"] = 0.0
+            inner.step()
+        finally:
+            for g, lr in zip(inner.param_groups, lrs, strict=True):
+                g["lr"] = lr
+            inner.state.clear()
+            self.model.zero_grad(set_to_none=True)
 
     def accumulate(self) -> contextlib.AbstractContextManager:
         return self.accelerator.accumulate(self.model)
@@ -99,6 +133,24 @@ def deepspeed_config(*, micro_batch: int, accumulation: int, max_grad_norm: floa
     if max_grad_norm > 0:
         config["gradient_clipping"] = max_grad_norm
     return config
+
+
+class BareModelProbe:
+    """The DeepSpeed path's probe: forward and backward on the model before `deepspeed.initialize`, without an
+    optimizer step, so ZeRO partitions and optimizer state are not counted (see the batch-size notes in the
+    trainer docs; probing through the ZeRO engine needs every rank in lockstep inside its collectives)."""
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module):
+        self.accelerator = accelerator
+        self.model = model
+
+    def probe_step(self, loss_fn: Any, before_step: Any | None = None) -> None:  # noqa: ARG002
+        try:
+            with self.accelerator.autocast():
+                loss = loss_fn(self.model)
+            loss.backward()
+        finally:
+            self.model.zero_grad(set_to_none=True)
 
 
 class DeepSpeedEngine:

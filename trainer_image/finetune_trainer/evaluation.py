@@ -38,8 +38,11 @@ def recall_at_k(queries: torch.Tensor, corpus: torch.Tensor, query_labels: torch
 
 
 @torch.no_grad()
-def evaluate(engine: Any, loader: Any, task: str, hp: Any, *, num_labels: int = 0, paired: bool = False) -> dict[str, float]:
-    """Metrics on the validation loader, gathered across ranks (duplicates from uneven sharding dropped)."""
+def evaluate(engine: Any, loader: Any, task: str, hp: Any, *, num_labels: int = 0, paired: bool = False,
+             on_batch: Any | None = None) -> dict[str, float]:
+    """Metrics on the validation loader, gathered across ranks (duplicates from uneven sharding dropped).
+
+    on_batch: called after every batch (liveness: a long evaluation is progress, not a stall)."""
     accelerator = engine.accelerator
     model = engine.model
     model.eval()
@@ -54,6 +57,8 @@ def evaluate(engine: Any, loader: Any, task: str, hp: Any, *, num_labels: int = 
                 loss, out = forward(model, batch, task, hp, train=False)
             loss_sum += loss.double().cpu()
             batches += 1
+            if on_batch is not None:
+                on_batch()
             if task == "sequence-classification":
                 logits, labels = accelerator.gather_for_metrics((out.float(), batch["labels"]))
                 logits_all.append(logits.cpu())

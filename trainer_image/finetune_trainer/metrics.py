@@ -63,6 +63,10 @@ class TrainerMetrics:
         self.gradient_accumulation_steps = gauge(
             "finetune_gradient_accumulation_steps", "Batches per optimizer step (raised when the requested batch did not fit)."
         ).labels(**self._labels)
+        self.last_progress = gauge(
+            "finetune_trainer_last_progress_timestamp_seconds",
+            "Unix time of the trainer's last heartbeat, sent only while steps, evaluation batches or checkpoint saves advance.",
+        ).labels(**self._labels)
         self.best_metric = gauge("finetune_best_metric", "Best value of the early-stopping metric so far.").labels(**self._labels)
         self.early_stops = Counter(
             "finetune_trainer_early_stops", "Runs this trainer ended early (patience or stop request).", LABELS, registry=r

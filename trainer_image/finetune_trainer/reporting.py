@@ -3,6 +3,13 @@
 Training never waits on the API server: `report()` only merges the patch into a pending dict and
 wakes the thread, which sends the newest state (coalescing patches it could not send yet) and
 backs off exponentially while the server is unreachable.
+
+Liveness (issue 11): the loop calls `progress()` after every optimizer step, evaluation batch and
+checkpoint save (two integer stores under a lock). Every `heartbeat_seconds` the thread sends
+`lastHeartbeatTime` and `step`, but only when that counter moved since the last heartbeat, so the
+heartbeat's age is exactly "time since the trainer last made progress", which is what the operator's
+watchdog and the FineTuneJobStalled alert read. A hung step stops the heartbeat even though this
+thread is alive.
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ MAX_BACKOFF_SECONDS = 60.0
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_rfc3339_micro() -> str:
+    """RFC 3339 with microseconds (metav1.MicroTime's format, as a Lease's renewTime): a heartbeat every few
+    seconds read against a timeout of a few seconds must not lose up to a second to truncation."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _load_api(kubeconfig: str | None = None) -> Any | None:
@@ -70,8 +83,16 @@ class StatusReporter:
         stop_file: str | None = None,
         api: Any | None = None,
         kubeconfig: str | None = None,
+        heartbeat_seconds: float = 30.0,
+        on_heartbeat: Any | None = None,
     ):
         self.job = job
+        self.heartbeat_seconds = max(0.05, heartbeat_seconds)
+        self.on_heartbeat = on_heartbeat  # called from this thread with (unix time, step) at each heartbeat
+        self._ticks = 0  # progress events published by the loop (steps, evaluation batches, saves)
+        self._step = 0
+        self._ticks_sent = 0
+        self.heartbeats_sent = 0
         self.namespace = namespace
         self.poll_seconds = max(0.05, poll_seconds)
         self.stop_file = stop_file
@@ -102,6 +123,23 @@ class StatusReporter:
             self._pending.update(copy.deepcopy(patch))
         self._wake.set()
 
+    def progress(self, step: int) -> None:
+        """The loop made progress (a step, an evaluation batch, a checkpoint save); never blocks on I/O."""
+        with self._lock:
+            self._ticks += 1
+            self._step = step
+
+    def _heartbeat(self) -> None:
+        with self._lock:
+            ticks, step = self._ticks, self._step
+        if ticks == self._ticks_sent:
+            return  # no progress since the last heartbeat: say nothing, so the heartbeat ages
+        self._ticks_sent = ticks
+        self.heartbeats_sent += 1
+        if self.on_heartbeat is not None:
+            self.on_heartbeat(time.time(), step)
+        self.report({"lastHeartbeatTime": now_rfc3339_micro(), "step": step})
+
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
@@ -117,10 +155,15 @@ class StatusReporter:
     def _run(self) -> None:
         backoff = 0.0
         next_poll = 0.0
+        next_beat = time.monotonic() + self.heartbeat_seconds
         while True:
-            self._wake.wait(timeout=backoff or self.poll_seconds)
+            wait = min(backoff or self.poll_seconds, max(0.0, next_beat - time.monotonic()))
+            self._wake.wait(timeout=wait)
             self._wake.clear()
             closing = self._closing.is_set()
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + self.heartbeat_seconds
             ok = self._flush()
             if time.monotonic() >= next_poll and not closing:
                 ok = self._poll_stop() and ok

@@ -21,15 +21,24 @@ from torch.utils.data import DataLoader
 from finetune_contract.early_stopping import Settings, decide, metric_value
 
 from . import checkpoints as ckpt
-from .batching import fault_oom_limit, make_probe, plan_batch
+from .batch_size import is_out_of_memory
+from .batching import (
+    FAULT_OOM_AT_STEP_ENV,
+    BatchPlan,
+    SimulatedMemory,
+    make_probe,
+    plan_batch,
+    simulated_oom,
+    step_down,
+)
 from .config import DATA_PVC_MOUNT, Runtime, TrainerConfig
 from .data import Collator, EpochSeededSampler, build_dataset, label_names, split_records
-from .engine import AccelerateEngine, DeepSpeedEngine, deepspeed_config
+from .engine import AccelerateEngine, BareModelProbe, DeepSpeedEngine, deepspeed_config
 from .evaluation import MAIN_METRIC, evaluate
 from .metrics import TrainerMetrics
 from .models import load_model, load_tokenizer, save_model
 from .optim import build_optimizer
-from .reporting import StatusReporter, now_rfc3339
+from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro
 from .schedules import build_scheduler
 from .signals import TerminationFlag
 from .steps import forward
@@ -40,6 +49,16 @@ log = logging.getLogger("finetune_trainer")
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: the pod was asked to go; its checkpoint lets the next pod resume
 HISTORY_LIMIT = 200
 LOSS_METRICS = ("val_loss", "train_loss")
+GAUGE_EVERY_STEPS = 5  # step, loss, learning-rate and throughput gauges between epochs (cheap: rank 0 sets floats)
+# Written after an out-of-memory error that this process cannot recover from in place (several ranks, DeepSpeed):
+# the restarted pod reads it and trains the smaller batch instead of running out of memory again.
+BATCH_PLAN_OVERRIDE = "batch_plan_override.json"
+# Diagnostics (bench/resume.py): rank 0 appends each finished optimizer step's number to this file.
+STEP_LOG_ENV = "FINETUNE_STEP_LOG"
+# Fault injection: after this optimizer step the loop blocks (a hung collective) until SIGTERM.
+FAULT_HANG_AT_STEP_ENV = "FINETUNE_FAULT_HANG_AT_STEP"
+# Fault injection: every optimizer step takes this many seconds longer (a long epoch on a tiny model).
+FAULT_SLOW_STEP_ENV = "FINETUNE_FAULT_SLOW_STEP_SECONDS"
 
 
 class WorldMismatch(RuntimeError):
@@ -58,16 +77,19 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     partial_loss_sum: float = 0.0  # the interrupted epoch's running loss, so its mean stays exact
     partial_batches: int = 0
+    examples_in_epoch: int = 0  # per rank: batch_in_epoch in examples, so a changed batch size skips exactly as much
 
     def to_json(self) -> dict[str, Any]:
         return {"epochsCompleted": self.epochs_completed, "batchInEpoch": self.batch_in_epoch, "globalStep": self.global_step,
                 "bestEpoch": self.best_epoch, "bestMetric": self.best_metric, "history": self.history,
-                "partialLossSum": self.partial_loss_sum, "partialBatches": self.partial_batches}
+                "partialLossSum": self.partial_loss_sum, "partialBatches": self.partial_batches,
+                "examplesInEpoch": self.examples_in_epoch}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Progress:
         return cls(d.get("epochsCompleted", 0), d.get("batchInEpoch", 0), d.get("globalStep", 0), d.get("bestEpoch"),
-                   d.get("bestMetric"), list(d.get("history", [])), d.get("partialLossSum", 0.0), d.get("partialBatches", 0))
+                   d.get("bestMetric"), list(d.get("history", [])), d.get("partialLossSum", 0.0), d.get("partialBatches", 0),
+                   d.get("examplesInEpoch", 0))
 
 
 def configure_logging(job: str, rank: int) -> None:
@@ -150,7 +172,11 @@ class Trainer:
     def _loaders(self, per_device: int) -> None:
         seed = self.hp.seed or 0
         self.sampler = EpochSeededSampler(len(self.train_set), seed)
-        train = DataLoader(self.train_set, batch_size=per_device, sampler=self.sampler, collate_fn=self.collate)
+        # A private generator: creating a DataLoader iterator draws a base seed from the global torch RNG
+        # otherwise, so a resumed run (one more iterator than the uninterrupted run at that point) got other
+        # dropout masks from there on (issue 11: epoch-2 val_loss 0.8421 resumed vs 0.8400 uninterrupted).
+        train = DataLoader(self.train_set, batch_size=per_device, sampler=self.sampler, collate_fn=self.collate,
+                           generator=torch.Generator().manual_seed(seed))
         val = DataLoader(self.val_set, batch_size=max(per_device, 32), shuffle=False, collate_fn=self.collate)
         self.train_loader, self.val_loader = self.accelerator.prepare(train, val)
 
@@ -165,26 +191,31 @@ class Trainer:
         loaded = load_model(self.spec, self.labels, self.tokenizer, self.model_source)
         model = loaded.model.to(acc.device)
         self.unwrapped_for_save = loaded.model
-        oom_above = fault_oom_limit(self.rt.fault_oom_above, acc.process_index)
-        probe = make_probe(model, self.train_set, self.collate, self.task, self.hp, acc.device, acc.autocast, oom_above=oom_above)
-        plan = plan_batch(self.hp, probe=probe, examples_per_rank=math.ceil(len(self.train_set) / acc.num_processes),
-                          on_gpu=torch.cuda.is_available() or oom_above is not None, job=self.job)
+        self.memory = SimulatedMemory.from_env({**os.environ, "FINETUNE_FAULT_OOM_ABOVE": self.rt.fault_oom_above or ""},
+                                               acc.process_index)
+        optimizer = build_optimizer(model, self.hp, loaded.head_prefixes)
+        max_norm = self.hp.max_grad_norm or 0.0
+        if self.deepspeed:
+            plan = self._plan(BareModelProbe(acc, model))
+        else:
+            self.engine: Any = AccelerateEngine(acc, model, optimizer, None, max_norm)
+            plan = self._plan(self.engine)  # on the prepared model, with its optimizer (issue 11)
         self.plan = plan
         set_seed(self.hp.seed or 0)  # probes consumed randomness; training starts from the seed either way
         self._loaders(plan.per_device)
         batches = len(self.train_loader)
         steps_per_epoch = max(1, batches // plan.accumulation if self.deepspeed else math.ceil(batches / plan.accumulation))
         self.total_steps = steps_per_epoch * self.hp.epochs
-        optimizer = build_optimizer(model, self.hp, loaded.head_prefixes)
         scheduler = build_scheduler(optimizer, self.hp, self.total_steps)
-        max_norm = self.hp.max_grad_norm or 0.0
         if self.deepspeed:
             config = deepspeed_config(micro_batch=plan.per_device, accumulation=plan.accumulation, max_grad_norm=max_norm,
                                       zero_stage=self.spec.distributed.zero_stage or 2, mixed_precision=self.mixed_precision)
-            self.engine: Any = DeepSpeedEngine(acc, model, optimizer, scheduler, config)
+            self.engine = DeepSpeedEngine(acc, model, optimizer, scheduler, config)
         else:
             acc.gradient_accumulation_steps = plan.accumulation
-            self.engine = AccelerateEngine(acc, model, optimizer, scheduler, max_norm)
+            self.engine.attach_scheduler(scheduler)
+        # Mixup's draws: its state is checkpointed with the other RNGs, so a resumed run draws what it would have.
+        self.mix_generator = torch.Generator().manual_seed((self.hp.seed or 0) + 7)
         self.progress = Progress()
         resumed = self._resume()
         self.metrics = TrainerMetrics(self.job, self.namespace)
@@ -194,7 +225,8 @@ class Trainer:
                 self.metrics.serve(self.rt.metrics_port)
             self.reporter = StatusReporter(self.job, self.namespace, enabled=self.rt.status_enabled,
                                            poll_seconds=self.rt.stop_poll_seconds, stop_file=self.rt.stop_file,
-                                           kubeconfig=self.rt.kubeconfig).start()
+                                           kubeconfig=self.rt.kubeconfig, heartbeat_seconds=self.spec.watchdog.heartbeat_seconds,
+                                           on_heartbeat=lambda t, _step: self.metrics.last_progress.set(t)).start()
             self.metrics.batch_size.set(plan.per_device)
             self.metrics.gradient_accumulation_steps.set(plan.accumulation)
         log.info(
@@ -214,24 +246,87 @@ class Trainer:
             self.term.uninstall()
         return self._finish(outcome, resumed)
 
-    def _resume(self) -> str | None:
+    def _plan(self, prober: Any) -> BatchPlan:
+        """The batch plan: the resumed checkpoint's (read before any probe, so a restarted pod keeps the batch its
+        checkpoint was made with), a smaller one left by an out-of-memory error, else a search on `prober`."""
+        acc = self.accelerator
         found = ckpt.latest(self.output_dir)
-        if found is None:
+        saved = BatchPlan.from_checkpoint(found[1]) if found else None
+        override = self._read_override()
+        if override is not None and (saved is None or override.per_device < saved.per_device):
+            log.warning("job %s: training %d x %d accumulation steps, as the out-of-memory step-down of a previous pod "
+                        "decided (%s)", self.job, override.per_device, override.accumulation, BATCH_PLAN_OVERRIDE)
+            return override
+        if saved is not None:
+            log.info("job %s: keeping the batch plan of checkpoint %s: %d x %d accumulation steps",
+                     self.job, found[0], saved.per_device, saved.accumulation)
+            return saved
+        probe = make_probe(prober, self.train_set, self.collate, self.task, self.hp, memory=self.memory)
+        return plan_batch(self.hp, probe=probe, examples_per_rank=math.ceil(len(self.train_set) / acc.num_processes),
+                          on_gpu=torch.cuda.is_available() or self.memory is not None, job=self.job,
+                          headroom=self.spec.batch_search.headroom_fraction)
+
+    def _read_override(self) -> BatchPlan | None:
+        path = os.path.join(self.output_dir, BATCH_PLAN_OVERRIDE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            return BatchPlan(int(d["batchSize"]), int(d["gradientAccumulationSteps"]), bool(d.get("automatic")),
+                             True, source="stepped-down")
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        path, state = found
-        self.engine.load_state(path)
-        self.progress = Progress.from_json(state)
-        log.info("resuming from %s: %d epochs done, %d batches into the next, step %d",
-                 path, self.progress.epochs_completed, self.progress.batch_in_epoch, self.progress.global_step)
-        return path
+
+    def _resume(self) -> str | None:
+        """Load the newest checkpoint that loads; a damaged one is skipped for the one before (on every rank alike)."""
+        acc = self.accelerator
+        candidates = ckpt.usable_checkpoints(self.output_dir)
+        for path, state in candidates:
+            ok = True
+            try:
+                self.engine.load_state(path)
+                ckpt.load_rng(path, acc.process_index, {"mixup": self.mix_generator})
+            except Exception as err:  # a torn or corrupt file: the previous checkpoint is still whole
+                log.warning("job %s: checkpoint %s does not load (%s); trying the previous one", self.job, path,
+                            f"{type(err).__name__}: {str(err)[:200]}")
+                ok = False
+            flag = torch.tensor([float(ok)], device=acc.device)
+            if acc.num_processes > 1:
+                flag = acc.reduce(flag, reduction="sum")
+            if int(flag[0]) != acc.num_processes:
+                continue
+            self.progress = Progress.from_json(state)
+            self._align_to_plan(state)
+            self.resumed_at_step = self.progress.global_step
+            log.info("resuming from %s: %d epochs done, %d batches into the next, step %d",
+                     path, self.progress.epochs_completed, self.progress.batch_in_epoch, self.progress.global_step)
+            return path
+        if candidates:
+            raise RuntimeError(f"job {self.job}: no checkpoint in {ckpt.checkpoints_dir(self.output_dir)} loads, and the "
+                               "model may hold part of one; delete the checkpoints to start over")
+        return None
+
+    def _align_to_plan(self, state: dict[str, Any]) -> None:
+        """Count the batches already seen in this epoch in the current batch size (the checkpoint's may differ)."""
+        p = self.progress
+        saved = state.get("batchSize")
+        examples = p.examples_in_epoch or (p.batch_in_epoch * saved if isinstance(saved, int) else 0)
+        if not p.batch_in_epoch or saved == self.plan.per_device:
+            return
+        p.batch_in_epoch = examples // self.plan.per_device
+        if examples % self.plan.per_device:
+            log.warning("job %s: %d examples of this epoch seen in batches of %s; resuming at batch %d of %d",
+                        self.job, examples, saved, p.batch_in_epoch, self.plan.per_device)
 
     def _report(self, patch: dict[str, Any]) -> None:
         if self.reporter is not None:
-            self.reporter.report({**patch, "lastHeartbeatTime": now_rfc3339()})
+            self.reporter.report({**patch, "lastHeartbeatTime": now_rfc3339_micro()})
 
     # --- the loop ------------------------------------------------------------------------------------
-    def _stop_signal(self) -> str | None:
-        """At a step boundary: 'stop', 'preempt' or None, the same on every rank."""
+    def _step_flags(self) -> tuple[bool, bool, bool]:
+        """At a step boundary: (stop requested, SIGTERM, checkpoint due), the same on every rank.
+
+        One all-reduce of three flags per step, what accelerate's set_trigger/check_trigger costs for one;
+        the checkpoint clock is rank 0's, so every rank saves at the same step."""
         acc = self.accelerator
         local_stop = self.reporter is not None and self.reporter.stop_requested
         local_term = self.term.requested
@@ -239,21 +334,95 @@ class Trainer:
         if fault and self.progress.global_step == fault and not local_term:
             os.kill(os.getpid(), signal.SIGTERM)  # fault injection: goes through the real handler
             local_term = True
-        if local_stop or local_term:
-            acc.set_trigger()
-        if not acc.check_trigger():
-            return None
-        flags = torch.tensor([float(local_stop), float(local_term)], device=acc.device)
-        flags = acc.reduce(flags, reduction="sum") if acc.num_processes > 1 else flags
-        return "preempt" if flags[1] > 0 else "stop"
+        due = (self.is_main and self.checkpoint_seconds > 0
+               and time.monotonic() - self.last_checkpoint >= self.checkpoint_seconds)
+        flags = torch.tensor([float(local_stop), float(local_term), float(due)], device=acc.device)
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        return bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[2] > 0)
+
+    def _tick(self) -> None:
+        """Progress for the heartbeat (steps, evaluation batches, saves); rank 0 only, never blocks."""
+        if self.reporter is not None:
+            self.reporter.progress(self.progress.global_step)
 
     def _train_loop(self) -> str:
-        acc, engine, hp, p = self.accelerator, self.engine, self.hp, self.progress
         self.rt_fault_sigterm_step = int(os.environ.get("FINETUNE_FAULT_SIGTERM_AT_STEP", "0") or 0)
-        crash_after = int(os.environ.get("FINETUNE_FAULT_EXIT_AFTER_EPOCH", "0") or 0)
-        generator = torch.Generator().manual_seed((hp.seed or 0) + 7)
+        self.fault_hang_step = int(os.environ.get(FAULT_HANG_AT_STEP_ENV, "0") or 0)
+        self.fault_oom_step = int(os.environ.get(FAULT_OOM_AT_STEP_ENV, "0") or 0)
+        self.fault_slow_step = float(os.environ.get(FAULT_SLOW_STEP_ENV, "0") or 0)
+        self.fault_oom_batch: int | None = None  # the batch that stopped fitting at fault_oom_step
+        step_log = os.environ.get(STEP_LOG_ENV) if self.is_main else None
+        self.step_log = open(step_log, "a", buffering=1, encoding="utf-8") if step_log else None  # noqa: SIM115
+        self.checkpoint_seconds = float(self.spec.checkpointing.interval_minutes) * 60.0
+        self.last_checkpoint = time.monotonic()
         self.first_grad_norm: float | None = None
         self.samples_per_second = 0.0
+        self.oom_recoveries = 0
+        try:
+            while True:
+                try:
+                    return self._epochs()
+                except Exception as err:
+                    if not is_out_of_memory(err):
+                        raise
+                    self._recover_from_oom(err)
+        finally:
+            if self.step_log is not None:
+                self.step_log.close()
+
+    def _recover_from_oom(self, err: BaseException) -> None:
+        """Out of memory in a training step: step the batch down (keeping the effective batch through accumulation)
+        and continue from the last checkpoint instead of failing the pod (which would run out of memory again)."""
+        from accelerate.utils import release_memory
+
+        p = self.progress
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        release_memory()
+        smaller = step_down(self.plan)
+        if smaller is None:
+            raise RuntimeError(f"job {self.job}: out of memory at batch size 1 (step {p.global_step + 1}): lower "
+                               "dataset.maxLength, enable LoRA, or use a larger machine") from err
+        log.warning("job %s: out of memory at step %d with batch %d x %d (%s); stepping down to %d x %d accumulation steps "
+                    "(the same effective batch of %d)", self.job, p.global_step + 1, self.plan.per_device, self.plan.accumulation,
+                    str(err).splitlines()[0][:160], smaller.per_device, smaller.accumulation, smaller.per_device * smaller.accumulation)
+        ckpt.write_json_atomic(os.path.join(self.output_dir, BATCH_PLAN_OVERRIDE), smaller.as_dict())
+        if self.deepspeed or self.accelerator.num_processes > 1 or ckpt.latest(self.output_dir) is None:
+            # The other ranks are inside a collective (or DeepSpeed's micro batch is fixed at initialize, or there is
+            # no checkpoint to go back to): leave; the restarted pod reads the override and resumes from the checkpoint.
+            raise err
+        self.oom_recoveries += 1
+        self.plan = smaller
+        self.accelerator.gradient_accumulation_steps = smaller.accumulation
+        self._loaders(smaller.per_device)
+        resumed = self._resume()
+        if self.is_main:
+            self.metrics.batch_size.set(smaller.per_device)
+            self.metrics.gradient_accumulation_steps.set(smaller.accumulation)
+        self._report({"batchSize": smaller.per_device, "gradientAccumulationSteps": smaller.accumulation})
+        log.info("job %s: continuing from %s at step %d", self.job, resumed, self.progress.global_step)
+
+    def _fault_oom(self, stepping: bool) -> None:
+        pd = self.plan.per_device
+        if self.memory is not None:
+            self.memory.check(pd, optimizer_step=stepping)
+        if self.fault_oom_step and self.progress.global_step + 1 >= self.fault_oom_step:
+            if self.fault_oom_batch is None:
+                self.fault_oom_batch = pd
+            if pd >= self.fault_oom_batch:
+                raise simulated_oom(pd, pd, self.fault_oom_batch - 1, f"step {self.progress.global_step + 1}")
+
+    def _hang(self) -> None:
+        log.warning("fault injection: step %d hangs (%s) until SIGTERM", self.progress.global_step + 1, FAULT_HANG_AT_STEP_ENV)
+        while not self.term.requested:
+            time.sleep(0.05)
+
+    def _epochs(self) -> str:
+        acc, engine, hp, p = self.accelerator, self.engine, self.hp, self.progress
+        crash_after = int(os.environ.get("FINETUNE_FAULT_EXIT_AFTER_EPOCH", "0") or 0)
+        generator = self.mix_generator
+        if p.epochs_completed and not p.batch_in_epoch and self._early_stop() is not None:
+            return "early_stopped"  # resumed after the decision was taken (the pod was replaced before it exited)
         while p.epochs_completed < hp.epochs:
             epoch = p.epochs_completed + 1
             self.train_loader.set_epoch(epoch)
@@ -270,12 +439,17 @@ class Trainer:
             start = time.perf_counter()
             batch_index = skip
             for batch in loader:
+                if self.fault_hang_step and p.global_step == self.fault_hang_step:
+                    self._hang()
                 with engine.accumulate():
+                    self._fault_oom(stepping=False)
                     with engine.autocast():
                         loss, _ = forward(engine.model, batch, self.task, hp, train=True, generator=generator)
                     engine.backward(loss)
                     if self.first_grad_norm is None and engine.sync_gradients and not self.deepspeed:
                         self.first_grad_norm = engine.grad_norm()
+                    if engine.sync_gradients:
+                        self._fault_oom(stepping=True)
                     stepped = engine.step()
                 loss_sum += loss.detach().double()
                 seen += 1
@@ -283,20 +457,36 @@ class Trainer:
                 rows += batch["input_ids"].shape[0]
                 if not stepped:
                     continue
+                if self.fault_slow_step:
+                    time.sleep(self.fault_slow_step)
                 p.global_step += 1
+                self._tick()
+                if self.step_log is not None:
+                    self.step_log.write(f"{p.global_step}\n")
+                if self.is_main and p.global_step % GAUGE_EVERY_STEPS == 0:
+                    rate = rows * acc.num_processes / max(time.perf_counter() - start, 1e-9)
+                    m = self.metrics
+                    m.step.set(p.global_step)
+                    m.train_loss.set(float(loss_sum) / max(seen, 1))
+                    m.learning_rate.set(engine.learning_rate())
+                    m.samples_per_second.set(rate)
                 if bar is not None:
                     bar.update(batch_index - bar.n)
                     if p.global_step % 5 == 0:
                         rate = rows * acc.num_processes / max(time.perf_counter() - start, 1e-9)
                         bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", samples_s=f"{rate:.1f}", refresh=False)
-                signal_ = self._stop_signal()
-                if signal_ == "preempt":
+                stop, term, due = self._step_flags()
+                due = due and batch_index < len(self.train_loader)  # the epoch's own checkpoint follows at once
+                if term or due:
                     p.batch_in_epoch, p.partial_loss_sum, p.partial_batches = batch_index, float(loss_sum), seen
+                    p.examples_in_epoch = batch_index * self.plan.per_device
                     self._save_checkpoint(epoch, batch_index)
+                    p.batch_in_epoch, p.partial_loss_sum, p.partial_batches, p.examples_in_epoch = 0, 0.0, 0, 0
+                if term:
                     if bar is not None:
                         bar.close()
                     return "preempted"
-                if signal_ == "stop":
+                if stop:
                     if bar is not None:
                         bar.close()
                     self.stop_reason = self.reporter.stop_reason if self.reporter is not None else "stop requested"
@@ -306,11 +496,10 @@ class Trainer:
                 bar.close()
             self.samples_per_second = rows * acc.num_processes / max(elapsed, 1e-9)
             train_loss = float(acc.reduce(torch.tensor([float(loss_sum) / max(seen, 1)], device=acc.device), reduction="mean")[0])
-            self._end_epoch(epoch, train_loss)
+            decision = self._end_epoch(epoch, train_loss)
             if crash_after and epoch == crash_after:
                 log.warning("fault injection: exiting abruptly after epoch %d", epoch)
                 os._exit(137)
-            decision = self._local_early_stop()
             if decision is not None:
                 return "early_stopped"
         return "completed"
@@ -322,9 +511,12 @@ class Trainer:
 
         return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{self.hp.epochs}", unit="batch", mininterval=0.5, leave=True)
 
-    def _end_epoch(self, epoch: int, train_loss: float) -> None:
+    def _end_epoch(self, epoch: int, train_loss: float) -> Any:
+        """Evaluate, keep the best model, checkpoint, and apply the early-stopping policy here, where the metric is
+        computed: the decision goes into the same status patch as the epoch's results (issue 11)."""
         p = self.progress
-        metrics = evaluate(self.engine, self.val_loader, self.task, self.hp, num_labels=len(self.labels), paired=self.paired)
+        metrics = evaluate(self.engine, self.val_loader, self.task, self.hp, num_labels=len(self.labels), paired=self.paired,
+                           on_batch=self._tick)
         metrics["train_loss"] = train_loss
         es_metric = str(self.spec.early_stopping.metric)
         metric_name = es_metric if es_metric not in LOSS_METRICS else MAIN_METRIC[self.task]
@@ -337,7 +529,7 @@ class Trainer:
         if improved:
             p.best_epoch, p.best_metric = epoch, value
             self._save_best()
-        p.epochs_completed, p.batch_in_epoch, p.partial_loss_sum, p.partial_batches = epoch, 0, 0.0, 0
+        p.epochs_completed, p.batch_in_epoch, p.partial_loss_sum, p.partial_batches, p.examples_in_epoch = epoch, 0, 0.0, 0, 0
         self._save_checkpoint(epoch, None)
         log.info("epoch %d/%d: train_loss %.4f val_loss %.4f %s %.4f lr %.3g %.1f samples/s%s", epoch, self.hp.epochs, train_loss,
                  metrics["val_loss"], metric_name, metrics[metric_name], point["learningRate"], self.samples_per_second,
@@ -353,24 +545,29 @@ class Trainer:
             m.samples_per_second.set(self.samples_per_second)
             if p.best_metric is not None:
                 m.best_metric.set(p.best_metric)
-        self._report({
+        decision = self._early_stop()
+        patch = {
             "epoch": epoch, "step": p.global_step, "trainLoss": train_loss, "valLoss": metrics["val_loss"],
             "valMetric": metrics[metric_name], "valMetricName": metric_name, "learningRate": point["learningRate"],
             "samplesPerSecond": self.samples_per_second, "bestEpoch": p.best_epoch, "bestMetric": p.best_metric,
             "history": [{k: h[k] for k in ("epoch", "trainLoss", "valLoss", "valMetric", "learningRate", "time")} for h in p.history],
-        })
+        }
+        if decision is not None:
+            patch.update({"trainerStopTime": now_rfc3339(), "trainerStopReason": decision.reason,
+                          "trainerStopMessage": decision.message, "trainerStopEpoch": epoch})
+        self._report(patch)
+        return decision
 
-    def _local_early_stop(self) -> Any:
-        """The operator decides while the API is reachable; without it, the same pure rule runs here."""
-        if self.reporter is not None and self.reporter.connected:
-            stop = False
-        else:
-            stop = decide(self.progress.history, self.es).stop if self.is_main else False
-        flag = torch.tensor([float(stop)], device=self.accelerator.device)
+    def _early_stop(self) -> Any:
+        """The shared policy (finetune_contract.early_stopping) on this trainer's history, decided on rank 0 and
+        followed by every rank. The operator applies the same function to the same history in status, so both
+        sides reach one decision at one epoch; the trainer acts on it at once, before starting another epoch."""
+        decision = decide(self.progress.history, self.es) if self.is_main else None
+        flag = torch.tensor([float(decision is not None and decision.stop)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
         if flag[0] > 0:
-            decision = decide(self.progress.history, self.es)
+            decision = decision or decide(self.progress.history, self.es)
             log.info("early stopping: %s", decision.message)
             self.stop_reason = decision.message
             return decision
@@ -384,16 +581,28 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, epoch: int, batch: int | None) -> None:
-        path = ckpt.epoch_dir(self.output_dir, epoch, batch)
-        self.engine.save_state(path)
-        self.accelerator.wait_for_everyone()  # a rank must not read (or prune) a half-written checkpoint
+        """Every rank writes into a temporary directory; rank 0 renames it once all are done (checkpoints.py)."""
+        acc = self.accelerator
+        final = ckpt.epoch_dir(self.output_dir, epoch, batch)
+        tmp = ckpt.tmp_dir(final)
+        self._tick()
+        if self.is_main:
+            ckpt.prepare(final)
+        acc.wait_for_everyone()
+        self.engine.save_state(tmp)
+        ckpt.save_rng(tmp, acc.process_index, {"mixup": self.mix_generator})
+        acc.wait_for_everyone()  # a rank must not read (or rename) a half-written checkpoint
         if self.is_main:
             state = self.progress.to_json()
-            state["batchSize"] = self.plan.per_device
-            state["gradientAccumulationSteps"] = self.plan.accumulation
-            ckpt.mark_complete(path, state)
+            state.update(batchSize=self.plan.per_device, gradientAccumulationSteps=self.plan.accumulation,
+                         batchAutomatic=self.plan.automatic, worldSize=acc.num_processes, samplerSeed=self.sampler.seed)
+            ckpt.commit(tmp, final, state)
             ckpt.prune(self.output_dir, self.spec.output.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
+            if getattr(self, "step_log", None) is not None:
+                self.step_log.write(f"checkpoint {self.progress.global_step} {'epoch' if batch is None else 'mid'}\n")
+        acc.wait_for_everyone()
+        self.last_checkpoint = time.monotonic()
+        self._tick()
 
     def _finish(self, outcome: str, resumed: str | None) -> dict[str, Any]:
         acc, p = self.accelerator, self.progress
@@ -417,6 +626,7 @@ class Trainer:
             "samplesPerSecond": self.samples_per_second, "resumedFrom": resumed, "rankSteps": rank_steps,
             "rankParamChecksums": checksums, "rankFirstGradNorms": grad_norms,
             "stopReason": getattr(self, "stop_reason", None), "modelPath": os.path.join(self.output_dir, "best"),
+            "resumedAtStep": getattr(self, "resumed_at_step", None), "oomRecoveries": getattr(self, "oom_recoveries", 0),
         }
         if outcome == "preempted":
             self._report({"trainerPhase": "Preempted", "step": p.global_step})

@@ -33,7 +33,7 @@ from .conditions import find, is_true, parse_time, rfc3339, set_condition
 
 OPERATOR_FIELDS = (
     "observedGeneration", "phase", "reason", "message", "conditions", "jobName", "startTime", "completionTime",
-    "stopRequestedTime", "stopReason", "stopEnforced", "stopEnforcedReason", "epochsSaved", "specHash",
+    "stopRequestedTime", "stopReason", "stopEnforced", "stopEnforcedReason", "epochsSaved", "specHash", "stopDecidedBy",
 )
 # Job-level reasons the Job controller writes on its Failed condition, mapped to our constants.
 JOB_FAILURE_REASONS = {"BackoffLimitExceeded": Reason.BACKOFF_LIMIT, "DeadlineExceeded": Reason.DEADLINE}
@@ -350,12 +350,14 @@ def _best_words(status: dict[str, Any]) -> str:
 
 def _finish_stopped(p: _Pass, spec: Any, status: dict[str, Any], enforced: bool) -> None:
     user = p.st.get("stopReason", "") or ""
-    reason = Reason.STOPPED_BY_USER if user.startswith("stop requested by the user") else Reason.EARLY_STOPPED
+    by_user = p.st.get("stopDecidedBy") == "user" or user.startswith("stop requested by the user")
+    reason = Reason.STOPPED_BY_USER if by_user else Reason.EARLY_STOPPED
     total, done = spec.hyperparameters.epochs, status.get("epoch")
     if isinstance(total, int) and isinstance(done, int):
         p.st["epochsSaved"] = max(0, total - done)
     how = (f"the operator suspended the Job: {p.st.get('stopEnforcedReason') or 'the trainer did not stop in time'}"
-           if enforced else "the trainer stopped gracefully")
+           if enforced else "the trainer stopped at the end of the epoch it decided at"
+           if p.st.get("stopDecidedBy") == "trainer" else "the trainer stopped gracefully")
     ran = f" after {done} of {total} epochs" if isinstance(done, int) else ""
     p.phase(Phase.SUCCEEDED, reason, f"{'stopped by the user' if reason == Reason.STOPPED_BY_USER else 'early stopped'}"
             f"{ran} ({how}){_best_words(status)}; the best epoch's model is the final model")
@@ -378,7 +380,7 @@ def _finish_from_job(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: 
         p.phase(Phase.FAILED, reason, message, "Warning")
         return True
     if _job_condition(job_obj, "Complete"):
-        if p.st.get("stopRequestedTime"):
+        if p.st.get("stopRequestedTime") or _record_trainer_stop(p, status):
             _finish_stopped(p, spec, status, enforced=False)
             return True
         total, done = spec.hyperparameters.epochs, status.get("epoch")
@@ -393,12 +395,25 @@ def _finish_from_job(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: 
     return False
 
 
-def _request_stop(p: _Pass, reason: str, message: str) -> None:
-    p.st["stopRequestedTime"] = rfc3339(p.now)
+def _request_stop(p: _Pass, reason: str, message: str, *, by: str, at: str | None = None, epoch: Any = None) -> None:
+    p.st["stopRequestedTime"] = at or rfc3339(p.now)
     p.st["stopReason"] = message
-    epoch = p.job.status.get("epoch")
-    p.cond(Condition.EARLY_STOP_REQUESTED, True, reason, f"{message}{f' (at epoch {epoch})' if epoch is not None else ''}")
-    p.events.append(Event("Normal", reason, f"stop requested: {message}"))
+    p.st["stopDecidedBy"] = by
+    epoch = p.job.status.get("epoch") if epoch is None else epoch
+    p.cond(Condition.EARLY_STOP_REQUESTED, True, reason,
+           f"{message}{f' (at epoch {epoch})' if epoch is not None else ''}; decided by the {by}")
+    p.events.append(Event("Normal", reason, f"stop decided by the {by}: {message}"))
+
+
+def _record_trainer_stop(p: _Pass, status: dict[str, Any]) -> bool:
+    """The trainer applied the early-stopping policy after its evaluation and reported the decision: record it
+    as the job's one decision (the trainer stops at that epoch boundary by itself; nothing to request)."""
+    if p.st.get("stopRequestedTime") or not status.get("trainerStopTime"):
+        return False
+    _request_stop(p, status.get("trainerStopReason") or Reason.PATIENCE_EXHAUSTED,
+                  status.get("trainerStopMessage") or "the trainer's early-stopping policy", by="trainer",
+                  at=status.get("trainerStopTime"), epoch=status.get("trainerStopEpoch"))
+    return True
 
 
 def _decide_stop(p: _Pass, spec: Any, pods: list[dict[str, Any]], status: dict[str, Any]) -> bool:
@@ -406,8 +421,12 @@ def _decide_stop(p: _Pass, spec: Any, pods: list[dict[str, Any]], status: dict[s
     if not p.st.get("stopRequestedTime"):
         if spec.stop or p.job.stop_annotation:
             how = "spec.stop" if spec.stop else f"annotation {c.Annotation.STOP}"
-            _request_stop(p, Reason.USER_REQUESTED, f"stop requested by the user ({how})")
+            _request_stop(p, Reason.USER_REQUESTED, f"stop requested by the user ({how})", by="user")
+        elif _record_trainer_stop(p, status):
+            pass  # one decision: the trainer saw it first, where the metric was computed
         else:
+            # A trainer that cannot decide (an older image, or one that lost the API and reports late): the same
+            # policy on the same history, here.
             decision = early_stopping.decide(list(status.get("history") or []), early_stopping.Settings.from_spec(spec))
             if decision.fail:
                 p.st["stopEnforced"] = True  # free the nodes now; there is nothing worth finishing
@@ -415,7 +434,7 @@ def _decide_stop(p: _Pass, spec: Any, pods: list[dict[str, Any]], status: dict[s
                 p.phase(Phase.FAILED, decision.reason, decision.message, "Warning")
                 return True
             if decision.stop:
-                _request_stop(p, decision.reason, decision.message)
+                _request_stop(p, decision.reason, decision.message, by="operator")
     if p.st.get("stopRequestedTime") and not p.st.get("stopEnforced"):
         requested = parse_time(p.st["stopRequestedTime"]) or p.now
         grace = spec.early_stopping.stop_grace_period_seconds
@@ -432,18 +451,28 @@ def _decide_stop(p: _Pass, spec: Any, pods: list[dict[str, Any]], status: dict[s
 
 
 def _watchdog(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: list[dict[str, Any]], status: dict[str, Any]) -> bool:
+    """Fail a running job whose step counter stopped advancing for spec.watchdog.stallTimeoutSeconds.
+
+    The trainer sends `lastHeartbeatTime` (with `step`) every heartbeatSeconds only while its step counter
+    (training steps, evaluation batches, checkpoint saves) advances, so the heartbeat's age is the time since the
+    last progress, whatever an epoch lasts: a hung step is caught within the timeout plus one heartbeat interval
+    (plus one resync period of the operator), and a long healthy epoch never is.
+    """
     timeout = spec.watchdog.stall_timeout_seconds
     if not timeout or p.st.get("phase") != Phase.RUNNING or not _running_pods(pods) or p.st.get("stopEnforced"):
         return False
-    # The latest sign of life: the trainer's heartbeat, or when the pods (re)started (a resumed Job resets its startTime).
+    # The latest sign of progress: the trainer's heartbeat, or when the pods (re)started (a resumed Job resets its
+    # startTime), so loading the model counts against the same timeout.
     marks = [parse_time(status.get("lastHeartbeatTime")), parse_time(p.st.get("startTime")),
              parse_time(((job_obj or {}).get("status") or {}).get("startTime"))]
     latest = max((m for m in marks if m), default=None)
     if latest is None or (p.now - latest).total_seconds() < timeout:
         return False
-    message = (f"no progress for {int((p.now - latest).total_seconds())} s (spec.watchdog.stallTimeoutSeconds {timeout}) "
-               "while pods were running: a hung collective or data loader; the Job was suspended to free its nodes. "
-               "Check the pods' logs, then re-create the job (it resumes from the last checkpoint on a PVC)")
+    step = status.get("step")
+    message = (f"no progress for {int((p.now - latest).total_seconds())} s (spec.watchdog.stallTimeoutSeconds {timeout})"
+               f"{f', step counter stuck at {step}' if step is not None else ''} while pods were running: a hung "
+               "collective or data loader; the Job was suspended to free its nodes. Check the pods' logs, then "
+               "re-create the job (it resumes from the last checkpoint on a PVC)")
     p.st["stopEnforced"] = True
     p.cond(Condition.STALLED, True, Reason.STALLED, message)
     p.phase(Phase.FAILED, Reason.STALLED, message, "Warning")
