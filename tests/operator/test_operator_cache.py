@@ -70,8 +70,9 @@ def test_only_jobs_whose_clock_matters_are_visited_and_when():
     assert next_visit(_job(suspended, suspend=True), suspended, NOW, cap=10) is None
     # Running: the stall watchdog's deadline (heartbeat + timeout), capped.
     beat = {"phase": "Running", "lastHeartbeatTime": rfc3339(NOW - timedelta(seconds=1795))}
-    assert 5 <= next_visit(_job(beat), beat, NOW, cap=600) <= 5.1
-    assert next_visit(_job(beat), beat, NOW, cap=2) == 2
+    watched = _job(beat, watchdog={"stallTimeoutSeconds": 1800})
+    assert 5 <= next_visit(watched, beat, NOW, cap=600) <= 5.1
+    assert next_visit(watched, beat, NOW, cap=2) == 2
     off = {"phase": "Running"}
     assert next_visit(_job(off, watchdog={"stallTimeoutSeconds": 0}), off, NOW, cap=10) is None
     # A pending stop: its grace period.
