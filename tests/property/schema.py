@@ -96,13 +96,14 @@ IMAGE = "image"
 TOLERATION_OPERATOR = "toleration-operator"
 TAINT_EFFECT = "taint-effect"
 OBJECT_STORE_URI = "object-store-uri"
+STORAGE_SIZE = "storage-size"  # a claim size: a binary or decimal multiple, no milli or exponent
 
 KUBERNETES_STRINGS: dict[str, str] = {
     "spec.model.pvc": DNS_SUBDOMAIN,
     "spec.dataset.pvc": DNS_SUBDOMAIN,
     "spec.output.pvc": DNS_SUBDOMAIN,
     "spec.output.path": ABSOLUTE_PATH,
-    "spec.output.size": QUANTITY,
+    "spec.output.size": STORAGE_SIZE,
     "spec.output.storageClassName": DNS_SUBDOMAIN,
     "spec.output.credentialsSecret": DNS_SUBDOMAIN,
     "spec.output.uri": OBJECT_STORE_URI,
