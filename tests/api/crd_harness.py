@@ -286,6 +286,12 @@ def _evaluate_directly(rule: str, value: Any, node: dict[str, Any]) -> tuple[str
         ok = compile_rule(rule).evaluate({"self": _to_cel(value, node)})
     except celpy.CELEvalError as err:
         return "error", str(err)
+    except ValueError as err:
+        # cel-python raises a bare ValueError("overflow") where cel-go returns an "integer overflow"
+        # evaluation error; the API server rejects the object either way.
+        if "overflow" not in str(err):
+            raise
+        return "error", f"integer overflow evaluating rule: {err}"
     if isinstance(ok, celpy.CELEvalError):
         return "error", str(ok)
     return ("ok", "") if ok else ("fail", "")
