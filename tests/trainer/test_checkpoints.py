@@ -50,6 +50,22 @@ def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path, caplog
     assert ckpt.verify(newest, {}) == "no file list in trainer_state.json"
 
 
+def test_same_size_corruption_is_caught_by_the_digest(tmp_path, caplog):
+    out = str(tmp_path)
+    _save(out, 1, 10)
+    newest = _save(out, 2, 20, payload=b"weights of epoch 2")
+    with open(os.path.join(newest, "model.safetensors"), "r+b") as f:
+        f.write(b"W")  # same size, one byte changed
+    with caplog.at_level("WARNING", logger="finetune_trainer"):
+        skipped: list = []
+        assert ckpt.usable_checkpoints(out, skipped)[0][0].endswith("epoch-1")
+    assert skipped == [{"path": newest, "problem": "model.safetensors has 18 bytes as written but its SHA-256 differs (corrupt)"}]
+    assert "epoch-2 is damaged" in caplog.text and "SHA-256 differs" in caplog.text
+    state = ckpt.complete_checkpoints(out)[-1][1]
+    del state["sha256"]  # a checkpoint written before digests were recorded: checked by size alone
+    assert ckpt.verify(newest, state) is None
+
+
 def test_saving_the_same_position_again_replaces_it_and_prune_drops_leftovers(tmp_path):
     out = str(tmp_path)
     _save(out, 1, 10)

@@ -83,17 +83,27 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(manifest, tmp_path,
     monkeypatch.delenv("FINETUNE_FAULT_SIGTERM_AT_STEP")
     root = out / "checkpoints"
     assert sorted(os.listdir(root)) == ["epoch-1", "epoch-2", "epoch-3", "epoch-4-batch-6"]
-    # The newest is truncated (a full disk), the one before has a same-size but corrupt optimizer file (only
-    # loading notices), and a save that was killed left a temporary directory: epoch-2 is what resumes.
+    # The newest is truncated (a full disk); the one before has weights of the same size with changed bytes (a
+    # flipped block: the file still loads, silently wrong, so only its SHA-256 tells); a save that was killed
+    # left a temporary directory: epoch-2 is what resumes.
     weights = root / "epoch-4-batch-6" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    optimizer = root / "epoch-3" / "optimizer.bin"
-    optimizer.write_bytes(b"\0" * optimizer.stat().st_size)
+    corrupt = root / "epoch-3" / "model.safetensors"
+    data = bytearray(corrupt.read_bytes())
+    data[-64:] = bytes(b ^ 0x5A for b in data[-64:])  # inside the last tensor's data, not its header
+    corrupt.write_bytes(bytes(data))
+    from safetensors.torch import load_file
+
+    load_file(str(corrupt))  # it loads: sizes alone would have resumed from it
     (root / ".tmp-epoch-5").mkdir()
     (root / ".tmp-epoch-5" / "model.safetensors").write_bytes(b"half")
-    assert ckpt.latest(str(out))[0].endswith("epoch-3")  # sizes match: only loading can tell
+    assert ckpt.latest(str(out))[0].endswith("epoch-2")
     resumed = run(m, output_dir=str(out), progress=False)
     assert resumed["resumedFrom"].endswith("epoch-2") and resumed["resumedAtStep"] == 18
+    # The fallback is reported: result.json lists what was skipped and why (status gets the same as checkpointWarning).
+    problems = {os.path.basename(s["path"]): s["problem"] for s in resumed["skippedCheckpoints"]}
+    assert problems.keys() == {"epoch-4-batch-6", "epoch-3"}, problems
+    assert "bytes" in problems["epoch-4-batch-6"] and "SHA-256 differs" in problems["epoch-3"]
     assert resumed["globalStep"] == reference["globalStep"]
     for (e1, t1, v1), (e2, t2, v2) in zip(_losses(reference), _losses(resumed), strict=True):
         assert e1 == e2 and abs(t1 - t2) < 1e-4 and abs(v1 - v2) < 1e-4, (e1, t1, t2, v1, v2)

@@ -3,10 +3,12 @@
 `epoch-<N>/` is written after epoch N; `epoch-<N>-batch-<k>/` k batches into epoch N (SIGTERM, or
 `checkpointing.intervalMinutes` elapsed). Every rank writes into `.tmp-<name>/`; once all ranks are done
 (`wait_for_everyone`, a half-written `optimizer.bin` was seen otherwise) rank 0 writes `trainer_state.json`
-(the loop's progress, the batch plan, and the size of every file) and renames the directory to `<name>`.
-A rename is atomic on one file system, so a SIGKILL leaves either the complete checkpoint or a `.tmp-`
-directory that no reader looks at. On load, a checkpoint whose files do not have the recorded sizes
-(truncated by a full disk, a torn copy) is skipped and the previous one is used.
+(the loop's progress, the batch plan, and the size and SHA-256 of every file) and renames the directory to
+`<name>`. A rename is atomic on one file system, so a SIGKILL leaves either the complete checkpoint or a `.tmp-`
+directory that no reader looks at. On load, a checkpoint whose files do not have the recorded sizes (truncated
+by a full disk, a torn copy) or digests (a flipped block, a same-size overwrite: a weights file with changed
+bytes still loads, silently wrong) is skipped and the previous one is used; the skip is logged and counted in
+`skipped` so the trainer can report it (result.json `skippedCheckpoints`).
 
 Why not accelerate's `ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=...)`: it writes
 straight into the final `checkpoint_<i>` directory (no rename, so a crash mid-save leaves a directory that
@@ -16,6 +18,7 @@ its own `save_checkpoint`. The file layout inside a checkpoint is still accelera
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -85,6 +88,19 @@ def file_sizes(path: str) -> dict[str, int]:
     return sizes
 
 
+def file_digests(path: str) -> dict[str, str]:
+    """Relative path -> SHA-256 (hex) of every file under `path` (the state file excluded)."""
+    digests = {}
+    for rel in file_sizes(path):
+        digests[rel] = _sha256(os.path.join(path, rel))
+    return digests
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def prepare(final: str) -> str:
     """Rank 0, before any rank writes: an empty temporary directory for the checkpoint `final`."""
     tmp = tmp_dir(final)
@@ -99,7 +115,8 @@ def commit(tmp: str, final: str, state: dict[str, Any]) -> None:
         for name in files:  # the data must be on disk before the rename makes it visible
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-    write_json_atomic(os.path.join(tmp, STATE_FILE), {**state, "files": file_sizes(tmp)})
+    # Sizes catch truncation cheaply; digests catch same-size damage (read back from the page cache just written).
+    write_json_atomic(os.path.join(tmp, STATE_FILE), {**state, "files": file_sizes(tmp), "sha256": file_digests(tmp)})
     if os.path.exists(final):  # the same position saved again (an out-of-memory retry): replace it
         old = tmp_dir(final) + ".old"
         shutil.rmtree(old, ignore_errors=True)
@@ -112,7 +129,8 @@ def commit(tmp: str, final: str, state: dict[str, Any]) -> None:
 
 
 def verify(path: str, state: dict[str, Any]) -> str | None:
-    """Why the checkpoint at `path` cannot be used (None: every recorded file has its recorded size)."""
+    """Why the checkpoint at `path` cannot be used (None: every recorded file has its recorded size and digest;
+    checkpoints written before digests were recorded are checked by size alone)."""
     recorded = state.get("files")
     if not isinstance(recorded, dict) or not recorded:
         return "no file list in trainer_state.json"
@@ -122,6 +140,11 @@ def verify(path: str, state: dict[str, Any]) -> str | None:
             return f"{rel} is missing"
         if os.path.getsize(full) != size:
             return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
+    digests = state.get("sha256")
+    for rel, digest in (digests.items() if isinstance(digests, dict) else ()):
+        full = os.path.join(path, rel)
+        if os.path.isfile(full) and _sha256(full) != digest:
+            return f"{rel} has {os.path.getsize(full)} bytes as written but its SHA-256 differs (corrupt)"
     return None
 
 
@@ -145,13 +168,16 @@ def complete_checkpoints(output_dir: str) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def usable_checkpoints(output_dir: str) -> list[tuple[str, dict[str, Any]]]:
-    """Complete checkpoints whose files are intact, newest first; a damaged one is logged and skipped."""
+def usable_checkpoints(output_dir: str, skipped: list[dict[str, str]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Complete checkpoints whose files are intact, newest first; a damaged one is logged, appended to `skipped`
+    (path and problem) and skipped."""
     usable = []
     for path, state in reversed(complete_checkpoints(output_dir)):
         problem = verify(path, state)
         if problem:
             log.warning("checkpoint %s is damaged (%s); falling back to an older one", path, problem)
+            if skipped is not None:
+                skipped.append({"path": path, "problem": problem})
             continue
         usable.append((path, state))
     return usable

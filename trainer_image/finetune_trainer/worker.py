@@ -92,6 +92,15 @@ class Progress:
                    d.get("examplesInEpoch", 0))
 
 
+def checkpoint_warning(skipped: list[dict[str, str]], resumed: str | None) -> str | None:
+    """The status line for damaged checkpoints skipped at resume (None: none was)."""
+    if not skipped:
+        return None
+    damaged = "; ".join(f"{os.path.basename(s['path'])}: {s['problem']}" for s in skipped)[:900]
+    target = f"resumed from {os.path.basename(resumed)}" if resumed else "trained from the start"
+    return f"skipped {len(skipped)} damaged checkpoint(s) ({damaged}); {target}"
+
+
 def configure_logging(job: str, rank: int) -> None:
     """One line per event naming the job; only rank 0 logs below WARNING (STYLE rule 7)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -237,7 +246,8 @@ class Trainer:
             f", resumed from {resumed}" if resumed else "",
         )
         self._report({"trainerPhase": "Training", "totalEpochs": self.hp.epochs, "batchSize": plan.per_device,
-                      "gradientAccumulationSteps": plan.accumulation})
+                      "gradientAccumulationSteps": plan.accumulation, "resumedFrom": resumed,
+                      "checkpointWarning": checkpoint_warning(self.skipped_checkpoints, resumed)})
         self.engine.model.train()  # from_pretrained returns eval mode: dropout would silently be off
         self.term.install()
         try:
@@ -279,30 +289,38 @@ class Trainer:
     def _resume(self) -> str | None:
         """Load the newest checkpoint that loads; a damaged one is skipped for the one before (on every rank alike)."""
         acc = self.accelerator
-        candidates = ckpt.usable_checkpoints(self.output_dir)
+        skipped: list[dict[str, str]] = []
+        candidates = ckpt.usable_checkpoints(self.output_dir, skipped)
         for path, state in candidates:
             ok = True
             try:
                 self.engine.load_state(path)
                 ckpt.load_rng(path, acc.process_index, {"mixup": self.mix_generator})
             except Exception as err:  # a torn or corrupt file: the previous checkpoint is still whole
-                log.warning("job %s: checkpoint %s does not load (%s); trying the previous one", self.job, path,
-                            f"{type(err).__name__}: {str(err)[:200]}")
+                problem = f"{type(err).__name__}: {str(err)[:200]}"
+                log.warning("job %s: checkpoint %s does not load (%s); trying the previous one", self.job, path, problem)
+                skipped.append({"path": path, "problem": f"does not load ({problem})"})
                 ok = False
             flag = torch.tensor([float(ok)], device=acc.device)
             if acc.num_processes > 1:
                 flag = acc.reduce(flag, reduction="sum")
             if int(flag[0]) != acc.num_processes:
+                if ok:
+                    skipped.append({"path": path, "problem": "does not load on another rank"})
                 continue
+            self.skipped_checkpoints = skipped  # reported in status (checkpointWarning) and result.json
             self.progress = Progress.from_json(state)
             self._align_to_plan(state)
             self.resumed_at_step = self.progress.global_step
             log.info("resuming from %s: %d epochs done, %d batches into the next, step %d",
                      path, self.progress.epochs_completed, self.progress.batch_in_epoch, self.progress.global_step)
             return path
+        self.skipped_checkpoints = skipped
         if candidates:
             raise RuntimeError(f"job {self.job}: no checkpoint in {ckpt.checkpoints_dir(self.output_dir)} loads, and the "
                                "model may hold part of one; delete the checkpoints to start over")
+        if skipped:  # every checkpoint is damaged: training starts over from the base model
+            log.warning("job %s: no intact checkpoint (%d damaged); training from the start", self.job, len(skipped))
         return None
 
     def _align_to_plan(self, state: dict[str, Any]) -> None:
@@ -627,6 +645,7 @@ class Trainer:
             "rankParamChecksums": checksums, "rankFirstGradNorms": grad_norms,
             "stopReason": getattr(self, "stop_reason", None), "modelPath": os.path.join(self.output_dir, "best"),
             "resumedAtStep": getattr(self, "resumed_at_step", None), "oomRecoveries": getattr(self, "oom_recoveries", 0),
+            "skippedCheckpoints": getattr(self, "skipped_checkpoints", []),
         }
         if outcome == "preempted":
             self._report({"trainerPhase": "Preempted", "step": p.global_step})

@@ -74,6 +74,11 @@ class FineTuneJobStatus(ApiModel):
     history: list[HistoryPoint] = Field(default_factory=list, max_length=HISTORY_LIMIT)
     last_heartbeat_time: ShortStr | None = Field(None, description="Trainer's last progress report (stall watchdog).")
     trainer_phase: ShortStr | None = Field(None, description="Trainer's own view: Starting, Training, Stopping, Finished.")
+    resumed_from: ShortStr | None = Field(None, description="Checkpoint the running trainer resumed from (unset: it started from the base model).")
+    checkpoint_warning: str | None = Field(
+        None, max_length=1024,
+        description="Damaged checkpoints (truncated, corrupt) the running trainer skipped when it resumed, and which one it used instead.",
+    )
     trainer_stop_time: ShortStr | None = Field(None, description="When the trainer decided to stop early (the policy, applied after its evaluation).")
     trainer_stop_reason: ShortStr | None = Field(None, description="CamelCase reason of the trainer's early-stopping decision (e.g. PatienceExhausted).")
     trainer_stop_message: str | None = Field(None, max_length=4096, description="The trainer's early-stopping decision in words.")
