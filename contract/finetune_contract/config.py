@@ -91,6 +91,19 @@ TRAINER_COMMAND = ("finetune-trainer",)
 EXIT_PREEMPTED = 143  # SIGTERM handled: a checkpoint was written and the run resumes from it
 EXIT_WORLD_MISMATCH = 2
 EXIT_INCOMPATIBLE_CONFIG = 3  # the config's schemaVersion (or content) is one this trainer cannot read
+# Failures a restart cannot fix: the Job's podFailurePolicy fails the Job at the first one (no crash loop), and
+# the trainer's termination message ({"reason": FailureReason.*, "message": ...}) says what and where.
+EXIT_DISK_FULL = 4  # no space left on the output volume while saving
+EXIT_DATASET_UNREADABLE = 5  # the dataset is missing, not readable (permissions) or corrupt
+EXIT_FATAL = (EXIT_DISK_FULL, EXIT_DATASET_UNREADABLE)
+
+
+class FailureReason:
+    """`reason` of the trainer's termination message; the operator uses it as the FineTuneJob's reason."""
+
+    DISK_FULL = "DiskFull"
+    DATASET_UNREADABLE = "DatasetUnreadable"
+    ALL = (DISK_FULL, DATASET_UNREADABLE)
 
 
 class Metric:

@@ -66,6 +66,8 @@ class Reason:
     BACKOFF_LIMIT = "BackoffLimitExceeded"
     DEADLINE = "DeadlineExceeded"
     POD_FAILED = "PodFailed"
+    DISK_FULL = "DiskFull"  # the trainer's termination message (finetune_contract.config.FailureReason)
+    DATASET_UNREADABLE = "DatasetUnreadable"
     JOB_DELETED = "JobDeleted"
     IMMUTABLE_FIELD = "ImmutableFieldChanged"
     NO_CHANGE_REFUSED = "NoRefusedChange"

@@ -25,7 +25,15 @@ How a pod is emulated on one machine (documented deviations from a real kubelet)
 - a Job deleted through the API also stops its pods (a real cluster would orphan them when no
   propagationPolicy is given): the runner never leaves processes behind;
 - OOMKilled: `oom_kill(pod)` ends a pod as the kernel's OOM killer would (SIGKILL, reason OOMKilled);
-  memory limits themselves are not enforced.
+  memory limits themselves are not enforced;
+- termination messages: the kubelet bind-mounts a file at each container's `terminationMessagePath`
+  (default /dev/termination-log); here it is a local file whose path the process finds in
+  `FINETUNE_TERMINATION_MESSAGE_PATH` (a process cannot see the container path). Its first 4096 bytes become
+  the terminated state's `message`; with `terminationMessagePolicy: FallbackToLogsOnError` an empty file of
+  a failed container gives the log's last 80 lines (at most 2048 bytes) instead, as the kubelet does;
+- `podFailurePolicy` (the Job controller): `onExitCodes` rules with actions FailJob, Ignore and Count are
+  applied to a failed pod's containers in rule order; a FailJob match fails the Job at once with reason
+  `PodFailurePolicy` (`onPodConditions` rules are not emulated: no pod here gets a DisruptionTarget).
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 METRICS_PORT_ANNOTATION = "e2e.finetune.dev/metrics-port"
 RUNNER_LABEL = "e2e.finetune.dev/runner"
 NODE_NAME = "e2e-node"
+TERMINATION_MESSAGE_ENV = "FINETUNE_TERMINATION_MESSAGE_PATH"
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps from the file
+FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048  # FallbackToLogsOnError: the log's tail
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
@@ -96,6 +107,7 @@ class PodRun:
     gone: bool = False  # the Pod object no longer exists
     task: asyncio.Task[None] | None = None
     scratch: Path | None = None
+    messages: dict[str, Path] = dataclasses.field(default_factory=dict)  # container -> its termination message file
 
 
 @dataclasses.dataclass
@@ -114,6 +126,7 @@ class JobRun:
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     timer: asyncio.TimerHandle | None = None
     next_create_at: float = 0.0
+    policy_failure: tuple[str, str] | None = None  # a podFailurePolicy FailJob match: (reason, message)
 
 
 class PodRunner:
@@ -296,8 +309,8 @@ class PodRunner:
         done = (len(run.succeeded_indexes) >= completions) if indexed else (
             completions is not None and run.succeeded >= completions or
             completions is None and run.succeeded > 0 and not live)
-        failure: tuple[str, str] | None = None
-        if not done and run.failed > backoff_limit:
+        failure: tuple[str, str] | None = run.policy_failure if not done else None
+        if not done and failure is None and run.failed > backoff_limit:
             failure = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
         deadline = spec.get("activeDeadlineSeconds")
         if not done and failure is None and deadline is not None:
@@ -494,8 +507,10 @@ class PodRunner:
             pod.phase = "Failed" if code != 0 else pod.phase
         pod.reason = reason or ("Completed" if code == 0 else "Error")
         finished = _now()
+        containers = {c["name"]: c for c in body["spec"].get("containers") or []}
         statuses = [_container_status(name, started=started, finished=finished, exit_code=c,
-                                      reason=(pod.forced_reason or ("Completed" if c == 0 else "Error")))
+                                      reason=(pod.forced_reason or ("Completed" if c == 0 else "Error")),
+                                      message=self._termination_message(pod, containers.get(name) or {}, c))
                     for name, c in results] or [
             _container_status(c["name"], started=started, finished=finished, exit_code=code, reason=pod.reason)
             for c in body["spec"].get("containers") or []]
@@ -514,8 +529,14 @@ class PodRunner:
         # runner itself stopped the pod (suspend, job finished or deleted).
         # (A pod the runner stopped for a suspend exits however it likes, often 0 after a checkpoint: it
         # counts neither as a success nor a failure, so a resumed Job runs that index again.)
+        action = None if pod.stopped_by_runner or pod.phase == "Succeeded" else _pod_failure_action(run, pod, results)
         if pod.stopped_by_runner:
             pass
+        elif action is not None and action[0] == "Ignore":
+            pass  # not counted towards backoffLimit; the index runs again
+        elif action is not None and action[0] == "FailJob":
+            run.failed += 1
+            run.policy_failure = ("PodFailurePolicy", action[1])
         elif pod.phase == "Succeeded":
             run.succeeded += 1
             if pod.index is not None:
@@ -530,6 +551,18 @@ class PodRunner:
         if pod.scratch:
             shutil.rmtree(pod.scratch, ignore_errors=True)
         self._kick(run)
+
+    def _termination_message(self, pod: PodRun, container: JsonObj, code: int) -> str:
+        """What the kubelet puts in the terminated state's `message` (see the module docstring)."""
+        file = pod.messages.get(container.get("name", ""))
+        text = file.read_bytes()[:TERMINATION_MESSAGE_LIMIT].decode(errors="replace") if file and file.exists() else ""
+        if not text and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            try:
+                lines = pod.log_path.read_bytes().splitlines()[-FALLBACK_LOG_LINES:]
+            except OSError:
+                lines = []
+            text = b"\n".join(lines)[-FALLBACK_LOG_BYTES:].decode(errors="replace")
+        return text
 
     async def _patch_pod_status(self, pod: PodRun, status: JsonObj) -> None:
         assert self._kube is not None
@@ -683,6 +716,11 @@ class PodRunner:
         env.update(pod_env)
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["HOSTNAME"] = spec.get("hostname") or pod.name
+        message_file = pod.scratch / "termination" / container["name"]
+        message_file.parent.mkdir(parents=True, exist_ok=True)
+        message_file.write_bytes(b"")
+        pod.messages[container["name"]] = message_file
+        env[TERMINATION_MESSAGE_ENV] = str(message_file)
         cwd = localise(container["workingDir"]) if container.get("workingDir") else str(pod.scratch)
         Path(cwd).mkdir(parents=True, exist_ok=True)
         return argv, env, cwd, container["name"]
@@ -786,8 +824,26 @@ def _pod_dns_pattern(job: str, subdomain: str | None, namespace: str) -> re.Patt
     return re.compile(rf"\b{re.escape(job)}-\d+\.{re.escape(subdomain)}{suffix}(?![\w-])")
 
 
+def _pod_failure_action(run: JobRun, pod: PodRun, results: list[tuple[str, int]]) -> tuple[str, str] | None:
+    """The Job controller's podFailurePolicy for a failed pod: (action, message) of the first matching rule."""
+    rules = ((run.body.get("spec") or {}).get("podFailurePolicy") or {}).get("rules") or []
+    for i, rule in enumerate(rules):
+        codes = rule.get("onExitCodes")
+        if not codes:
+            continue
+        for name, code in results:
+            if code == 0 or (codes.get("containerName") and codes["containerName"] != name):
+                continue
+            inside = code in (codes.get("values") or [])
+            if inside == (codes.get("operator") == "In"):
+                return rule["action"], (f"Container {name} for pod {pod.namespace}/{pod.name} failed with exit code "
+                                        f"{code} matching {rule['action']} rule at index {i}")
+    return None
+
+
 def _container_status(name: str, *, running: str | None = None, started: str | None = None,
-                      finished: str | None = None, exit_code: int | None = None, reason: str = "") -> JsonObj:
+                      finished: str | None = None, exit_code: int | None = None, reason: str = "",
+                      message: str = "") -> JsonObj:
     status: JsonObj = {"name": name, "image": "local-process", "imageID": "", "restartCount": 0,
                        "ready": running is not None, "started": running is not None}
     if running is not None:
@@ -795,6 +851,8 @@ def _container_status(name: str, *, running: str | None = None, started: str | N
     else:
         status["state"] = {"terminated": {"exitCode": exit_code, "reason": reason, "startedAt": started,
                                           "finishedAt": finished}}
+        if message:
+            status["state"]["terminated"]["message"] = message
     return status
 
 

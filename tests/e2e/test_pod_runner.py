@@ -128,6 +128,39 @@ def test_backoff_limit_exceeded_fails_the_job(api, namespace, pod_runner, wait_f
     assert status["failed"] == 2 and not status.get("active")
 
 
+def test_pod_failure_policy_fails_the_job_at_once_with_the_termination_message(api, namespace, pod_runner, wait_for):
+    # Exit code 4 matches the FailJob rule: the Job fails after one pod although backoffLimit allows five.
+    code = """
+        import os, sys
+        with open(os.environ["FINETUNE_TERMINATION_MESSAGE_PATH"], "w") as f:
+            f.write("disk full at /output")
+        sys.exit(4)
+    """
+    rule = {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [4, 5]}}
+    api.batch.create_namespaced_job(namespace, job_manifest("fatal", code, backoffLimit=5,
+                                                            podFailurePolicy={"rules": [rule]}))
+    status = wait_for(lambda: (s := job_status(api, namespace, "fatal")) and condition(s, "Failed") and s,
+                      what="Job fatal Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "PodFailurePolicy" and "exit code 4 matching FailJob rule at index 0" in failed["message"]
+    assert status["failed"] == 1
+    pods = api.core.list_namespaced_pod(namespace).items
+    assert len(pods) == 1 and pods[0].status.container_statuses[0].state.terminated.message == "disk full at /output"
+
+
+def test_fallback_to_logs_on_error_and_other_exit_codes_count(api, namespace, pod_runner, wait_for):
+    # Exit code 1 is outside the rule: counted towards backoffLimit; the empty message falls back to the log's tail.
+    rule = {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [4]}}
+    api.batch.create_namespaced_job(namespace, job_manifest(
+        "crash", "import sys; print('line one'); print('boom: the last words'); sys.exit(1)", backoffLimit=1,
+        podFailurePolicy={"rules": [rule]}, container={"terminationMessagePolicy": "FallbackToLogsOnError"}))
+    status = wait_for(lambda: (s := job_status(api, namespace, "crash")) and condition(s, "Failed") and s,
+                      what="Job crash Failed")
+    assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded" and status["failed"] == 2
+    messages = [p.status.container_statuses[0].state.terminated.message for p in api.core.list_namespaced_pod(namespace).items]
+    assert messages == ["line one\nboom: the last words"] * 2, messages
+
+
 def test_active_deadline_fails_the_job(api, namespace, pod_runner, wait_for):
     api.batch.create_namespaced_job(namespace, job_manifest("slow", "import time; time.sleep(60)",
                                                             activeDeadlineSeconds=1))

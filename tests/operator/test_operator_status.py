@@ -113,6 +113,25 @@ def test_oom_killed_says_what_to_change():
     assert events[0].type == "Warning"
 
 
+def test_a_trainer_failure_a_restart_cannot_fix_names_the_path_and_the_reason():
+    # The trainer's termination message (finetune_trainer.failures); the Job failed through its podFailurePolicy.
+    obj = manifest()
+    text = ("job bbc-news: no space left on device writing a checkpoint to /output/checkpoints/.tmp-epoch-2: "
+            "OSError: [Errno 28] No space left on device; raise spec.output.size")
+    full = pod("Failed", state={"terminated": {"reason": "Error", "exitCode": 4,
+                                               "message": '{"reason": "DiskFull", "message": "' + text + '"}'}})
+    st, events = run(obj, running(obj), batch_job(("Failed", "PodFailurePolicy")), [full])
+    assert (st["phase"], st["reason"]) == (Phase.FAILED, Reason.DISK_FULL)
+    assert st["message"].startswith(text) and "exit code 4" in st["message"]
+    assert find(st["conditions"], Condition.FAILED)["reason"] == Reason.DISK_FULL
+    assert [(e.type, e.reason) for e in events] == [("Warning", Reason.DISK_FULL)] and text in events[0].message
+    # A log tail that merely looks like JSON, or names an unknown reason, stays a plain pod failure.
+    for message in ('{"reason": "Whatever", "message": "x"}', "{not json", "Traceback ..."):
+        other = pod("Failed", state={"terminated": {"reason": "Error", "exitCode": 1, "message": message}})
+        st, _ = run(obj, running(obj), batch_job(("Failed", "BackoffLimitExceeded")), [other])
+        assert st["reason"] == Reason.BACKOFF_LIMIT
+
+
 def test_backoff_limit_and_deadline():
     obj = manifest(activeDeadlineSeconds=60)
     crashed = pod("Failed", state={"terminated": {"reason": "Error", "exitCode": 1, "message": "ValueError: bad data"}})

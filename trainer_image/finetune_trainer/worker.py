@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from finetune_contract.early_stopping import Settings, decide, metric_value
 
 from . import checkpoints as ckpt
+from . import failures
 from .batch_size import is_out_of_memory
 from .batching import (
     FAULT_OOM_AT_STEP_ENV,
@@ -166,9 +167,28 @@ class Trainer:
             )
         return accelerator
 
+    def _read_data(self) -> tuple[Any, Any]:
+        """The records, or DatasetUnreadable naming the source that failed and why (on the error path each source
+        is read alone, so the message names the right one of source and validationSource)."""
+        spec = self.spec
+        mount = DATA_PVC_MOUNT if spec.dataset.pvc else None
+        try:
+            return split_records(spec, mount)
+        except failures.DATA_ERRORS as err:
+            from .data import read_records
+
+            culprit = ("dataset.source", spec.dataset.source)
+            if spec.dataset.validation_source:
+                try:
+                    read_records(spec.dataset.source, spec.dataset, mount)
+                    culprit = ("dataset.validationSource", spec.dataset.validation_source)
+                except failures.DATA_ERRORS:
+                    pass
+            raise failures.dataset_unreadable(err, culprit[0], culprit[1], self.job) from err
+
     def _data(self) -> None:
         spec = self.spec
-        train, val = split_records(spec, DATA_PVC_MOUNT if spec.dataset.pvc else None)
+        train, val = self._read_data()
         self.labels = label_names(train, val) if self.task != "causal-lm" else []
         self.tokenizer, self.model_source = load_tokenizer(spec)
         seed = self.hp.seed or 0
@@ -595,7 +615,8 @@ class Trainer:
         state = self.engine.full_state_dict()  # every rank takes part (ZeRO-3 gathers)
         if self.is_main:
             path = os.path.join(self.output_dir, "best")
-            save_model(self.engine.unwrapped(), self.tokenizer, path, state_dict=state)
+            with failures.saving(path, "the best model", self.job):
+                save_model(self.engine.unwrapped(), self.tokenizer, path, state_dict=state)
         self.accelerator.wait_for_everyone()
 
     def _save_checkpoint(self, epoch: int, batch: int | None) -> None:
@@ -605,16 +626,20 @@ class Trainer:
         tmp = ckpt.tmp_dir(final)
         self._tick()
         if self.is_main:
-            ckpt.prepare(final)
+            with failures.saving(final, "a checkpoint", self.job):
+                ckpt.prepare(final)
         acc.wait_for_everyone()
-        self.engine.save_state(tmp)
-        ckpt.save_rng(tmp, acc.process_index, {"mixup": self.mix_generator})
+        with failures.saving(tmp, "a checkpoint", self.job):
+            self.engine.save_state(tmp)
+            ckpt.save_rng(tmp, acc.process_index, {"mixup": self.mix_generator})
         acc.wait_for_everyone()  # a rank must not read (or rename) a half-written checkpoint
         if self.is_main:
             state = self.progress.to_json()
             state.update(batchSize=self.plan.per_device, gradientAccumulationSteps=self.plan.accumulation,
                          batchAutomatic=self.plan.automatic, worldSize=acc.num_processes, samplerSeed=self.sampler.seed)
-            ckpt.commit(tmp, final, state)
+            with failures.saving(tmp, "a checkpoint", self.job):
+                failures.inject_disk_full(os.path.join(tmp, ckpt.STATE_FILE))
+                ckpt.commit(tmp, final, state)
             ckpt.prune(self.output_dir, self.spec.output.keep_checkpoints)
             if getattr(self, "step_log", None) is not None:
                 self.step_log.write(f"checkpoint {self.progress.global_step} {'epoch' if batch is None else 'mid'}\n")
@@ -654,7 +679,8 @@ class Trainer:
             if outcome in ("early_stopped", "stopped") and self.is_main:
                 self.metrics.early_stops.inc()
             if self.is_main:
-                ckpt.write_json_atomic(os.path.join(self.output_dir, "result.json"), result)
+                with failures.saving(self.output_dir, "result.json", self.job):
+                    ckpt.write_json_atomic(os.path.join(self.output_dir, "result.json"), result)
                 upload_results(self.spec.output, self.output_dir, self.job)  # spec.output.uri, if set
         if self.reporter is not None:
             self.reporter.close()
@@ -682,6 +708,13 @@ def main() -> int:
     except WorldMismatch as err:
         print(json.dumps({"level": "error", "message": str(err)}), file=sys.stderr)
         return 2
+    except failures.FatalError as err:
+        # No traceback: the message names the path, the reason and the fix; the exit code fails the Job at once.
+        print(json.dumps({"level": "error", "reason": err.reason, "message": str(err)}), file=sys.stderr)
+        failures.write_termination_message(err)
+        if trainer is not None and getattr(trainer, "reporter", None) is not None:
+            trainer.reporter.close()
+        return err.exit_code
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

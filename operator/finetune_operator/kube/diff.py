@@ -36,7 +36,7 @@ from ..api import constants as c
 APPLIED_HASH = f"{c.GROUP}/applied-hash"
 TEMPLATE_HASH = f"{c.GROUP}/template-hash"
 # Fields of a Job's spec fixed at create; a started Job keeps the server's values.
-JOB_IMMUTABLE = ("template", "completions", "completionMode", "selector", "manualSelector")
+JOB_IMMUTABLE = ("template", "completions", "completionMode", "selector", "manualSelector", "podFailurePolicy")
 
 
 class Action(enum.Enum):

@@ -14,7 +14,7 @@ import hashlib
 import json
 from typing import Any
 
-from finetune_contract.config import Env, Paths
+from finetune_contract.config import EXIT_FATAL, Env, Paths
 
 from ..api import constants as c
 from ..api.validation import ResolvedJob
@@ -257,6 +257,9 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
         ],
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY_CONTEXT,
+        # The trainer writes {"reason", "message"} for failures a restart cannot fix (a full disk, an unreadable
+        # dataset) to the default terminationMessagePath; any other crash shows the log's tail instead.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.output.credentials_secret:
         # Object-store credentials as the trainer's environment (boto/s3fs and gcsfs read their standard variables);
@@ -296,6 +299,10 @@ def batch_job(job: ResolvedJob, settings: Settings, *, enforced_stop: bool = Fal
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": spec.backoff_limit,
+        # A full disk or an unreadable dataset fails the same way in every pod: fail the Job at the first one
+        # instead of crash-looping through backoffLimit (the status names the path and the reason).
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": "trainer", "operator": "In", "values": sorted(EXIT_FATAL)}}]},
         # Kueue-style queueing and our own stop enforcement both work through suspend.
         "suspend": bool(spec.suspend or enforced_stop),
         "template": pod_template(job, settings),

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from finetune_contract.config import FailureReason
+
 from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
 from ..api.validation import (
@@ -180,6 +182,12 @@ def failure_from_pods(pods: list[dict[str, Any]], spec: Any) -> tuple[str, str] 
                 )
     for pod in pods:
         for kind, state in _container_states(pod):
+            trainer = trainer_failure(state.get("message")) if kind == "terminated" else None
+            if trainer is not None:
+                return trainer[0], (f"{trainer[1]} (pod {_pod_name(pod)}, exit code {state.get('exitCode')}; "
+                                    "a restarted pod would fail the same way)")
+    for pod in pods:
+        for kind, state in _container_states(pod):
             if kind == "terminated" and state.get("exitCode") not in (0, None):
                 detail = state.get("message") or state.get("reason") or ""
                 return Reason.POD_FAILED, (
@@ -187,6 +195,20 @@ def failure_from_pods(pods: list[dict[str, Any]], spec: Any) -> tuple[str, str] 
                     f"{': ' + detail.strip()[-300:] if detail else ''}; see `kubectl logs {_pod_name(pod)}`"
                 )
     return None
+
+
+def trainer_failure(message: str | None) -> tuple[str, str] | None:
+    """(reason, message) of the trainer's termination message for a failure a restart cannot fix
+    (finetune_trainer.failures: one JSON object), None for anything else (a log tail, a signal)."""
+    if not message or not message.lstrip().startswith("{"):
+        return None
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict) or parsed.get("reason") not in FailureReason.ALL:
+        return None
+    return str(parsed["reason"]), str(parsed.get("message") or parsed["reason"])[:2000]
 
 
 def image_pull_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
@@ -369,7 +391,7 @@ def _finish_from_job(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: 
     if failed:
         reason = JOB_FAILURE_REASONS.get(failed.get("reason", ""), Reason.POD_FAILED)
         detail = failure_from_pods(pods, spec)
-        if detail and (detail[0] == Reason.OOM_KILLED or reason == Reason.POD_FAILED):
+        if detail and (detail[0] in (Reason.OOM_KILLED, *FailureReason.ALL) or reason == Reason.POD_FAILED):
             reason, message = detail
         elif reason == Reason.DEADLINE:
             message = (f"the training Job ran longer than spec.activeDeadlineSeconds ({spec.active_deadline_seconds} s); "

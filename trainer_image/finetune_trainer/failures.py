@@ -1,0 +1,138 @@
+"""Failures a restarted pod cannot fix: a full disk on save, a dataset that cannot be read.
+
+Each becomes a `FatalError` naming the path and the reason. The trainer exits with the error's own exit code
+(finetune_contract.config: EXIT_DISK_FULL, EXIT_DATASET_UNREADABLE), which the Job's podFailurePolicy turns
+into an immediate Job failure (no crash loop through spec.backoffLimit), and writes a one-line JSON
+termination message (`{"reason": ..., "message": ...}`) to the container's terminationMessagePath, which the
+kubelet copies into the pod's status and the operator into the FineTuneJob's status and a Warning Event.
+
+Kept apart from data.py and the save code on purpose: the mapping of OS and parser errors to a user's fix is
+the same whatever reads the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+
+from finetune_contract.config import EXIT_DATASET_UNREADABLE, EXIT_DISK_FULL, FailureReason
+
+log = logging.getLogger("finetune_trainer")
+
+# Kubernetes' default terminationMessagePath; the pod runner (tests) and local runs point this variable elsewhere.
+TERMINATION_MESSAGE_ENV = "FINETUNE_TERMINATION_MESSAGE_PATH"
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096  # the kubelet keeps at most 4096 bytes per container
+# Fault injection: the next checkpoint save raises the real OSError(ENOSPC) from its write path.
+FAULT_DISK_FULL_ENV = "FINETUNE_FAULT_DISK_FULL"
+LOW_SPACE_BYTES = 1 << 20  # below this, a failed write is taken for a full disk (torch reports only "file write failed")
+
+
+class FatalError(RuntimeError):
+    exit_code = 1
+    reason = ""
+
+    def termination_message(self) -> str:
+        return json.dumps({"reason": self.reason, "message": str(self)})
+
+
+class DiskFull(FatalError):
+    exit_code = EXIT_DISK_FULL
+    reason = FailureReason.DISK_FULL
+
+
+class DatasetUnreadable(FatalError):
+    exit_code = EXIT_DATASET_UNREADABLE
+    reason = FailureReason.DATASET_UNREADABLE
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+
+
+def _free_bytes(path: str) -> int | None:
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        return shutil.disk_usage(probe or "/").free
+    except OSError:
+        return None
+
+
+def is_disk_full(err: BaseException, path: str) -> bool:
+    """ENOSPC (or EDQUOT) anywhere in the chain; safetensors' and torch's own wrappers of it; or a failed write
+    on a file system with (almost) no space left."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+    free = _free_bytes(path)
+    return free is not None and free < LOW_SPACE_BYTES and isinstance(err, OSError | RuntimeError)
+
+
+@contextlib.contextmanager
+def saving(path: str, what: str, job: str) -> Iterator[None]:
+    """Turn a full disk while writing `what` into `path` into DiskFull; anything else propagates unchanged."""
+    try:
+        yield
+    except FatalError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err, path):
+            raise
+        free = _free_bytes(path)
+        raise DiskFull(
+            f"job {job}: no space left on device writing {what} to {path}"
+            f"{f' ({free} bytes free)' if free is not None else ''}: {type(err).__name__}: {str(err).splitlines()[0][:200]}; "
+            "raise spec.output.size (or free space on spec.output.pvc), or lower spec.output.keepCheckpoints"
+        ) from err
+
+
+def inject_disk_full(path: str) -> None:
+    """The fault knob: raise what the kernel raises when a write finds the disk full."""
+    if os.environ.get(FAULT_DISK_FULL_ENV, "") not in ("", "0"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+DATA_ERRORS = (OSError, ValueError, UnicodeDecodeError, csv.Error, KeyError, TypeError)
+
+
+def dataset_unreadable(err: BaseException, field: str, source: str, job: str) -> DatasetUnreadable:
+    """The user's view of why `source` (spec.<field>) cannot be read."""
+    if isinstance(err, FileNotFoundError):
+        why = "does not exist"
+    elif isinstance(err, PermissionError):
+        why = "permission denied (the trainer runs as a non-root user: make the files readable by it)"
+    elif isinstance(err, IsADirectoryError | NotADirectoryError):
+        why = "is not a file of the declared format"
+    elif isinstance(err, OSError):
+        why = f"cannot be read ({os.strerror(err.errno) if err.errno else type(err).__name__})"
+    else:
+        why = "is corrupt or not in the declared format"
+    detail = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    path = getattr(err, "filename", None)
+    where = f" ({path})" if path and str(path) != source else ""
+    return DatasetUnreadable(f"job {job}: spec.{field} {source}{where} {why}: {detail}; fix the path or the file "
+                             "(and spec.dataset.format), then re-create the job")
+
+
+def write_termination_message(err: FatalError) -> None:
+    path = os.environ.get(TERMINATION_MESSAGE_ENV) or DEFAULT_TERMINATION_MESSAGE_PATH
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(err.termination_message()[:TERMINATION_MESSAGE_LIMIT])
+    except OSError:
+        pass  # outside a pod (no /dev/termination-log): the log line carries the same message
