@@ -6,6 +6,7 @@ same manifests and fails when they disagree.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,32 @@ def _loss(spec: Any) -> str | None:
 
 def _metrics_for(task: str) -> list[str]:
     return {"sequence-classification": CLASSIFICATION_METRICS, "causal-lm": CAUSAL_LM_METRICS}.get(task, EMBEDDING_METRICS)
+
+
+# Credentials in clear text (issue 12): values shaped like the common tokens (a CEL rule, below) and env names that
+# say "credential" with a literal value (the operator's check, `credential_problems`). The same regular expressions
+# in CEL (RE2) and in Python (re): both read `(?i)`, classes and bounded repeats alike.
+SECRET_NAME = r"(?i)(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|APIKEY|KEY|CREDENTIALS?)(_|$)"
+SECRET_VALUE = (r"(hf_[A-Za-z0-9]{30,}|A[KS]IA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{20,}"
+                r"|xox[abposr]-[A-Za-z0-9-]{10,}|-----BEGIN [A-Z ]*PRIVATE KEY-----)")
+_FIX = ("store it in a Secret and reference it with secretEnv (NAME: {name: <secret>, key: <key>}, a secretKeyRef) "
+        "or envFrom (- secretRef: {name: <secret>})")
+SECRET_VALUE_MESSAGE = f"env holds a value shaped like a token or private key (hf_..., AKIA..., ghp_..., xox...-, -----BEGIN ... PRIVATE KEY): {_FIX}"
+SECRET_NAME_MESSAGE = f"the name says credential (*TOKEN*, *SECRET*, *PASSWORD*, *KEY*) and the value is in clear text: {_FIX}"
+BOTH_ENV_MESSAGE = "set in both env and secretEnv: keep it in one (a credential in secretEnv)"
+
+
+def credential_problems(spec: Any) -> list[tuple[str, str]]:
+    """(field relative to the spec, message) for credentials passed by name in clear text.
+
+    Not a CEL rule: a CRD cannot bound the length of a map's keys, so the API server's static cost estimate of
+    any rule that reads them (`k.matches(...)`, `k in self.env`) is 402,654,279 against a limit of 10,000,000
+    (tests/e2e/crd_admission.py's estimator) and the CRD would be refused. The operator (condition Valid=False
+    and a Warning Event), `finetune validate` and `finetune run` refuse it instead, naming the variable.
+    """
+    out = [(f".env.{k}", SECRET_NAME_MESSAGE) for k, v in sorted(spec.env.items()) if v and re.search(SECRET_NAME, k)]
+    out += [(f".secretEnv.{k}", BOTH_ENV_MESSAGE) for k in sorted(set(spec.env) & set(spec.secret_env))]
+    return out
 
 
 RULES: list[Rule] = [
@@ -197,6 +224,13 @@ RULES: list[Rule] = [
         "val_f1; causal-lm val_loss, val_perplexity; embedding val_loss, val_recall_at_1 (all: train_loss)",
         ".earlyStopping.metric",
         lambda s: s.early_stopping.metric in _metrics_for(s.task),
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.env) || self.env.all(k, !self.env[k].matches('" + SECRET_VALUE + "'))",
+        SECRET_VALUE_MESSAGE,
+        ".env",
+        lambda s: not any(re.search(SECRET_VALUE, v) for v in s.env.values()),
     ),
     Rule(
         "FineTuneJobSpec",

@@ -428,6 +428,25 @@ class BatchSearchSpec(ApiModel):
 # --- end of issue 11's block ------------------------------------------------------------------------------
 
 
+class SecretRef(ApiModel):
+    """A Secret in the job's namespace, by name."""
+
+    name: Name = Field(description="Name of the Secret.")
+
+
+class SecretKeySelector(ApiModel):
+    """One key of a Secret in the job's namespace (Kubernetes' `secretKeyRef`)."""
+
+    name: Name = Field(description="Name of the Secret.")
+    key: ShortStr = Field(pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret whose value becomes the variable.")
+
+
+class SecretEnvSource(ApiModel):
+    """A Secret whose every key becomes an environment variable of the trainer (Kubernetes' `envFrom.secretRef`)."""
+
+    secret_ref: SecretRef = Field(description="The Secret, by name.")
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on what data, how, and on which compute."""
 
@@ -460,7 +479,23 @@ class FineTuneJobSpec(ApiModel):
     service_account_name: ShortStr | None = Field(
         None, description="Existing ServiceAccount for the pods. Unset: the operator creates one that may only report this job's status."
     )
-    env: dict[str, ShortStr] = Field(default_factory=dict, max_length=64, description="Extra environment variables for the trainer.")
+    env: dict[str, ShortStr] = Field(
+        default_factory=dict, max_length=64,
+        description="Extra environment variables for the trainer, as literal values. Never credentials: a value that "
+        "looks like a token or key, or a name such as `HF_TOKEN`, `*_SECRET`, `*_PASSWORD`, `*_KEY` with a value, is "
+        "refused; put those in a Secret and use `secretEnv` or `envFrom`. Default none.",
+    )
+    secret_env: dict[str, SecretKeySelector] = Field(
+        default_factory=dict, max_length=64,
+        description="Environment variables of the trainer taken from Secret keys (`HF_TOKEN: {name: hf, key: token}`, "
+        "Kubernetes' `valueFrom.secretKeyRef`): how private models and data get their credentials, which then never "
+        "pass through the spec, the ConfigMap or the operator. Default none.",
+    )
+    env_from: list[SecretEnvSource] = Field(
+        default_factory=list, max_length=16,
+        description="Secrets whose every key becomes an environment variable of the trainer (`- secretRef: {name: hf}`, "
+        "Kubernetes' `envFrom`). Default none.",
+    )
     termination_grace_period_seconds: int = Field(
         600, ge=0, le=86400,
         description="Seconds a training pod has after SIGTERM (suspend, preemption, node drain, stop enforcement) to "

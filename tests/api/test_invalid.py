@@ -172,6 +172,14 @@ CASES = [
     Case("output-size-not-a-quantity", spec(output={"size": "20 gigabytes"}), "spec.output.size", ("pattern",)),
     Case("grace-period-negative", spec(terminationGracePeriodSeconds=-1), "spec.terminationGracePeriodSeconds",
          ("greater than or equal to 0",)),
+    # --- credentials only by reference (issue 12): token-shaped values and credential names with a value
+    Case("env-hub-token-value", spec(env={"MY_VAR": "hf_" + "a1B2" * 9}), "spec.env", ("secretKeyRef", "Secret")),
+    Case("env-aws-key-value", spec(env={"X": "AKIA" + "ABCDEFGHIJ234567"}), "spec.env", ("secretEnv",)),
+    Case("env-github-token-value", spec(env={"X": "ghp_" + "x" * 36}), "spec.env", ("envFrom",)),
+    Case("env-slack-token-value", spec(env={"X": "xoxb-1234567890-abc"}), "spec.env", ("secretEnv",)),
+    Case("env-private-key-value", spec(env={"X": "-----BEGIN RSA PRIVATE KEY-----"}), "spec.env", ("secretEnv",)),
+    Case("secret-env-bad-key", spec(secretEnv={"HF_TOKEN": {"name": "hf", "key": "has space"}}), "spec.secretEnv.HF_TOKEN.key",
+         ("pattern",)),
 ]
 
 
@@ -226,6 +234,29 @@ def test_every_problem_is_reported_at_once():
     server = h.validate(manifest)
     # The server runs CEL even when ranges fail (only type errors block it), so it sees the rules too.
     assert {"spec.preset", "spec.hyperparameters.epochs", "spec.lora.rank", "spec.distributed.zeroStage"} <= server.paths
+
+
+@pytest.mark.parametrize("env, secret_env, path, says", [
+    ({"HF_TOKEN": "anything"}, {}, "spec.env.HF_TOKEN", "*TOKEN*"),
+    ({"db_password": "hunter2"}, {}, "spec.env.db_password", "*PASSWORD*"),
+    ({"WANDB_API_KEY": "0123"}, {}, "spec.env.WANDB_API_KEY", "*KEY*"),
+    ({"AWS_SECRET_ACCESS_KEY": "x"}, {}, "spec.env.AWS_SECRET_ACCESS_KEY", "*SECRET*"),
+    ({"HOME_DIR": "/x"}, {"HOME_DIR": {"name": "s", "key": "k"}}, "spec.secretEnv.HOME_DIR", "both"),
+])
+def test_credential_names_in_clear_text_are_refused_by_the_operator(env, secret_env, path, says):
+    # Operator-only (rules.credential_problems: a CEL rule over map keys is beyond the CRD's cost budget).
+    py = python_problems(spec(env=env, secretEnv=secret_env))
+    assert set(py) == {path} and says in py[path], py
+    assert h.validate(spec(env=env, secretEnv=secret_env)).violations == []
+
+
+def test_credentials_by_reference_and_look_alikes_are_valid_for_both():
+    # Names that merely contain TOKEN/KEY inside a word, empty values, and the Secret references themselves.
+    manifest = spec(env={"TOKENIZERS_PARALLELISM": "false", "HF_TOKEN": "", "MONKEY_BUSINESS": "1", "KEYBOARD": "us",
+                         "NOTE": "hf_short", "AKIA": "x"},
+                    secretEnv={"HUGGING_FACE_HUB_TOKEN": {"name": "hf", "key": "token"}}, envFrom=[{"secretRef": {"name": "wandb"}}])
+    assert python_problems(manifest) == {}
+    assert h.validate(manifest).violations == []
 
 
 def test_null_means_unset_for_both():

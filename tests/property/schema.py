@@ -97,6 +97,7 @@ TOLERATION_OPERATOR = "toleration-operator"
 TAINT_EFFECT = "taint-effect"
 OBJECT_STORE_URI = "object-store-uri"
 STORAGE_SIZE = "storage-size"  # a claim size: a binary or decimal multiple, no milli or exponent
+SECRET_KEY = "secret-key"  # a key of a Secret's data: [-._a-zA-Z0-9]+
 
 KUBERNETES_STRINGS: dict[str, str] = {
     "spec.model.pvc": DNS_SUBDOMAIN,
@@ -107,6 +108,9 @@ KUBERNETES_STRINGS: dict[str, str] = {
     "spec.output.storageClassName": DNS_SUBDOMAIN,
     "spec.output.credentialsSecret": DNS_SUBDOMAIN,
     "spec.output.uri": OBJECT_STORE_URI,
+    "spec.secretEnv.*.name": DNS_SUBDOMAIN,
+    "spec.secretEnv.*.key": SECRET_KEY,
+    "spec.envFrom[].secretRef.name": DNS_SUBDOMAIN,
     "spec.priorityClassName": DNS_SUBDOMAIN,
     "spec.serviceAccountName": DNS_SUBDOMAIN,
     "spec.image": IMAGE,
@@ -124,6 +128,7 @@ KUBERNETES_STRINGS: dict[str, str] = {
 # Map keys Kubernetes reads (the generator's key strategy for each map).
 KUBERNETES_KEYS: dict[str, str] = {
     "spec.env": ENV_NAME,
+    "spec.secretEnv": ENV_NAME,
     "spec.nodeSelector": LABEL_KEY,
     "spec.resources.requests": RESOURCE_NAME,
     "spec.resources.limits": RESOURCE_NAME,

@@ -88,6 +88,7 @@ def kubernetes_string(kind: str, node: Node) -> st.SearchStrategy[str]:
         sch.TOLERATION_OPERATOR: st.sampled_from(["Exists", "Equal"]),
         sch.TAINT_EFFECT: st.sampled_from(["NoSchedule", "PreferNoSchedule", "NoExecute"]),
         sch.STORAGE_SIZE: st.sampled_from(["1Gi", "20Gi", "512Mi", "100G", "1.5Ti", "1000000"]),
+        sch.SECRET_KEY: st.sampled_from(["token", "HF_TOKEN", "api-key", "a.b_c-1", "." * 1 + "dot", "k" * 253]),
         sch.OBJECT_STORE_URI: st.sampled_from(["s3://bucket/runs/a", "gs://b/x", "s3://b/$(HOME)/ü;rm -rf"]),
     }
     return table[kind] if kind in table else _string(node)

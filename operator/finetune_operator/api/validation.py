@@ -20,7 +20,7 @@ from finetune_contract.config import trainer_config
 
 from . import constants as c
 from .presets import PATIENCE, resolve_hyperparameters
-from .rules import MAX_METRICS, NAME_MAX_LENGTH, NAME_PATTERN, ROOT_RULES, RULES
+from .rules import MAX_METRICS, NAME_MAX_LENGTH, NAME_PATTERN, ROOT_RULES, RULES, credential_problems
 from .spec import FineTuneJobSpec, Hyperparameters
 
 
@@ -113,6 +113,8 @@ def rule_problems(spec: FineTuneJobSpec, prefix: str = "spec") -> list[Problem]:
         for rule in RULES:
             if rule.owner == type(obj).__name__ and not rule.ok(obj):
                 problems.append(Problem(path + rule.field, rule.message))
+    # The checks CEL cannot afford (rules.credential_problems says why), naming the variable.
+    problems += [Problem(prefix + field, message) for field, message in credential_problems(spec)]
     return problems
 
 

@@ -186,6 +186,9 @@ def trainer_env(job: ResolvedJob) -> list[dict[str, Any]]:
         env["OMP_NUM_THREADS"] = str(threads)
     # The user's extra variables come first so ours (the contract with the trainer) cannot be overridden by accident.
     out = [{"name": k, "value": literal(v)} for k, v in sorted(spec.env.items()) if k not in env]
+    # Credentials by reference only: the kubelet reads the Secret; its value never passes through this operator.
+    out += [{"name": k, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+            for k, ref in sorted(spec.secret_env.items()) if k not in env]
     out += [{"name": k, "value": literal(v)} for k, v in env.items()]
     return out
 
@@ -261,10 +264,14 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
         # dataset) to the default terminationMessagePath; any other crash shows the log's tail instead.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    # spec.envFrom (tokens for private models and data), then the object-store credentials (boto/s3fs and gcsfs
+    # read their standard variables); the values never pass through the spec, the ConfigMap or the operator.
+    # The explicit env above wins over both (Kubernetes' precedence), so the contract's variables stay ours.
+    env_from = [{"secretRef": {"name": source.secret_ref.name}} for source in spec.env_from]
     if spec.output.credentials_secret:
-        # Object-store credentials as the trainer's environment (boto/s3fs and gcsfs read their standard variables);
-        # the values never pass through the spec, the ConfigMap or the operator.
-        container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret}}]
+        env_from.append({"secretRef": {"name": spec.output.credentials_secret}})
+    if env_from:
+        container["envFrom"] = env_from
     resources = _resources(job)
     if resources:
         container["resources"] = resources
