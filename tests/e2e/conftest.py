@@ -227,7 +227,8 @@ def pod_runner(kube: KubeTarget, api: ApiClients, namespace: str, tmp_path: Path
         request.node._e2e_pod_runner = view
         yield view
         return
-    runner = PodRunner(kube.kubeconfig, tmp_path / "pod-runner", namespace=namespace)
+    runner = PodRunner(kube.kubeconfig, tmp_path / "pod-runner", namespace=namespace,
+                       service_account_tokens=kube.emulated)
     with pytest.MonkeyPatch.context() as env:
         threads = os.environ.get("FTJ_E2E_POD_THREADS", "1")
         if threads and "OMP_NUM_THREADS" not in os.environ:

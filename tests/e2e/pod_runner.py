@@ -26,6 +26,9 @@ How a pod is emulated on one machine (documented deviations from a real kubelet)
   propagationPolicy is given): the runner never leaves processes behind;
 - OOMKilled: `oom_kill(pod)` ends a pod as the kernel's OOM killer would (SIGKILL, reason OOMKilled);
   memory limits themselves are not enforced;
+- credentials: pods use the runner's kubeconfig; with `service_account_tokens=True` (the emulation, whose API
+  accepts any token) each pod's token is `system:serviceaccount:<namespace>:<serviceAccountName>` instead, so
+  the emulation's audit log records the trainer's calls under its ServiceAccount (RBAC itself is not enforced);
 - termination messages: the kubelet bind-mounts a file at each container's `terminationMessagePath`
   (default /dev/termination-log); here it is a local file whose path the process finds in
   `FINETUNE_TERMINATION_MESSAGE_PATH` (a process cannot see the container path). Its first 4096 bytes become
@@ -137,8 +140,12 @@ class PodRunner:
     """
 
     def __init__(self, kubeconfig: Path, workdir: Path, *, namespace: str | None = None,
-                 label_selector: str | None = None, backoff_seconds: float = 0.0) -> None:
+                 label_selector: str | None = None, backoff_seconds: float = 0.0,
+                 service_account_tokens: bool = False) -> None:
         self.kubeconfig = Path(kubeconfig)
+        # Emulation only (its API accepts any token): each pod authenticates as its ServiceAccount, as a projected
+        # token would, so the audit log tells the trainer's calls apart from everyone else's.
+        self.service_account_tokens = service_account_tokens
         self.workdir = Path(workdir)
         self.namespace = namespace
         self.label_selector = label_selector
@@ -714,7 +721,7 @@ class PodRunner:
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "PYTEST_CURRENT_TEST")}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env.update(pod_env)
-        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["KUBECONFIG"] = str(self._pod_kubeconfig(pod, spec))
         env["HOSTNAME"] = spec.get("hostname") or pod.name
         message_file = pod.scratch / "termination" / container["name"]
         message_file.parent.mkdir(parents=True, exist_ok=True)
@@ -724,6 +731,20 @@ class PodRunner:
         cwd = localise(container["workingDir"]) if container.get("workingDir") else str(pod.scratch)
         Path(cwd).mkdir(parents=True, exist_ok=True)
         return argv, env, cwd, container["name"]
+
+    def _pod_kubeconfig(self, pod: PodRun, spec: JsonObj) -> Path:
+        if not self.service_account_tokens or spec.get("automountServiceAccountToken") is False:
+            return self.kubeconfig
+        import yaml
+
+        assert pod.scratch is not None
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        token = service_account_token(pod.namespace, spec.get("serviceAccountName") or "default")
+        for user in config.get("users") or []:
+            user["user"] = {"token": token}
+        path = pod.scratch / "kubeconfig.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     async def _env_from(self, pod: PodRun, body: JsonObj, source: JsonObj) -> str | None:
         assert self._kube is not None
@@ -822,6 +843,11 @@ def _pod_dns_pattern(job: str, subdomain: str | None, namespace: str) -> re.Patt
         return None
     suffix = rf"(?:\.{re.escape(namespace)}(?:\.svc(?:\.cluster\.local)?)?)?"
     return re.compile(rf"\b{re.escape(job)}-\d+\.{re.escape(subdomain)}{suffix}(?![\w-])")
+
+
+def service_account_token(namespace: str, service_account: str) -> str:
+    """The bearer token a pod of `service_account` presents when the runner gives pods their own tokens."""
+    return f"system:serviceaccount:{namespace}:{service_account}"
 
 
 def _pod_failure_action(run: JobRun, pod: PodRun, results: list[tuple[str, int]]) -> tuple[str, str] | None:

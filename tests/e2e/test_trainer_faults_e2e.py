@@ -30,8 +30,8 @@ from trainer.tiny_models import build_tiny_bert, write_tiny_data
 
 from finetune_operator.cli import main as cli_main
 
-from .operator_helpers import condition, create, events_for, get, items, kube_client, status
-from .pod_runner import METRICS_PORT_ANNOTATION
+from .operator_helpers import audit, condition, create, events_for, get, items, kube_client, status
+from .pod_runner import METRICS_PORT_ANNOTATION, service_account_token
 
 pytest_plugins = ["e2e.operator_fixture"]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
@@ -75,7 +75,11 @@ def _scrape(port: str) -> str:
         return r.read().decode()
 
 
+SEARCHED: list[str] = []  # every output searched, for the printed summary (docs/reliability.md)
+
+
 def _leaks(where: str, text: str | bytes) -> list[str]:
+    SEARCHED.append(where)
     data = text.encode() if isinstance(text, str) else text
     forms = {"raw": TOKEN.encode(), "base64": base64.b64encode(TOKEN.encode())}
     return [f"{where} ({form})" for form, needle in forms.items() if needle in data]
@@ -118,8 +122,20 @@ def test_a_killed_pod_resumes_from_its_checkpoint_and_no_planted_token_leaks(
     assert st["resumedFrom"] == result["resumedFrom"] and not st.get("checkpointWarning")
     assert [h["epoch"] for h in result["history"]] == [1, 2]
 
+    # --- least privilege: every call the two trainers made, under their ServiceAccount's token (the pod runner gives
+    # pods their own), is one the job's Role grants, on this job only.
+    calls = audit(kube.kubeconfig, service_account_token(namespace, f"{name}-trainer"))
+    granted = {("finetunejobs", "get"), ("finetunejobs", "watch"), ("finetunejobs/status", "patch")}
+    assert {(e["resource"], e["verb"]) for e in calls} == {("finetunejobs", "get"), ("finetunejobs/status", "patch")}, calls
+    assert all((e["apiGroup"], e["namespace"], e["name"]) == ("finetune.dev", namespace, name) and
+               (e["resource"], e["verb"]) in granted for e in calls), calls
+    role = c.get(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles/{name}-trainer")
+    assert {(r["resources"][0], v, tuple(r["resourceNames"])) for r in role["rules"] for v in r["verbs"]} == {
+        (res, verb, (name,)) for res, verb in granted}
+
     # --- every output, searched for the token (the Secret itself holds it: the search can see it)
     assert _leaks("Secret", json.dumps(c.get(f"/api/v1/namespaces/{namespace}/secrets/{SECRET}"))) == ["Secret (base64)"]
+    SEARCHED.clear()
     leaks: list[str] = []
     leaks += _leaks("FineTuneJob and status", json.dumps(get(c, namespace, name)))
     leaks += _leaks("Events", json.dumps(items(c, f"/api/v1/namespaces/{namespace}/events")))
@@ -160,7 +176,10 @@ def test_a_killed_pod_resumes_from_its_checkpoint_and_no_planted_token_leaks(
     leaks += _leaks("finetune run output", proc.stdout + proc.stderr)
     for f in (p for p in run_out.rglob("*") if p.is_file()):
         leaks += _leaks(f"finetune run file {f.relative_to(run_out)}", f.read_bytes())
-    print(json.dumps({"outputsSearched": len(files) + 20, "leaks": len(leaks), "resumedFrom": result["resumedFrom"]}))
+    output_files = sum(w.startswith(("output file", "finetune run file")) for w in SEARCHED)
+    print(json.dumps({"outputsSearched": len(SEARCHED), "ofWhichFiles": output_files, "leaks": len(leaks),
+                      "pods": [(p.phase, p.exit_code) for p in pods], "resumedFrom": os.path.basename(result["resumedFrom"]),
+                      "resumedAtStep": result["resumedAtStep"], "globalStep": result["globalStep"]}))
     assert leaks == [], leaks
     c.close()
 
