@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .pod_runner import INDEX_KEY, METRICS_PORT_ANNOTATION
+from .pod_runner import INDEX_KEY, METRICS_PORT_ANNOTATION, service_account_token
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +49,7 @@ def test_indexed_job_runs_with_env_hostnames_and_volumes(api, namespace, pod_run
             "port": os.environ["MASTER_PORT"], "metrics": os.environ["FINETUNE_METRICS_PORT"],
             "config": open(os.environ["FINETUNE_CONFIG"]).read(), "hostname": os.environ["HOSTNAME"],
             "expanded": os.environ["EXPANDED"], "kubeconfig": os.environ["KUBECONFIG"],
+            "kubeconfig_text": open(os.environ["KUBECONFIG"]).read(),
         }))
     """
     body = job_manifest("idx", code, completions=2, container={
@@ -95,7 +96,16 @@ def test_indexed_job_runs_with_env_hostnames_and_volumes(api, namespace, pod_run
     assert results["0"]["port"] == results["1"]["port"] != "29500"  # one free port per Job
     assert results["0"]["metrics"] != results["1"]["metrics"]  # one free port per pod
     assert results["1"]["hostname"] == "idx-1" and results["1"]["expanded"] == "rank=1"
-    assert results["0"]["kubeconfig"] == str(pod_runner.kubeconfig)
+    # The same API server; the pod authenticates as its ServiceAccount (emulation) or with the runner's credentials.
+    import yaml
+
+    pod_config = yaml.safe_load(results["0"]["kubeconfig_text"])
+    runner_config = yaml.safe_load(pod_runner.kubeconfig.read_text())
+    assert pod_config["clusters"] == runner_config["clusters"]
+    if pod_runner.service_account_tokens:
+        assert [u["user"] for u in pod_config["users"]] == [{"token": service_account_token(namespace, "default")}]
+    else:
+        assert results["0"]["kubeconfig"] == str(pod_runner.kubeconfig)
 
 
 def test_failed_pod_is_retried_up_to_backoff_limit(api, namespace, pod_runner, wait_for):
