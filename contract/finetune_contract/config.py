@@ -60,6 +60,9 @@ class Env:
     PROGRESS = "FINETUNE_PROGRESS"
     FAULT_OOM_ABOVE = "FINETUNE_FAULT_OOM_ABOVE"
     METRICS_LINGER_SECONDS = "FINETUNE_METRICS_LINGER_SECONDS"
+    # Hugging Face's own variables, set by the operator when the job asks for them.
+    HF_TOKEN = "HF_TOKEN"  # model.tokenSecret, through a secretKeyRef
+    HF_HOME = "HF_HOME"  # model.cachePvc's mount
 
     OPERATOR_SET = (CONFIG, OUTPUT_DIR, JOB_NAME, JOB_NAMESPACE, NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, METRICS_PORT)
 
@@ -74,6 +77,7 @@ class Paths:
     DATA_PVC_MOUNT = "/data"
     OUTPUT_DIR = "/output"  # spec.output.path's default
     OUTPUT_SECRET_MOUNT = "/var/run/secrets/finetune/output"  # output.credentialsSecret as files
+    MODEL_CACHE_MOUNT = "/cache/huggingface"  # model.cachePvc: HF_HOME, shared by jobs
     # Under the output directory:
     BEST_MODEL = "best"
     CHECKPOINTS = "checkpoints"

@@ -40,6 +40,7 @@ from .models import load_model, load_tokenizer, save_model
 from .optim import build_optimizer
 from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro
 from .schedules import build_scheduler
+from .sft import build_sft_dataset
 from .signals import TerminationFlag
 from .steps import forward
 from .upload import upload_results
@@ -164,8 +165,12 @@ class Trainer:
         self.tokenizer, self.model_source = load_tokenizer(spec)
         seed = self.hp.seed or 0
         maxlen = spec.dataset.max_length
-        self.train_set = build_dataset(train, self.task, self.tokenizer, maxlen, self.labels, seed)
-        self.val_set = build_dataset(val, self.task, self.tokenizer, maxlen, self.labels, seed + 1)
+        if self.task == "causal-lm":
+            self.train_set = build_sft_dataset(train, self.tokenizer, spec, train=True, job=self.job)
+            self.val_set = build_sft_dataset(val, self.tokenizer, spec, train=False, job=self.job)
+        else:
+            self.train_set = build_dataset(train, self.task, self.tokenizer, maxlen, self.labels, seed)
+            self.val_set = build_dataset(val, self.task, self.tokenizer, maxlen, self.labels, seed + 1)
         self.paired = self.task == "embedding" and all(r.pair is not None for r in train)
         self.collate = Collator(self.tokenizer.pad_token_id or 0, self.task)
 
