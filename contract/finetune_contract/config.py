@@ -25,10 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .constants import API_VERSION
 from .spec import FineTuneJobSpec
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """This contract's config schema. 1.0: the unversioned config of release 0.1.0. 1.1: adds `schemaVersion`,
 `output.{size, storageClassName, retain, ephemeral, uri, credentialsSecret, uploadCheckpoints}` and
-`terminationGracePeriodSeconds` (all optional, defaults keep 1.0's behaviour in the trainer)."""
+`terminationGracePeriodSeconds` (all optional, defaults keep 1.0's behaviour in the trainer). 1.2 (issue 13):
+adds `sft`, `model.{tokenSecret, trustRemoteCode, quantization, cachePvc}` and `distributed.strategy: fsdp`
+(unset, they keep 1.1's behaviour; a 1.1 trainer refuses `fsdp` as an unknown strategy)."""
 
 OLDEST_READABLE_MINOR = 0
 """The oldest minor of this major that this trainer still reads (missing fields take their defaults)."""

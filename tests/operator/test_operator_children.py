@@ -9,7 +9,6 @@ import pytest
 from ftj_builders import manifest, resolved
 
 from finetune_operator.api.validation import validate_manifest
-
 from finetune_operator.plan import names
 from finetune_operator.plan.children import desired_children
 

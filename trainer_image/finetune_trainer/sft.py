@@ -238,3 +238,8 @@ def build_sft_dataset(records: list[Any], tokenizer: Any, spec: Any, *, train: b
     log.info("job %s: sft format %s, loss on %s tokens (%d %s examples)", job, fmt,
              "completion/assistant" if sft.completion_only_loss else "all", n_examples, "training" if train else "validation")
     return TokenizedDataset(items)
+
+
+def pack_batch(batch: dict[str, list[Any]], *, max_length: int) -> dict[str, list[list[int]]]:
+    """`datasets.map(batched=True)` form of `pack` on tokenised rows (examples pack within each map batch)."""
+    return pack(batch["input_ids"], batch["labels"], max_length)
