@@ -175,10 +175,14 @@ def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: Any) -> None:
     """accelerate applies the FSDP plugin only to GPU-like distributed types: with `cpu=True` it silently runs
     plain DDP (MULTI_CPU), as its DeepSpeed plugin does. torch's fully_shard itself works on CPU with gloo, so the
     state is switched to FSDP here, before anything is prepared; on GPUs accelerate has done so already."""
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
     state = accelerator.state
     if state.distributed_type == DistributedType.MULTI_CPU:
+        # Both singletons: every later AcceleratorState() copies PartialState's attributes over its own, and
+        # save_state then took the non-FSDP path with the DTensor shards.
+        PartialState().distributed_type = DistributedType.FSDP
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin
 
