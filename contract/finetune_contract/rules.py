@@ -65,6 +65,8 @@ def credential_problems(spec: Any) -> list[tuple[str, str]]:
     """
     out = [(f".env.{k}", SECRET_NAME_MESSAGE) for k, v in sorted(spec.env.items()) if v and re.search(SECRET_NAME, k)]
     out += [(f".secretEnv.{k}", BOTH_ENV_MESSAGE) for k in sorted(set(spec.env) & set(spec.secret_env))]
+    if spec.model.token_secret is not None and "HF_TOKEN" in spec.secret_env:
+        out.append((".secretEnv.HF_TOKEN", "HF_TOKEN is set by model.tokenSecret: remove it here or there"))
     return out
 
 
@@ -231,6 +233,39 @@ RULES: list[Rule] = [
         SECRET_VALUE_MESSAGE,
         ".env",
         lambda s: not any(re.search(SECRET_VALUE, v) for v in s.env.values()),
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.sft) || self.task == 'causal-lm'",
+        "sft (formats, loss masking, packing) applies only to task causal-lm: remove it or set task: causal-lm",
+        ".sft",
+        lambda s: s.sft is None or s.task == "causal-lm",
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.model.quantization) || self.model.quantization == 'none'"
+        " || (has(self.lora) && has(self.lora.enabled) && self.lora.enabled)",
+        "model.quantization trains LoRA adapters on frozen quantized weights (QLoRA): set lora.enabled: true, "
+        "or quantization: none",
+        ".model.quantization",
+        lambda s: s.model.quantization == "none" or s.lora.enabled,
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.model.quantization) || self.model.quantization == 'none'"
+        " || (has(self.resources) && has(self.resources.gpu) && self.resources.gpu)",
+        "model.quantization needs a GPU (bitsandbytes runs on CUDA only): set resources.gpu: true, or quantization: none",
+        ".model.quantization",
+        lambda s: s.model.quantization == "none" or s.resources.gpu,
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.model.quantization) || self.model.quantization == 'none'"
+        " || !has(self.distributed) || !has(self.distributed.strategy) || self.distributed.strategy == 'ddp'",
+        "model.quantization trains with strategy ddp only (quantized weights cannot be sharded by deepspeed or fsdp "
+        "here): set distributed.strategy: ddp, or quantization: none",
+        ".distributed.strategy",
+        lambda s: s.model.quantization == "none" or s.distributed.strategy == "ddp",
     ),
     Rule(
         "FineTuneJobSpec",
