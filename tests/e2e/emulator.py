@@ -682,6 +682,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             if not spec.group.endswith(".dev") and spec.key[0] in ("", "batch", "apiextensions.k8s.io"):
                 obj["status"] = {}  # built-in types are Go structs: their empty status is still there
         _apply_defaults(spec, obj)
+        if spec.key == ("batch", "v1", "jobs"):
+            _validate_job_spec(obj)
         if dry_run:
             return obj
         meta["resourceVersion"] = self._next_rv()
@@ -726,6 +728,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         if spec.key == ("batch", "v1", "jobs") and not status_only:
             _check_job_update(old, new)
+            _validate_job_spec(new)
         new = self._validate(spec, new, strict=False)
         if new == old:
             return old  # a no-op write changes nothing, not even the resourceVersion
@@ -1219,6 +1222,95 @@ def _check_job_update(old: JsonObj, new: JsonObj) -> None:
         refuse("template", nt)
 
 
+# pkg/apis/batch/validation: validatePodFailurePolicy and friends (Kubernetes 1.31+).
+_PFP_MAX_RULES, _PFP_MAX_EXIT_CODES, _PFP_MAX_PATTERNS = 20, 255, 20
+_PFP_ACTIONS = ("Count", "FailIndex", "FailJob", "Ignore")
+_QUALIFIED_NAME = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def _validate_job_spec(job: JsonObj) -> None:
+    """The parts of the real server's ValidateJob this project's Jobs use beyond the schema: the pod failure policy
+    (rules, exit codes sorted, unique, not 0 for In, container names of the template, conditions, the restartPolicy
+    it requires) and podReplacementPolicy. 422 Invalid with the server's field paths and wording."""
+    spec = job.get("spec") or {}
+    name = (job.get("metadata") or {}).get("name", "")
+    errors: list[tuple[str, str]] = []
+    tspec = (spec.get("template") or {}).get("spec") or {}
+    restart = tspec.get("restartPolicy")
+    if restart not in ("Never", "OnFailure"):
+        errors.append(("spec.template.spec.restartPolicy", f'Unsupported value: "{restart}": supported values: '
+                       '"OnFailure", "Never"'))
+    policy = spec.get("podFailurePolicy")
+    if policy is not None:
+        if restart != "Never":
+            errors.append(("spec.template.spec.restartPolicy", f'Invalid value: "{restart}": only "Never" is '
+                           "supported when podFailurePolicy is specified"))
+        rules = policy.get("rules") or []
+        if len(rules) > _PFP_MAX_RULES:
+            errors.append(("spec.podFailurePolicy.rules", f"Too many: {len(rules)}: must have at most {_PFP_MAX_RULES} items"))
+        containers = {c.get("name") for c in (tspec.get("containers") or []) + (tspec.get("initContainers") or [])}
+        for i, rule in enumerate(rules):
+            path = f"spec.podFailurePolicy.rules[{i}]"
+            action = rule.get("action")
+            if not action:
+                errors.append((f"{path}.action", f"Required value: valid values: {list(_PFP_ACTIONS)}"))
+            elif action == "FailIndex":
+                if spec.get("backoffLimitPerIndex") is None:
+                    errors.append((f"{path}.action", 'Invalid value: "FailIndex": requires the backoffLimitPerIndex to be set'))
+            elif action not in _PFP_ACTIONS:
+                errors.append((f"{path}.action", f'Unsupported value: "{action}": supported values: {list(_PFP_ACTIONS)}'))
+            codes, conditions = rule.get("onExitCodes"), rule.get("onPodConditions") or []
+            if codes is not None:
+                cpath = f"{path}.onExitCodes"
+                op = codes.get("operator")
+                if not op:
+                    errors.append((f"{cpath}.operator", 'Required value: valid values: ["In" "NotIn"]'))
+                elif op not in ("In", "NotIn"):
+                    errors.append((f"{cpath}.operator", f'Unsupported value: "{op}": supported values: "In", "NotIn"'))
+                if codes.get("containerName") is not None and codes["containerName"] not in containers:
+                    errors.append((f"{cpath}.containerName", f'Invalid value: "{codes["containerName"]}": must be one '
+                                   "of the container or initContainer names in the pod template"))
+                values = codes.get("values") or []
+                if not values:
+                    errors.append((f"{cpath}.values", "Invalid value: []: at least one value is required"))
+                elif len(values) > _PFP_MAX_EXIT_CODES:
+                    errors.append((f"{cpath}.values", f"Too many: {len(values)}: must have at most {_PFP_MAX_EXIT_CODES} items"))
+                for j, value in enumerate(values):
+                    if op == "In" and value == 0:
+                        errors.append((f"{cpath}.values[{j}]", "Invalid value: 0: must not be 0 for the In operator"))
+                    if value in values[:j]:
+                        errors.append((f"{cpath}.values[{j}]", f"Duplicate value: {value}"))
+                if any(a > b for a, b in zip(values, values[1:], strict=False)):
+                    errors.append((f"{cpath}.values", f"Invalid value: {json.dumps(values)}: must be ordered"))
+            if len(conditions) > _PFP_MAX_PATTERNS:
+                errors.append((f"{path}.onPodConditions", f"Too many: {len(conditions)}: must have at most {_PFP_MAX_PATTERNS} items"))
+            for j, pattern in enumerate(conditions):
+                ppath = f"{path}.onPodConditions[{j}]"
+                if not _QUALIFIED_NAME.match(str(pattern.get("type") or "")):
+                    errors.append((f"{ppath}.type", f'Invalid value: "{pattern.get("type")}": a valid qualified name is required'))
+                status = pattern.get("status")
+                if not status:
+                    errors.append((f"{ppath}.status", 'Required value: valid values: ["False" "True" "Unknown"]'))
+                elif status not in ("True", "False", "Unknown"):
+                    errors.append((f"{ppath}.status", f'Unsupported value: "{status}": supported values: "False", "True", "Unknown"'))
+            if codes is not None and conditions:
+                errors.append((path, "Invalid value: specifying both OnExitCodes and OnPodConditions is not supported"))
+            if codes is None and not conditions:
+                errors.append((path, "Invalid value: specifying one of OnExitCodes and OnPodConditions is required"))
+    replacement = spec.get("podReplacementPolicy")
+    if replacement is not None:
+        allowed = ("Failed",) if policy is not None else ("Failed", "TerminatingOrFailed")
+        if replacement not in allowed:
+            errors.append(("spec.podReplacementPolicy", f'Unsupported value: "{replacement}": supported values: '
+                           + ", ".join(f'"{a}"' for a in allowed)))
+    if errors:
+        shown = ", ".join(f"{f}: {m}" for f, m in errors)
+        raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: {shown}',
+                       {"name": name, "group": "batch", "kind": "Job",
+                        "causes": [{"reason": "FieldValueInvalid", "message": m, "field": f} for f, m in errors]})
+
+
 def _apply_defaults(spec: ResourceSpec, obj: JsonObj) -> None:
     """The few server-side defaults that clients and controllers rely on."""
     if spec.key == ("", "v1", "namespaces"):
@@ -1249,7 +1341,8 @@ def _apply_defaults(spec: ResourceSpec, obj: JsonObj) -> None:
         job.setdefault("completionMode", "NonIndexed")
         job.setdefault("suspend", False)
         job.setdefault("manualSelector", False)
-        job.setdefault("podReplacementPolicy", "TerminatingOrFailed")
+        # With a podFailurePolicy the server defaults (and only accepts) Failed: replace only fully terminated pods.
+        job.setdefault("podReplacementPolicy", "Failed" if job.get("podFailurePolicy") else "TerminatingOrFailed")
         labels = {"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": obj["metadata"]["name"],
                   "controller-uid": uid, "job-name": obj["metadata"]["name"]}
         if not job.get("manualSelector"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, skip_first_batches
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
 from finetune_contract.early_stopping import Settings, decide, metric_value
@@ -145,9 +146,13 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         self.deepspeed = str(self.spec.distributed.strategy) == "deepspeed"
         self.mixed_precision = resolve_mixed_precision(str(self.hp.mixed_precision or "no"), on_gpu)
+        # The job's process-group timeout instead of torch's 30 minutes (10 for NCCL): a collective whose peer hangs
+        # fails this rank within it, and the elastic agent restarts the group (docs/multi-node.md).
+        timeout = datetime.timedelta(seconds=self.spec.distributed.process_group_timeout_seconds)
         accelerator = Accelerator(
             cpu=not on_gpu,  # without cpu=True, torchrun ranks on a CPU machine each train alone, silently
             mixed_precision="no" if self.deepspeed else self.mixed_precision,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
         )
         expected = self.rt.expected_world_size or self.rt.world_size or 1
         if accelerator.num_processes != expected or (self.rt.world_size or 1) != expected:
@@ -231,10 +236,11 @@ class Trainer:
             self.metrics.gradient_accumulation_steps.set(plan.accumulation)
         log.info(
             "training %s on %d process(es): %d train / %d validation examples, batch %d x %d accumulation, %d steps, "
-            "strategy %s, precision %s%s",
+            "strategy %s, precision %s%s%s",
             self.task, acc.num_processes, len(self.train_set), len(self.val_set), plan.per_device, plan.accumulation,
             self.total_steps, "deepspeed" if self.deepspeed else "ddp", self.mixed_precision,
             f", resumed from {resumed}" if resumed else "",
+            f" (group restart {self.rt.restart_count} of this pod's agent)" if self.rt.restart_count else "",
         )
         self._report({"trainerPhase": "Training", "totalEpochs": self.hp.epochs, "batchSize": plan.per_device,
                       "gradientAccumulationSteps": plan.accumulation})
@@ -627,6 +633,7 @@ class Trainer:
             "rankParamChecksums": checksums, "rankFirstGradNorms": grad_norms,
             "stopReason": getattr(self, "stop_reason", None), "modelPath": os.path.join(self.output_dir, "best"),
             "resumedAtStep": getattr(self, "resumed_at_step", None), "oomRecoveries": getattr(self, "oom_recoveries", 0),
+            "elasticRestarts": self.rt.restart_count,
         }
         if outcome == "preempted":
             self._report({"trainerPhase": "Preempted", "step": p.global_step})

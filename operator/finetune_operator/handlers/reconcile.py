@@ -221,6 +221,10 @@ class Reconciler:
         for ev in events:
             post_event(self.client, ftj, ev.type, ev.reason, ev.message)
             self._count(ev.reason)
+        if patch.get("restarts") and (new.get("lastRestart") or {}).get("reason"):
+            # Counted once per restart the status records (a folded failure adds none).
+            metrics.GROUP_RESTARTS.labels(reason=new["lastRestart"]["reason"]).inc(
+                int(new["restarts"]) - int(status.get("restarts") or 0))
         metrics.PHASES.set(key, new.get("phase"))
 
         wrote = bool(outcome and outcome.wrote)
