@@ -10,7 +10,7 @@ recovery. Printed: the recovery time, the per-epoch losses against an uninterrup
 session (tolerance 1e-4, as bench/resume.py), and last the recovery time as a fraction of torch's default process
 group timeout (30 min; target <= 0.1).
 
-    .venv/bin/python bench/group_restart.py [--rounds 1] [--kill-after-steps 6] [--replace-after-seconds 0]
+    .venv/bin/python bench/group_restart.py [--rounds 1] [--kill-after-steps 14] [--replace-after-seconds 0]
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1, help="interrupted runs (the median recovery is reported)")
-    parser.add_argument("--kill-after-steps", type=int, default=6, help="optimizer steps before pod 1 is killed")
+    parser.add_argument("--kill-after-steps", type=int, default=14, help="optimizer steps before pod 1 is killed")
     parser.add_argument("--replace-after-seconds", type=float, default=0.0,
                         help="delay before the replacement pod starts (scheduling, image pull)")
     args = parser.parse_args()

@@ -154,3 +154,14 @@ def test_the_new_status_fields_pass_the_crd_schema():
     obj = two_nodes()
     st, _ = run(obj, running(obj), batch_job(active=1), [live(), failed("bbc-news-train-1-z", 1, T0)], T0)
     FineTuneJobStatus.model_validate(copy.deepcopy(st))
+
+
+def test_workers_get_the_jobs_process_group_timeout():
+    from finetune_contract.spec import FineTuneJobSpec
+    from finetune_trainer.worker import process_group_kwargs
+
+    spec = validate_manifest(manifest(distributed={"nodes": 2, "processGroupTimeoutSeconds": 45})).spec
+    (kwargs,) = process_group_kwargs(spec)
+    assert kwargs.timeout == timedelta(seconds=45)
+    assert process_group_kwargs(FineTuneJobSpec.model_validate(
+        {"model": {"name": "m"}, "dataset": {"source": "d"}}))[0].timeout == timedelta(seconds=180)

@@ -93,6 +93,12 @@ class Progress:
                    d.get("examplesInEpoch", 0))
 
 
+def process_group_kwargs(spec: Any) -> list[InitProcessGroupKwargs]:
+    """The job's process-group timeout instead of torch's 30 minutes (10 for NCCL): a collective whose peer hangs
+    fails this rank within it, and the elastic agent restarts the group (docs/multi-node.md)."""
+    return [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=spec.distributed.process_group_timeout_seconds))]
+
+
 def configure_logging(job: str, rank: int) -> None:
     """One line per event naming the job; only rank 0 logs below WARNING (STYLE rule 7)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -146,13 +152,10 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         self.deepspeed = str(self.spec.distributed.strategy) == "deepspeed"
         self.mixed_precision = resolve_mixed_precision(str(self.hp.mixed_precision or "no"), on_gpu)
-        # The job's process-group timeout instead of torch's 30 minutes (10 for NCCL): a collective whose peer hangs
-        # fails this rank within it, and the elastic agent restarts the group (docs/multi-node.md).
-        timeout = datetime.timedelta(seconds=self.spec.distributed.process_group_timeout_seconds)
         accelerator = Accelerator(
             cpu=not on_gpu,  # without cpu=True, torchrun ranks on a CPU machine each train alone, silently
             mixed_precision="no" if self.deepspeed else self.mixed_precision,
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+            kwargs_handlers=process_group_kwargs(self.spec),
         )
         expected = self.rt.expected_world_size or self.rt.world_size or 1
         if accelerator.num_processes != expected or (self.rt.world_size or 1) != expected:
