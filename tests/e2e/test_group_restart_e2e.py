@@ -64,8 +64,10 @@ def _lose_pod_one(kube, pod_runner, namespace, wait_for, inputs, name: str, *, d
     out = pod_runner.workdir / "pvc" / namespace / CLAIM
     batch = f"{name}-train"
     # Training is under way on both pods and a mid-epoch checkpoint exists.
-    wait_for(lambda: (out / "checkpoints").is_dir() and any("-batch-" in p.name for p in (out / "checkpoints").iterdir()),
-             timeout=240, what="a mid-epoch checkpoint", interval=0.1)
+    # (Complete: renamed from its temporary directory, with its trainer_state.json.)
+    wait_for(lambda: (out / "checkpoints").is_dir() and any(
+        p.name.startswith("epoch-") and "-batch-" in p.name and (p / "trainer_state.json").exists()
+        for p in (out / "checkpoints").iterdir()), timeout=240, what="a complete mid-epoch checkpoint", interval=0.1)
     pod1 = next(n for n in pod_runner.pod_names(batch) if n.startswith(f"{batch}-1-"))
     if disruption:
         pod_runner.disrupt(pod1, reason="PreemptionByScheduler")
