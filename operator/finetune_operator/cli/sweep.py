@@ -23,8 +23,8 @@ def get_sweep(cluster: Cluster, name: str) -> dict[str, Any]:
     try:
         return cluster.api.get_namespaced_custom_object(c.GROUP, c.VERSION, cluster.namespace, s.SWEEP_PLURAL, name,
                                                         _request_timeout=REQUEST_TIMEOUT)
-    except ApiException as err:
-        if err.status == 404:
+    except Exception as err:  # noqa: BLE001 - API and network errors: worded below like every CLI error
+        if isinstance(err, ApiException) and err.status == 404:
             body = err.body or ""
             if "the server could not find the requested resource" in body or "page not found" in body.lower():
                 raise CliError(f"the FineTuneSweep CRD ({s.SWEEP_CRD_NAME}) is not installed in this cluster: "
