@@ -24,7 +24,6 @@ def test_a_pruned_trial_stops_gracefully_and_ends_pruned():
     st, _ = run(obj, st, batch_job(active=1, start=T0), [pod()])
     cond = find(st["conditions"], Condition.EARLY_STOP_REQUESTED)
     assert (cond["reason"], st["stopDecidedBy"]) == ("Pruned", "sweep") and "pruned by sweep lr" in st["stopReason"]
-    assert not st.get("stopEnforced")
     st, _ = run(obj, st, batch_job(("Complete", "")), [])
     assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, "Pruned") and "pruned by its sweep" in st["message"]
     assert st["epochsSaved"] == 3
