@@ -172,12 +172,10 @@ print("all epochs done", flush=True)
 '''
 
 
-@pytest.fixture
-def fake_trainer_env(tmp_path: Path):
-    """Returns env(mode, losses, epoch_seconds) -> spec.env that makes pods run the fake trainer above
-    (its directory first on PATH, so the pod's `finetune-trainer` command resolves to it)."""
-    bindir = tmp_path / "fakebin"
-    bindir.mkdir()
+def fake_trainer(bindir: Path):
+    """Install the stand-in trainer as `bindir/finetune-trainer`; returns env(mode, losses, epoch_seconds) ->
+    spec.env that makes pods run it (its directory first on PATH, so the pod's command resolves to it)."""
+    bindir.mkdir(parents=True, exist_ok=True)
     exe = bindir / "finetune-trainer"
     exe.write_text(FAKE_TRAINER)
     exe.chmod(0o755)
@@ -188,6 +186,12 @@ def fake_trainer_env(tmp_path: Path):
                 "FAKE_REPO": str(REPO)}
 
     return env
+
+
+@pytest.fixture
+def fake_trainer_env(tmp_path: Path):
+    """Returns env(mode, losses, epoch_seconds) -> spec.env that makes pods run the fake trainer above."""
+    return fake_trainer(tmp_path / "fakebin")
 
 
 @pytest.fixture

@@ -380,7 +380,7 @@ def _finish_from_job(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: 
         p.phase(Phase.FAILED, reason, message, "Warning")
         return True
     if _job_condition(job_obj, "Complete"):
-        if p.st.get("stopRequestedTime") or _record_trainer_stop(p, status):
+        if p.st.get("stopRequestedTime") or _record_user_stop(p, spec, status) or _record_trainer_stop(p, status):
             _finish_stopped(p, spec, status, enforced=False)
             return True
         total, done = spec.hyperparameters.epochs, status.get("epoch")
@@ -403,6 +403,21 @@ def _request_stop(p: _Pass, reason: str, message: str, *, by: str, at: str | Non
     p.cond(Condition.EARLY_STOP_REQUESTED, True, reason,
            f"{message}{f' (at epoch {epoch})' if epoch is not None else ''}; decided by the {by}")
     p.events.append(Event("Normal", reason, f"stop decided by the {by}: {message}"))
+
+
+def _record_user_stop(p: _Pass, spec: Any, status: dict[str, Any]) -> bool:
+    """A user's stop that no pass recorded before the Job completed: the trainer reads spec.stop and the stop
+    annotation itself, so it can obey while the operator is down (found by the kill drill). Recorded now, the
+    job ends StoppedByUser instead of looking early-stopped by the trainer; a run that finished every epoch
+    anyway stays TrainingCompleted."""
+    if p.st.get("stopRequestedTime") or not (spec.stop or p.job.stop_annotation):
+        return False
+    total, done = spec.hyperparameters.epochs, status.get("epoch")
+    if isinstance(total, int) and isinstance(done, int) and done >= total:
+        return False
+    how = "spec.stop" if spec.stop else f"annotation {c.Annotation.STOP}"
+    _request_stop(p, Reason.USER_REQUESTED, f"stop requested by the user ({how})", by="user")
+    return True
 
 
 def _record_trainer_stop(p: _Pass, status: dict[str, Any]) -> bool:
