@@ -48,7 +48,7 @@ def manifest(name: str, scenario: str, env: Any) -> dict[str, Any]:
     if scenario == "early-stop":
         # Long enough that the operator, even restarting, decides the stop before the 40 epochs are done (this
         # stand-in trainer, unlike the real one, does not apply the patience rule itself).
-        return ftj(name, env=env("obey", "0.5,0.4,0.45,0.47" + ",0.5" * 36, 0.5),
+        return ftj(name, env=env("obey", "0.5,0.4,0.45,0.47" + ",0.5" * 36, 0.75),
                    hyperparameters={"epochs": 40, "batchSize": 8}, earlyStopping={"patience": 2})
     if scenario == "suspend-resume":
         return ftj(name, suspend=True, env=env("obey", "0.5,0.4", 0.3), hyperparameters={"epochs": 2, "batchSize": 8})
@@ -223,6 +223,7 @@ def run_drill(client: KubeClient, kubeconfig: Path, namespace: str, operator: An
                                      "pods": f"/api/v1/namespaces/{namespace}/pods"}).start()
     names = {f"drill-{i:03d}": SCENARIOS[i % len(SCENARIOS)] for i in range(jobs)}
     resume_at = {n: rng.uniform(0.5, 3.0) for n, s in names.items() if s == "suspend-resume"}
+    delete_at = {n: rng.uniform(2.0, 10.0) for n, s in names.items() if s == "delete"}
     started = time.monotonic()
     result = DrillResult(jobs=jobs, kills=0, seconds=0.0)
     done: set[str] = set()
@@ -247,7 +248,7 @@ def run_drill(client: KubeClient, kubeconfig: Path, namespace: str, operator: An
         if scenario == "delete":
             if not obj:
                 done.add(name)
-            elif st.get("phase") == "Running" and name not in acted:
+            elif name not in acted and time.monotonic() - started > delete_at[name]:
                 client.request("DELETE", f"{ftjs}/{name}")
                 acted.add(name)
             return

@@ -412,6 +412,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
     requests_served: int = 0
     faults: list[JsonObj] = attrs.field(factory=list)  # injected failures (see _serve_faults)
     audit_log: Any = None  # a text file: one JSON line per resource request, like the API server's audit log
+    _closing: asyncio.Event = attrs.field(factory=asyncio.Event)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -507,12 +508,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         `POST /_e2e/faults/drop-watches` ends every open watch stream, like a load balancer cutting
         connections. `GET /_e2e/faults` lists the faults with their hits; `DELETE` clears them."""
         if raw.method == "POST" and raw.path.rstrip("/").endswith("/drop-watches"):
-            dropped = 0
-            for queues in self._watchers.values():
-                for queue in list(queues):
-                    queue.put_nowait(None)  # type: ignore[arg-type]
-                    dropped += 1
-            return aiohttp.web.json_response({"dropped": dropped})
+            return aiohttp.web.json_response({"dropped": self.drop_watches()})
         if raw.method == "POST":
             fault = json.loads(await raw.read() or b"{}")
             if fault.get("delay") is None:
@@ -527,6 +523,15 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         if raw.method == "DELETE":
             self.faults.clear()
         return aiohttp.web.json_response({"faults": self.faults})
+
+    def drop_watches(self) -> int:
+        """End every open watch stream (clients must re-watch); how many there were."""
+        dropped = 0
+        for queues in self._watchers.values():
+            for queue in list(queues):
+                queue.put_nowait(None)  # type: ignore[arg-type]
+                dropped += 1
+        return dropped
 
     def _matching_fault(self, raw: aiohttp.web.BaseRequest, p: ParsedPath) -> JsonObj | None:
         if not self.faults:
@@ -560,7 +565,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         if fault is None:
             return None
         if fault.get("delay") is not None:
-            await asyncio.sleep(float(fault["delay"]))
+            with contextlib.suppress(TimeoutError):  # a server shutting down does not wait out the delay
+                await asyncio.wait_for(self._closing.wait(), float(fault["delay"]))
             if fault.get("code") is None:
                 if raw.transport is None or raw.transport.is_closing():
                     raise ConnectionResetError("the client gave up on a delayed request")
@@ -732,6 +738,11 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         self._by_uid[meta["uid"]] = (spec.key, key)
         self._index_owners(spec, key, None, obj)
         self._emit(spec, "ADDED", None, obj)
+        for ref in meta.get("ownerReferences") or []:
+            if self._find_uid(ref.get("uid", "")) is None:
+                # The real garbage collector deletes a dependent whose owner does not exist (checked by uid),
+                # also when it was created after the owner was deleted.
+                self._gc_kick(ref.get("uid", ""))
         if spec.key == ("apiextensions.k8s.io", "v1", "customresourcedefinitions"):
             self._register_crd(obj)
         return obj
@@ -1162,7 +1173,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
                     queue.get_nowait()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout if timeout is not None else None
-            while True:
+            while not self._closing.is_set():  # shutting down: end the stream, like drop-watches
                 wait = BOOKMARK_SECONDS if deadline is None else min(BOOKMARK_SECONDS, deadline - loop.time())
                 if wait <= 0:
                     break
@@ -1357,6 +1368,10 @@ async def serve(port: int = 0, on_ready: Callable[[str], None] | None = None,
             if on_ready:
                 on_ready(url)
             await (stop or asyncio.Event()).wait()
+            # Open watches and delayed requests would hold the shutdown for aiohttp's 60 s grace period.
+            emulator._closing.set()
+            emulator.drop_watches()
+            await asyncio.sleep(0.1)
     finally:
         if state is not None:
             tmp = state.with_suffix(".tmp")

@@ -20,7 +20,7 @@ def test_kill_drill_loses_and_duplicates_nothing(kube, operator, pod_runner, nam
     c = kube_client(kube.kubeconfig)
     try:
         result = run_drill(c, kube.kubeconfig, namespace, operator, fake_trainer_env, jobs=10, max_kills=3, seed=12,
-                           kill_gap=(0.5, 2.0), timeout=150)
+                           kill_gap=(1.0, 3.0), timeout=240)
     finally:
         c.close()
     print(result.report())

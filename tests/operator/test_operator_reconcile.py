@@ -21,6 +21,7 @@ class FakeApi:
         self.calls: list[tuple[str, str]] = []
         self.fail: ApiError | None = None
         self.rv = itertools.count(100)
+        self.deleted = False  # the FineTuneJob is gone from the server (its cache entry may not know yet)
 
     def request(self, method, path, *, body=None, query=None, content_type="application/json"):
         self.calls.append((method, path))
@@ -38,6 +39,8 @@ class FakeApi:
 
     def get(self, path, query=None):
         self.calls.append(("GET", path))
+        if path.endswith("/finetunejobs/bbc-news") and not self.deleted:
+            return copy.deepcopy(self.ftj)
         return None
 
 
@@ -70,7 +73,23 @@ def test_a_deleted_child_comes_back_with_one_create():
     r.cache.drop_child("ConfigMap", cm)
     api.calls.clear()
     r.process(KEY)
-    assert api.calls == [("POST", "/api/v1/namespaces/team-a/configmaps")]
+    assert api.calls == [("GET", "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/bbc-news"),
+                         ("POST", "/api/v1/namespaces/team-a/configmaps")]
+
+
+def test_children_of_a_job_deleted_on_the_server_are_not_re_created():
+    # The garbage collector's DELETED events for the children can come before the job's own: the cache still
+    # holds the job. A live read before re-creating says it is gone.
+    r, api = reconciler()
+    r.process(KEY)
+    r.process(KEY)
+    for (kind, _), obj in r.cache.owned(KEY).items():
+        r.cache.drop_child(kind, obj)
+    api.deleted = True
+    api.calls.clear()
+    assert r.process(KEY) == "gone"
+    assert api.calls == [("GET", "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/bbc-news")]
+    assert r.cache.ftj(KEY) is None
 
 
 def test_another_owners_object_is_reported_not_touched():

@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import metrics
+from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
 from ..kube import diff
 from ..kube.cache import Cache, JobKey
 from ..kube.children import Applier
-from ..kube.client import ApiError, KubeClient
+from ..kube.client import ApiError, KubeClient, object_path
 from ..kube.events import post_event
 from ..kube.status import patch_status
 from ..plan import names
@@ -200,6 +201,9 @@ class Reconciler:
                                                                                            w["spec"]["parallelism"])}
             started = diff.job_started(job_obj, len(pods), status)
             plans = self.applier.plans(key, wanted, job.uid, started)
+            if status.get("phase") and any(p.action is diff.Action.CREATE for p in plans) and not self._still_there(key, job):
+                self.forget(key)
+                return Result("gone")
             outcome = self.applier.run(key, plans, job.uid)
             if outcome.errors:
                 raise PassFailed("; ".join(str(e) for e in outcome.errors[:3]))
@@ -240,6 +244,21 @@ class Reconciler:
         if outcome is not None and outcome.conflicts:
             return Result("conflict", visit)
         return Result("changed" if (wrote or patch) else "ok", visit)
+
+    def _still_there(self, key: Key, job: JobInput) -> bool:
+        """A live read of the FineTuneJob before re-creating a child it had (its status says a pass ran): when
+        the job is deleted, the garbage collector's DELETED events for its children can arrive before the job's
+        own (separate watch streams), and a pass reading the cache would re-create the children of a deleted
+        job, whose Job then starts pods until the collector catches up (found by the kill drill). One GET, only
+        in passes that create; never in steady state."""
+        live = self.client.get(object_path(c.API_VERSION, c.PLURAL, key[0], key[1]))
+        if live is None or (live.get("metadata") or {}).get("uid") != job.uid or (live.get("metadata") or {}).get("deletionTimestamp"):
+            log.info("job %s/%s is gone: not re-creating its children", key[0], key[1],
+                     extra={"job": key[1], "namespace": key[0], "action": "reconcile", "result": "gone"})
+            if live is None:
+                self.cache.drop_ftj(key)
+            return False
+        return True
 
     @staticmethod
     def _count(reason: str) -> None:
