@@ -1108,9 +1108,13 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             raise ApiError(422, "Invalid", f'{spec.kind}.{spec.group} "{name}" is invalid: '
                            + ", ".join(str(v) for v in problems),
                            {"name": name, "group": spec.group, "kind": spec.kind, "causes": causes})
-        # The harness works on a copy; keep server-owned metadata exactly as it was.
+        # The harness works on a copy; keep server-owned metadata exactly as it was, and apiVersion and kind,
+        # which the server never prunes (kopf's peering CRDs do not declare them in their schema).
         stored = result.obj
         stored["metadata"] = obj["metadata"]
+        for field in ("apiVersion", "kind"):
+            if field in obj:
+                stored[field] = obj[field]
         return stored
 
     def _unregister_crd(self, crd: JsonObj) -> None:

@@ -393,3 +393,16 @@ def test_concurrent_clients_do_not_lose_writes(api, namespace):
         t.join()
     assert not errors
     assert len(api.core.read_namespaced_config_map("counter", namespace).data) == 40
+
+
+def test_custom_objects_keep_apiversion_and_kind_their_schema_does_not_declare(api):
+    # kopf's peering CRDs declare neither; kopf's keep-alive PATCH failed with 500 when they were pruned.
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "e2e-kept-kind"}}
+    try:
+        created = api.custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
+        assert (created["apiVersion"], created["kind"]) == ("kopf.dev/v1", "ClusterKopfPeering")
+        patched = api.custom.patch_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "e2e-kept-kind",
+                                                         {"status": {"peer": {"priority": 1}}})
+        assert patched["kind"] == "ClusterKopfPeering" and patched["status"]["peer"]["priority"] == 1
+    finally:
+        api.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "e2e-kept-kind")
