@@ -166,6 +166,7 @@ def test_dropped_watches_are_reopened(kube, op, c, namespace, wait_for):
     create(c, namespace, ftj("before", suspend=True))
     suspended(c, namespace, "before", wait_for)
     dropped = faults(kube.url, action="drop-watches")["dropped"]
+    print(f"dropped watch streams: {dropped}")
     assert dropped >= 9  # the operator's FineTuneJob watch and its 8 child/pod watches, at least
     create(c, namespace, ftj("after", suspend=True))  # while the operator re-connects
     assert_status_whole(suspended(c, namespace, "after", wait_for))
@@ -181,7 +182,9 @@ def test_410_gone_makes_the_operator_relist_and_see_what_it_missed(kube, op, c, 
     faults(kube.url, action="drop-watches")
     create(c, namespace, ftj("missed", suspend=True))  # while the operator is away: only a re-list shows it
     assert_status_whole(suspended(c, namespace, "missed", wait_for))
-    assert len(hits(kube, fid)) >= 9  # every resumed watch was answered 410 (then re-listed)
+    gone = hits(kube, fid)
+    print(f"watches answered 410 Gone: {len(gone)}")
+    assert len(gone) >= 9  # every resumed watch was answered 410 (then re-listed)
     one_of_each(c, namespace, "missed")
     one_of_each(c, namespace, "relisted")
 
