@@ -50,9 +50,10 @@ def manifest(name: str, scenario: str, fake_env: Any) -> dict[str, Any]:
     if scenario == "run":
         return ftj(name, env=env("obey", "0.5,0.4,0.3", 0.3), hyperparameters={"epochs": 3, "batchSize": 8})
     if scenario == "early-stop":
-        # Long enough that the operator, even restarting, decides the stop before the 40 epochs are done (this
-        # stand-in trainer, unlike the real one, does not apply the patience rule itself).
-        return ftj(name, env=env("obey", "0.5,0.4,0.45,0.47" + ",0.5" * 36, 0.75),
+        # Long enough (60 s) that the operator, even restarting on a loaded machine, decides the stop before the
+        # 40 epochs are done: this stand-in trainer, unlike the real one, does not apply the patience rule
+        # itself (at 0.75 s per epoch, with restarts taking ~30 s at load 21, one of 50 ran to the end).
+        return ftj(name, env=env("obey", "0.5,0.4,0.45,0.47" + ",0.5" * 36, 1.5),
                    hyperparameters={"epochs": 40, "batchSize": 8}, earlyStopping={"patience": 2})
     if scenario == "suspend-resume":
         return ftj(name, suspend=True, env=env("obey", "0.5,0.4", 0.3), hyperparameters={"epochs": 2, "batchSize": 8})
