@@ -219,6 +219,18 @@ def test_a_user_stop_obeyed_while_the_operator_was_down_ends_stopped_by_user():
     assert (done["phase"], done["reason"]) == (Phase.SUCCEEDED, Reason.COMPLETED)
 
 
+def test_a_running_job_whose_pods_are_not_cached_yet_stays_running():
+    # After an operator restart the Job may be cached before its pods (the kill drill saw Running -> Pending).
+    obj = manifest()
+    st = running(obj, epoch=2)
+    st, _ = run(obj, st, batch_job(active=1, start=T0), [])
+    assert (st["phase"], st["reason"]) == (Phase.RUNNING, "PodsRunning")
+    # A Job that never ran a pod the operator saw is still Pending without pods.
+    fresh, _ = run(obj, {}, None)
+    fresh, _ = run(obj, fresh, batch_job(active=1, start=T0), [])
+    assert fresh["phase"] == Phase.PENDING
+
+
 def test_nan_loss_fails_and_frees_the_nodes():
     obj = manifest()
     st = running(obj, history=history(0.5, float("nan")), epoch=2)

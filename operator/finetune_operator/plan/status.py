@@ -509,11 +509,17 @@ def _progress_phase(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: l
         p.phase(Phase.RUNNING, Reason.STOP_ENFORCED, f"stopping: the operator suspended training Job {st['jobName']}")
         return
     finished = [x for x in pods if (x.get("status") or {}).get("phase") == "Succeeded"]
-    if running or finished:  # a finished pod before the Job's Complete condition: still the running job
+    job_status = job_obj.get("status") or {}
+    counted = int(job_status.get("active") or 0) + int(job_status.get("succeeded") or 0)
+    # A job seen running stays Running while its Job still counts pods: right after an operator restart the
+    # Job can be in the cache before its pods are (separate watch streams; found by the kill drill as
+    # Running -> Pending -> Running in the status history).
+    held = st.get("phase") == Phase.RUNNING and counted > 0
+    if running or finished or held:  # a finished pod before the Job's Complete condition: still the running job
         if not st.get("startTime"):
             st["startTime"] = rfc3339(p.now)
         nodes = spec.distributed.nodes
-        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{len(running) + len(finished)} of {nodes} pod(s) running or done")
+        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{max(len(running) + len(finished), counted)} of {nodes} pod(s) running or done")
         return
     pull = image_pull_problem(pods)
     if pull:
