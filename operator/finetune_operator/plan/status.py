@@ -511,10 +511,11 @@ def _progress_phase(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: l
     finished = [x for x in pods if (x.get("status") or {}).get("phase") == "Succeeded"]
     job_status = job_obj.get("status") or {}
     counted = int(job_status.get("active") or 0) + int(job_status.get("succeeded") or 0)
-    # A job seen running stays Running while its Job still counts pods: right after an operator restart the
-    # Job can be in the cache before its pods are (separate watch streams; found by the kill drill as
-    # Running -> Pending -> Running in the status history).
-    held = st.get("phase") == Phase.RUNNING and counted > 0
+    # A job seen running stays Running while its Job still counts pods and none is cached: right after an
+    # operator restart the Job can be in the cache before its pods are (separate watch streams; found by the
+    # kill drill as Running -> Pending -> Running in the status history). Cached pods (a pending replacement
+    # with a pull problem, say) are judged as they are.
+    held = st.get("phase") == Phase.RUNNING and counted > 0 and not pods
     if running or finished or held:  # a finished pod before the Job's Complete condition: still the running job
         if not st.get("startTime"):
             st["startTime"] = rfc3339(p.now)
