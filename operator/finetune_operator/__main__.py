@@ -9,7 +9,7 @@ import kopf
 from . import logs, metrics
 from .handlers.kopf_handlers import register
 from .handlers.reconcile import Reconciler
-from .kube.client import KubeClient, RetryPolicy, load_configuration
+from .kube.client import ApiError, KubeClient, RetryPolicy, load_configuration
 from .kube.peering import check_peering
 from .settings import from_env
 
@@ -32,6 +32,10 @@ def main() -> None:
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(client, settings)
     register(registry, reconciler, settings)
+    try:
+        log.info("cache primed with %d jobs", reconciler.prime())
+    except ApiError as err:  # the watches' own listings fill it then, as before
+        log.warning("could not prime the cache (%s); starting from the watches' listings", err)
     reconciler.start(settings.workers)
     log.info("starting finetune-operator: %s, metrics port %s, health port %s",
              "cluster-wide" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",

@@ -118,3 +118,31 @@ def test_a_failed_pass_is_retried_with_growing_backoff():
     api.fail = None
     assert r.process(KEY) == "changed"
     assert r.queue.failures(KEY) == 0
+
+
+def test_the_cache_is_primed_before_any_pass_so_a_restart_sees_every_child():
+    # After a restart kopf's listings arrive one resource at a time; a pass that saw the job but not yet its
+    # Job wrote Pending over Running (kill drill). One LIST per resource first, every job queued.
+    first, api = reconciler()
+    first.process(KEY)
+    first.process(KEY)
+    ftj = first.cache.ftj(KEY)
+    owned = first.cache.owned(KEY)
+    lists = {"finetunejobs": [ftj]}
+    for (kind, _), obj in owned.items():
+        lists.setdefault(kind.lower() + "s", []).append(obj)
+
+    def get(path, query=None):
+        api.calls.append(("GET", path))
+        plural = path.rsplit("/", 1)[-1]
+        if plural != "finetunejobs":
+            assert query == {"labelSelector": "app.kubernetes.io/managed-by=finetune-operator"}
+        return {"items": lists.get(plural, [])}
+
+    api.get = get
+    restarted = Reconciler(api, Settings(resync_seconds=10))  # type: ignore[arg-type]
+    assert restarted.prime() == 1
+    assert restarted.cache.owned(KEY).keys() == owned.keys()
+    api.calls.clear()
+    assert restarted.queue.get() == KEY
+    assert restarted.process(KEY) == "ok" and api.calls == []  # nothing to create, nothing to patch
