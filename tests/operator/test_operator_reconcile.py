@@ -39,8 +39,8 @@ class FakeApi:
 
     def get(self, path, query=None):
         self.calls.append(("GET", path))
-        if path.endswith("/finetunejobs/bbc-news") and not self.deleted:
-            return copy.deepcopy(self.ftj)
+        if path.endswith("/finetunejobs") and query == {"fieldSelector": "metadata.name=bbc-news"}:
+            return {"items": [] if self.deleted else [copy.deepcopy(self.ftj)]}
         return None
 
 
@@ -73,7 +73,7 @@ def test_a_deleted_child_comes_back_with_one_create():
     r.cache.drop_child("ConfigMap", cm)
     api.calls.clear()
     r.process(KEY)
-    assert api.calls == [("GET", "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/bbc-news"),
+    assert api.calls == [("GET", "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs"),
                          ("POST", "/api/v1/namespaces/team-a/configmaps")]
 
 
@@ -88,7 +88,7 @@ def test_children_of_a_job_deleted_on_the_server_are_not_re_created():
     api.deleted = True
     api.calls.clear()
     assert r.process(KEY) == "gone"
-    assert api.calls == [("GET", "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/bbc-news")]
+    assert api.calls == [("GET", "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs")]
     assert r.cache.ftj(KEY) is None
 
 

@@ -23,7 +23,7 @@ from ..api.constants import Condition, Phase, Reason
 from ..kube import diff
 from ..kube.cache import Cache, JobKey
 from ..kube.children import Applier
-from ..kube.client import ApiError, KubeClient, collection_path, object_path
+from ..kube.client import ApiError, KubeClient, collection_path
 from ..kube.events import post_event
 from ..kube.status import patch_status
 from ..plan import names
@@ -273,8 +273,10 @@ class Reconciler:
         the job is deleted, the garbage collector's DELETED events for its children can arrive before the job's
         own (separate watch streams), and a pass reading the cache would re-create the children of a deleted
         job, whose Job then starts pods until the collector catches up (found by the kill drill). One GET, only
-        in passes that create; never in steady state."""
-        live = self.client.get(object_path(c.API_VERSION, c.PLURAL, key[0], key[1]))
+        in passes that create; never in steady state. A LIST by name: the operator's RBAC grants list, not get."""
+        listed = self.client.get(collection_path(c.API_VERSION, c.PLURAL, key[0]),
+                                 {"fieldSelector": f"metadata.name={key[1]}"}) or {}
+        live = next(iter(listed.get("items") or []), None)
         if live is None or (live.get("metadata") or {}).get("uid") != job.uid or (live.get("metadata") or {}).get("deletionTimestamp"):
             log.info("job %s/%s is gone: not re-creating its children", key[0], key[1],
                      extra={"job": key[1], "namespace": key[0], "action": "reconcile", "result": "gone"})
