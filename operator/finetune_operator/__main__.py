@@ -32,10 +32,13 @@ def main() -> None:
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(client, settings)
     register(registry, reconciler, settings)
-    try:
-        log.info("cache primed with %d jobs", reconciler.prime())
-    except ApiError as err:  # the watches' own listings fill it then, as before
-        log.warning("could not prime the cache (%s); starting from the watches' listings", err)
+    if not settings.peering:
+        # With peering a replica may start paused: kopf delivers events only to the active one, and priming
+        # would queue every job on every replica.
+        try:
+            log.info("cache primed with %d jobs", reconciler.prime())
+        except ApiError as err:  # the watches' own listings fill it then, as before
+            log.warning("could not prime the cache (%s); starting from the watches' listings", err)
     reconciler.start(settings.workers)
     log.info("starting finetune-operator: %s, metrics port %s, health port %s",
              "cluster-wide" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",

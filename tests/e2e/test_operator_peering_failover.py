@@ -39,7 +39,9 @@ def test_killing_the_active_replica_hands_over_to_the_standby(kube, namespace, t
                  what="both replicas in the peering record")
         create(c, namespace, ftj("first", suspend=True))
         wait_for(lambda: status(c, namespace, "first").get("phase") == "Suspended", timeout=30, what="first Suspended")
-        assert handled_by(active, namespace, "first") and not handled_by(standby, namespace, "first")
+        # The pass logs after its status patch: wait for the line rather than race it.
+        wait_for(lambda: handled_by(active, namespace, "first"), timeout=10, what="the active replica's log of it")
+        assert not handled_by(standby, namespace, "first"), standby.logs()[-3000:]
 
         active.kill(signal.SIGKILL)
         killed = time.monotonic()
@@ -48,7 +50,7 @@ def test_killing_the_active_replica_hands_over_to_the_standby(kube, namespace, t
                  what="second Suspended by the standby")
         handover = time.monotonic() - killed
         print(f"hand-over after SIGKILL of the active replica: {handover:.1f} s (peering lifetime {LIFETIME} s)")
-        assert handled_by(standby, namespace, "second")
+        wait_for(lambda: handled_by(standby, namespace, "second"), timeout=10, what="the standby's log of it")
         # The standby waited for the dead record to expire: it did not take over while the active one lived.
         assert handover <= LIFETIME + 15, handover
         kids = children(c, namespace)
