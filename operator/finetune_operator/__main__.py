@@ -9,6 +9,8 @@ import kopf
 from . import logs, metrics
 from .handlers.kopf_handlers import register
 from .handlers.reconcile import Reconciler
+from .handlers.sweep import SweepReconciler
+from .handlers.sweep import register as register_sweeps
 from .kube.client import ApiError, KubeClient, RetryPolicy, load_configuration
 from .kube.peering import check_peering
 from .settings import from_env
@@ -40,6 +42,9 @@ def main() -> None:
         except ApiError as err:  # the watches' own listings fill it then, as before
             log.warning("could not prime the cache (%s); starting from the watches' listings", err)
     reconciler.start(settings.workers)
+    sweeps = SweepReconciler(client, settings)
+    register_sweeps(registry, sweeps)
+    sweeps.start()
     log.info("starting finetune-operator: %s, metrics port %s, health port %s",
              "cluster-wide" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",
              settings.metrics_port, settings.health_port)
@@ -54,6 +59,7 @@ def main() -> None:
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
         )
     finally:
+        sweeps.close()
         reconciler.close()
         client.close()
 
