@@ -427,3 +427,16 @@ def test_job_pod_failure_policy_is_validated_like_the_real_server(api, namespace
         assert err.status == 422 and message in json.loads(err.body)["message"], (message, err.body)
     created = api.batch.create_namespaced_job(namespace, job(rule(onExitCodes=codes)))
     assert created.spec.pod_replacement_policy == "Failed"  # the server's default with a podFailurePolicy
+
+
+def test_custom_objects_keep_apiversion_and_kind_their_schema_does_not_declare(api):
+    # kopf's peering CRDs declare neither; kopf's keep-alive PATCH failed with 500 when they were pruned.
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "e2e-kept-kind"}}
+    try:
+        created = api.custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
+        assert (created["apiVersion"], created["kind"]) == ("kopf.dev/v1", "ClusterKopfPeering")
+        patched = api.custom.patch_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "e2e-kept-kind",
+                                                         {"status": {"peer": {"priority": 1}}})
+        assert patched["kind"] == "ClusterKopfPeering" and patched["status"]["peer"]["priority"] == 1
+    finally:
+        api.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "e2e-kept-kind")

@@ -496,7 +496,7 @@ def _finish_from_job(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: 
         p.phase(Phase.FAILED, reason, message, "Warning")
         return True
     if _job_condition(job_obj, "Complete"):
-        if p.st.get("stopRequestedTime") or _record_trainer_stop(p, status):
+        if p.st.get("stopRequestedTime") or _record_user_stop(p, spec, status) or _record_trainer_stop(p, status):
             _finish_stopped(p, spec, status, enforced=False)
             return True
         total, done = spec.hyperparameters.epochs, status.get("epoch")
@@ -519,6 +519,21 @@ def _request_stop(p: _Pass, reason: str, message: str, *, by: str, at: str | Non
     p.cond(Condition.EARLY_STOP_REQUESTED, True, reason,
            f"{message}{f' (at epoch {epoch})' if epoch is not None else ''}; decided by the {by}")
     p.events.append(Event("Normal", reason, f"stop decided by the {by}: {message}"))
+
+
+def _record_user_stop(p: _Pass, spec: Any, status: dict[str, Any]) -> bool:
+    """A user's stop that no pass recorded before the Job completed: the trainer reads spec.stop and the stop
+    annotation itself, so it can obey while the operator is down (found by the kill drill). Recorded now, the
+    job ends StoppedByUser instead of looking early-stopped by the trainer; a run that finished every epoch
+    anyway stays TrainingCompleted."""
+    if p.st.get("stopRequestedTime") or not (spec.stop or p.job.stop_annotation):
+        return False
+    total, done = spec.hyperparameters.epochs, status.get("epoch")
+    if isinstance(total, int) and isinstance(done, int) and done >= total:
+        return False
+    how = "spec.stop" if spec.stop else f"annotation {c.Annotation.STOP}"
+    _request_stop(p, Reason.USER_REQUESTED, f"stop requested by the user ({how})", by="user")
+    return True
 
 
 def _record_trainer_stop(p: _Pass, status: dict[str, Any]) -> bool:
@@ -612,11 +627,18 @@ def _progress_phase(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: l
         p.phase(Phase.RUNNING, Reason.STOP_ENFORCED, f"stopping: the operator suspended training Job {st['jobName']}")
         return
     finished = [x for x in pods if (x.get("status") or {}).get("phase") == "Succeeded"]
-    if running or finished:  # a finished pod before the Job's Complete condition: still the running job
+    job_status = job_obj.get("status") or {}
+    counted = int(job_status.get("active") or 0) + int(job_status.get("succeeded") or 0)
+    # A job seen running stays Running while its Job still counts pods and none is cached: right after an
+    # operator restart the Job can be in the cache before its pods are (separate watch streams; found by the
+    # kill drill as Running -> Pending -> Running in the status history). Cached pods (a pending replacement
+    # with a pull problem, say) are judged as they are.
+    held = st.get("phase") == Phase.RUNNING and counted > 0 and not pods
+    if running or finished or held:  # a finished pod before the Job's Complete condition: still the running job
         if not st.get("startTime"):
             st["startTime"] = rfc3339(p.now)
         nodes = spec.distributed.nodes
-        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{len(running) + len(finished)} of {nodes} pod(s) running or done")
+        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{max(len(running) + len(finished), counted)} of {nodes} pod(s) running or done")
         return
     pull = image_pull_problem(pods)
     if pull:
