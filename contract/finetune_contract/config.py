@@ -25,10 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .constants import API_VERSION
 from .spec import FineTuneJobSpec
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """This contract's config schema. 1.0: the unversioned config of release 0.1.0. 1.1: adds `schemaVersion`,
 `output.{size, storageClassName, retain, ephemeral, uri, credentialsSecret, uploadCheckpoints}` and
-`terminationGracePeriodSeconds` (all optional, defaults keep 1.0's behaviour in the trainer)."""
+`terminationGracePeriodSeconds` (all optional, defaults keep 1.0's behaviour in the trainer). 1.2: adds
+`dataset.{revision, config, split, validationSplit, testSplit, credentialsSecret, testSource, testFraction,
+maxTestSamples}` (an older trainer drops them: no test evaluation, the hub and object stores unreadable)."""
 
 OLDEST_READABLE_MINOR = 0
 """The oldest minor of this major that this trainer still reads (missing fields take their defaults)."""
@@ -107,6 +109,8 @@ class Metric:
     BATCH_SIZE = "finetune_batch_size"
     GRADIENT_ACCUMULATION_STEPS = "finetune_gradient_accumulation_steps"
     BEST_METRIC = "finetune_best_metric"
+    STAGE_SECONDS = "finetune_trainer_stage_seconds"  # + label `stage`: setup, data, modelLoad, firstStep
+    TEST_METRIC = "finetune_test_metric"  # + label `metric`: test_loss, test_accuracy, ...
     EARLY_STOPS = "finetune_trainer_early_stops_total"
 
     LABELS = ("finetune_job", "namespace")

@@ -79,7 +79,7 @@ CASES = [
     Case("unknown-miner", spec(task="embedding", hyperparameters={"loss": {"name": "triplet", "miner": "easy"}}), "spec.hyperparameters.loss.miner", ("'semi-hard'",)),
     Case("unknown-precision", hp(mixedPrecision="fp8"), "spec.hyperparameters.mixedPrecision", ("'bf16'",)),
     Case("unknown-strategy", spec(distributed={"strategy": "fsdp"}), "spec.distributed.strategy", ("'deepspeed'",)),
-    Case("unknown-format", spec(dataset={"format": "parquet"}), "spec.dataset.format", ("'jsonl'",)),
+    Case("unknown-format", spec(dataset={"format": "xlsx"}), "spec.dataset.format", ("'jsonl'",)),
     Case("unknown-metric", spec(earlyStopping={"metric": "val_auc"}), "spec.earlyStopping.metric", ("'val_accuracy'",)),
     # --- wrong types (the API server does not coerce, so neither do we)
     Case("epochs-string", hp(epochs="three"), "spec.hyperparameters.epochs", ("integer",)),
@@ -158,6 +158,16 @@ CASES = [
     Case("recall-for-causal-lm", spec(task="causal-lm", earlyStopping={"metric": "val_recall_at_1"}),
          "spec.earlyStopping.metric", ("embedding val_loss, val_recall_at_1",)),
     Case("text-pair-for-classification", spec(dataset={"textPairField": "positive"}), "spec.dataset.textPairField", ("embedding",)),
+    # --- dataset: the held-out test split and credentials (issue 13)
+    Case("test-source-and-fraction", spec(dataset={"testSource": "/data/test.parquet", "testFraction": 0.1}),
+         "spec.dataset.testFraction", ("not both",)),
+    Case("test-and-validation-fractions-leave-no-training-data",
+         spec(dataset={"testFraction": 0.5, "validationFraction": 0.45}), "spec.dataset.testFraction", ("below 0.95",)),
+    Case("test-fraction-above-half", spec(dataset={"testFraction": 0.6}), "spec.dataset.testFraction",
+         ("less than or equal to 0.5",)),
+    Case("dataset-and-output-credentials-differ",
+         spec(dataset={"credentialsSecret": "data-creds"}, output={"uri": "s3://b/p", "credentialsSecret": "out-creds"}),
+         "spec.dataset.credentialsSecret", ("use one Secret",)),
     # --- output: where the model goes
     Case("output-pvc-and-ephemeral", spec(output={"pvc": "mine", "ephemeral": True}), "spec.output.ephemeral", ("not both",)),
     Case("output-size-with-own-pvc", spec(output={"pvc": "mine", "size": "5Gi"}), "spec.output.size",
