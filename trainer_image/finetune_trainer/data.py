@@ -440,7 +440,7 @@ def embedding_partners(dataset: Any, seed: int) -> Any:
     index as label. Both losses and the evaluation then read one shape (anchor, positive, label)."""
     if "pair_input_ids" in dataset.column_names:
         return dataset.add_column("labels", list(range(len(dataset))))
-    labels = dataset["labels"]
+    labels = list(dataset["labels"])
     by_label: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         by_label.setdefault(label, []).append(i)
@@ -449,7 +449,7 @@ def embedding_partners(dataset: Any, seed: int) -> Any:
     for i, label in enumerate(labels):
         others = [j for j in by_label[label] if j != i] or [i]
         partners.append(rng.choice(others))
-    return dataset.add_column("pair_input_ids", dataset.select(partners)["input_ids"])
+    return dataset.add_column("pair_input_ids", list(dataset.select(partners)["input_ids"]))
 
 
 @dataclass

@@ -71,9 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"final model: {result.get('modelPath') or args.output}")
     test = result.get("test")
     if test:
-        from .render import test_line
+        from .render import held_out_line
 
-        print(test_line(test))
+        print(held_out_line(test))
     return 0
 
 

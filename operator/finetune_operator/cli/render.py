@@ -76,7 +76,7 @@ def status_text(obj: dict[str, Any], width: int = 72, curves: bool = True) -> st
     return "\n".join(lines)
 
 
-def test_line(test: dict[str, Any]) -> str:
+def held_out_line(test: dict[str, Any]) -> str:
     """result.json's `test` as one line: `held-out test (200 examples, best checkpoint of epoch 2): accuracy 0.93, ...`."""
     metrics = test.get("metrics") or {}
     words = ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))
