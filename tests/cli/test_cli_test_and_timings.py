@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune_operator.cli.render import status_text, held_out_line, timings_line
+from finetune_operator.cli.render import held_out_line, status_text, timings_line
 
 
 def _obj(**status):
