@@ -58,3 +58,17 @@ def test_a_restarted_run_reads_the_tokenised_cache(tested_run):
     again = run(manifest, output_dir=out, progress=False)
     assert again["timings"]["dataCached"] is True
     assert again["test"]["metrics"]["test_accuracy"] == pytest.approx(first["test"]["metrics"]["test_accuracy"], abs=1e-6)
+
+
+def test_stage_and_test_gauges_carry_the_contracts_names():
+    from prometheus_client import generate_latest
+
+    from finetune_contract.config import Metric
+    from finetune_trainer.metrics import TrainerMetrics
+
+    m = TrainerMetrics("bbc", "ml")
+    m.stage("data", 1.5)
+    m.test_metric("test_accuracy", 0.93)
+    text = generate_latest(m.registry).decode()
+    assert f'{Metric.STAGE_SECONDS}{{finetune_job="bbc",namespace="ml",stage="data"}} 1.5' in text
+    assert f'{Metric.TEST_METRIC}{{finetune_job="bbc",metric="test_accuracy",namespace="ml"}} 0.93' in text
