@@ -241,16 +241,35 @@ def _read_object_store(source: str, ds: Any, split: str, split_field: str, cache
 
 # --- column mapping and splits --------------------------------------------------------------------------------
 
+def classification_columns(ds: Any) -> dict[str, tuple[str, str]]:
+    return {"text": (ds.text_field, "textField"), "label": (ds.label_field, "labelField")}
+
+
+def causal_lm_columns(ds: Any) -> dict[str, tuple[str, str]]:
+    return {"text": (ds.text_field, "textField")}
+
+
+def embedding_columns(ds: Any) -> dict[str, tuple[str, str]]:
+    if ds.text_pair_field:
+        return {"text": (ds.text_field, "textField"), "pair": (ds.text_pair_field, "textPairField")}
+    return classification_columns(ds)
+
+
+COLUMNS: dict[str, Callable[[Any], dict[str, tuple[str, str]]]] = {
+    "sequence-classification": classification_columns,
+    "causal-lm": causal_lm_columns,
+    "embedding": embedding_columns,
+}
+"""Per task: {the tokenise function's column name: (the source's column, the dataset field that names it)}.
+`text`, `pair` and `label` are read as strings; other columns (e.g. chat `messages`) keep their type."""
+
+
 def map_columns(rows: Any, ds: Any, task: str, source: str) -> Any:
-    """The source's columns as the task's: `text`, `label` (str), `pair`; a missing column is named with its field."""
+    """The source's columns as the task's (COLUMNS); a missing column is named with its field."""
     from datasets import ClassLabel, Value
 
     cols = set(rows.column_names)
-    wanted = {"text": (ds.text_field, "textField")}
-    if task == "embedding" and ds.text_pair_field:
-        wanted["pair"] = (ds.text_pair_field, "textPairField")
-    elif task in ("sequence-classification", "embedding"):
-        wanted["label"] = (ds.label_field, "labelField")
+    wanted = COLUMNS[task](ds)
     for _, (column, field_name) in wanted.items():
         if column not in cols:
             raise DataError(f"dataset {source} has no column {column!r} (dataset.{field_name}); its columns: "
