@@ -129,6 +129,16 @@ def _json_field(path: str) -> str | None:
 
 
 @dataclass
+class Record:
+    """One example as Python values (sft.build_sft_dataset's input when examples are built by hand)."""
+
+    text: str
+    label: str | None = None
+    pair: str | None = None  # embedding: the positive paired with `text`
+    row: dict[str, Any] | None = None  # causal-lm: the whole row, for the SFT formats (sft.py)
+
+
+@dataclass
 class Source:
     """One read source: its rows and an identity that changes whenever its content may have."""
 
@@ -264,12 +274,17 @@ COLUMNS: dict[str, Callable[[Any], dict[str, tuple[str, str]]]] = {
 `text`, `pair` and `label` are read as strings; other columns (e.g. chat `messages`) keep their type."""
 
 
-def map_columns(rows: Any, ds: Any, task: str, source: str) -> Any:
+def map_columns(rows: Any, ds: Any, task: str, source: str, spec: Any | None = None) -> Any:
     """The source's columns as the task's (COLUMNS); a missing column is named with its field."""
     from datasets import ClassLabel, Value
 
     cols = set(rows.column_names)
-    wanted = COLUMNS[task](ds)
+    if task == "causal-lm" and spec is not None:
+        from .sft import sft_columns
+
+        wanted = sft_columns(spec, cols)  # text, prompt/completion or chat messages (sft.format, auto from the columns)
+    else:
+        wanted = COLUMNS[task](ds)
     for _, (column, field_name) in wanted.items():
         if column not in cols:
             raise DataError(f"dataset {source} has no column {column!r} (dataset.{field_name}); its columns: "
@@ -314,7 +329,7 @@ def load_splits(spec: Any, *, pvc_mount: str | None = None, cache_dir: str) -> S
 
     def read(source: str, split: str, split_field: str) -> Source:
         got = read_source(source, ds, split, split_field, pvc_mount=pvc_mount, cache_dir=cache_dir)
-        got.rows = map_columns(got.rows, ds, task, source)
+        got.rows = map_columns(got.rows, ds, task, source, spec)
         return got
 
     main = read(ds.source, ds.split, "split")
@@ -367,6 +382,7 @@ class TokenizeContext:
     max_length: int
     label_index: dict[str, int]
     spec: Any
+    train: bool = True  # the training split (causal-lm packs only it)
 
 
 def _ids(ctx: TokenizeContext, texts: list[str]) -> list[list[int]]:
@@ -378,8 +394,12 @@ def tokenize_classification(batch: dict[str, list[Any]], ctx: TokenizeContext) -
 
 
 def tokenize_causal_lm(batch: dict[str, list[Any]], ctx: TokenizeContext) -> dict[str, list[Any]]:
-    """Plain `text`: the loss covers every token (the collator masks padding)."""
-    return {"input_ids": _ids(ctx, batch["text"])}
+    """The SFT formats (sft.py): `text`, prompt/completion or chat messages, with their loss masks as `labels`;
+    the training split packed when sft.packing (validation never is: its perplexity stays comparable)."""
+    from .sft import sft_settings, tokenize_mapped
+
+    return tokenize_mapped(batch, tokenizer=ctx.tokenizer, spec=ctx.spec,
+                           pack_rows=ctx.train and sft_settings(ctx.spec).packing)
 
 
 def tokenize_embedding(batch: dict[str, list[Any]], ctx: TokenizeContext) -> dict[str, list[Any]]:
@@ -491,11 +511,18 @@ def prepare(spec: Any, tokenizer: Any, *, pvc_mount: str | None, cache_dir: str)
     """Read, map, split and tokenise every split of the job's data."""
     task, seed = str(spec.task), spec.hyperparameters.seed or 0
     splits = load_splits(spec, pvc_mount=pvc_mount, cache_dir=cache_dir)
-    ctx = TokenizeContext(tokenizer, spec.dataset.max_length, {name: i for i, name in enumerate(splits.labels)}, spec)
+    index = {name: i for i, name in enumerate(splits.labels)}
+    sft = getattr(spec, "sft", None)
     key_parts = [splits.identity, spec.dataset.model_dump(mode="json"), seed, tokenizer_identity(tokenizer),
-                 splits.labels]
+                 splits.labels, sft.model_dump(mode="json") if sft is not None and task == "causal-lm" else None]
     parts = {"train": splits.train, "validation": splits.validation, "test": splits.test}
-    done = {role: tokenize(rows, role, key_parts, ctx, task, cache_dir) for role, rows in parts.items() if rows is not None}
+    done = {role: tokenize(rows, role, key_parts, TokenizeContext(tokenizer, spec.dataset.max_length, index, spec,
+                                                                  train=role == "train"), task, cache_dir)
+            for role, rows in parts.items() if rows is not None}
+    for role, t in done.items():
+        if len(t.dataset) == 0:
+            raise DataError(f"dataset {spec.dataset.source}: no {role} example keeps a token to train on within "
+                            f"dataset.maxLength {spec.dataset.max_length}: raise maxLength or shorten the prompts")
     out = {role: t.dataset for role, t in done.items()}
     paired = task == "embedding" and "pair_input_ids" in out["train"].column_names
     if task == "embedding":
@@ -528,8 +555,11 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Collator:
-    """Pads a list of examples into tensors; causal-LM labels are the ids with padding ignored (-100), or the
-    example's own `labels` (a tokenise function's loss mask) padded with -100."""
+    """Pads a list of examples into tensors.
+
+    Causal LM: labels come with the examples (sft.py: -100 where no loss counts) and are padded with -100.
+    Packed rows carry position_ids, padded as one more sequence starting at 0, and no attention_mask: the
+    model derives the block-diagonal mask from the position ids (see sft.py)."""
 
     def __init__(self, pad_id: int, task: str):
         self.pad_id = pad_id
@@ -544,6 +574,11 @@ class Collator:
                 batch["labels"] = labels
             else:
                 batch["labels"] = ids.masked_fill(mask == 0, -100)
+            if "position_ids" in rows[0]:
+                width = ids.shape[1]
+                batch["position_ids"] = torch.tensor(
+                    [r["position_ids"] + list(range(width - len(r["position_ids"]))) for r in rows], dtype=torch.long)
+                del batch["attention_mask"]
             return batch
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
         if "pair_input_ids" in rows[0]:
