@@ -33,7 +33,7 @@ from .batching import (
 )
 from .config import DATA_PVC_MOUNT, Runtime, TrainerConfig
 from .data import Collator, EpochSeededSampler, build_dataset, label_names, split_records
-from .engine import AccelerateEngine, BareModelProbe, DeepSpeedEngine, deepspeed_config
+from .engine import AccelerateEngine, DeepSpeedEngine, deepspeed_config
 from .evaluation import MAIN_METRIC, evaluate
 from .metrics import TrainerMetrics
 from .models import load_model, load_tokenizer, save_model
@@ -196,10 +196,15 @@ class Trainer:
         optimizer = build_optimizer(model, self.hp, loaded.head_prefixes)
         max_norm = self.hp.max_grad_norm or 0.0
         if self.deepspeed:
-            plan = self._plan(BareModelProbe(acc, model))
+            # The engine first (a provisional micro batch; DeepSpeed only checks it against the accumulation and the
+            # world size), so the probe runs through ZeRO at the training precision; the plan is set on it afterwards.
+            config = deepspeed_config(micro_batch=self.hp.batch_size or 1, accumulation=self.hp.gradient_accumulation_steps or 1,
+                                      max_grad_norm=max_norm, zero_stage=self.spec.distributed.zero_stage or 2,
+                                      mixed_precision=self.mixed_precision)
+            self.engine: Any = DeepSpeedEngine(acc, model, optimizer, None, config)
         else:
-            self.engine: Any = AccelerateEngine(acc, model, optimizer, None, max_norm)
-            plan = self._plan(self.engine)  # on the prepared model, with its optimizer (issue 11)
+            self.engine = AccelerateEngine(acc, model, optimizer, None, max_norm)
+        plan = self._plan(self.engine)  # on the prepared model, with its optimizer (issue 11)
         self.plan = plan
         set_seed(self.hp.seed or 0)  # probes consumed randomness; training starts from the seed either way
         self._loaders(plan.per_device)
@@ -208,12 +213,10 @@ class Trainer:
         self.total_steps = steps_per_epoch * self.hp.epochs
         scheduler = build_scheduler(optimizer, self.hp, self.total_steps)
         if self.deepspeed:
-            config = deepspeed_config(micro_batch=plan.per_device, accumulation=plan.accumulation, max_grad_norm=max_norm,
-                                      zero_stage=self.spec.distributed.zero_stage or 2, mixed_precision=self.mixed_precision)
-            self.engine = DeepSpeedEngine(acc, model, optimizer, scheduler, config)
+            self.engine.configure_batch(plan.per_device, plan.accumulation)
         else:
             acc.gradient_accumulation_steps = plan.accumulation
-            self.engine.attach_scheduler(scheduler)
+        self.engine.attach_scheduler(scheduler)
         # Mixup's draws: its state is checkpointed with the other RNGs, so a resumed run draws what it would have.
         self.mix_generator = torch.Generator().manual_seed((self.hp.seed or 0) + 7)
         self.progress = Progress()
