@@ -39,6 +39,7 @@ UNITS = {
     "finetune_best_metric": "the early-stopping metric's scale",
     "finetune_trainer_early_stops": "runs",
     "finetune_trainer_last_progress_timestamp_seconds": "seconds since the Unix epoch",
+    "finetune_trainer_stall_timeout_seconds": "seconds (0: no watchdog)",
 }
 
 # Sample names Prometheus stores for a family (prometheus-client's exposition).

@@ -38,7 +38,7 @@ from .evaluation import MAIN_METRIC, evaluate
 from .metrics import TrainerMetrics
 from .models import load_model, load_tokenizer, save_model
 from .optim import build_optimizer
-from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro
+from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro, stall_timeout_in
 from .schedules import build_scheduler
 from .signals import TerminationFlag
 from .steps import forward
@@ -224,12 +224,14 @@ class Trainer:
         self.metrics = TrainerMetrics(self.job, self.namespace)
         self.reporter: StatusReporter | None = None
         if self.is_main:
+            self.metrics.stall_timeout.set(self.spec.watchdog.stall_timeout_seconds)  # before the first poll updates it
             if self.rt.metrics_port is not None:
                 self.metrics.serve(self.rt.metrics_port)
             self.reporter = StatusReporter(self.job, self.namespace, enabled=self.rt.status_enabled,
                                            poll_seconds=self.rt.stop_poll_seconds, stop_file=self.rt.stop_file,
                                            kubeconfig=self.rt.kubeconfig, heartbeat_seconds=self.spec.watchdog.heartbeat_seconds,
-                                           on_heartbeat=lambda t, _step: self.metrics.last_progress.set(t)).start()
+                                           on_heartbeat=lambda t, _step: self.metrics.last_progress.set(t),
+                                           on_job=self._follow_job).start()
             self.metrics.batch_size.set(plan.per_device)
             self.metrics.gradient_accumulation_steps.set(plan.accumulation)
         log.info(
@@ -248,6 +250,10 @@ class Trainer:
         finally:
             self.term.uninstall()
         return self._finish(outcome, resumed)
+
+    def _follow_job(self, obj: dict[str, Any]) -> None:
+        """The FineTuneJob as the reporter last read it: a stall timeout changed after start reaches the alert's gauge."""
+        self.metrics.stall_timeout.set(stall_timeout_in(obj, self.spec.watchdog.stall_timeout_seconds))
 
     def _plan(self, prober: Any) -> BatchPlan:
         """The batch plan: the resumed checkpoint's (read before any probe, so a restarted pod keeps the batch its
