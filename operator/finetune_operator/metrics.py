@@ -25,8 +25,20 @@ EARLY_STOPS = Counter(
     ["reason"], registry=REGISTRY,
 )
 STALLED = Counter("finetune_operator_stalled_jobs", "Jobs failed by the stall watchdog.", registry=REGISTRY)
+GROUP_RESTARTS = Counter(
+    "finetune_operator_group_restarts",
+    "Group restarts of multi-node jobs (a training pod failed or was disrupted and every rank resumed from the last "
+    "checkpoint), by cause: OOMKilled, Disrupted (not charged to backoffLimit), Evicted, Error.",
+    ["reason"], registry=REGISTRY,
+)
 ENFORCED = Counter(
     "finetune_operator_stops_enforced", "Stops the operator enforced by suspending a Job after the grace period.",
+    registry=REGISTRY,
+)
+POD_START = Histogram(
+    "finetune_operator_pod_start_seconds",
+    "FineTuneJob created to its first trainer container running (children, scheduling, image pull, container start).",
+    buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
     registry=REGISTRY,
 )
 
