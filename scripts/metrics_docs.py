@@ -24,8 +24,10 @@ UNITS = {
     "finetune_operator_reconciles": "reconcile passes",
     "finetune_operator_reconcile_duration_seconds": "seconds",
     "finetune_operator_jobs": "FineTuneJobs",
+    "finetune_operator_sweep_trials": "trials",
     "finetune_operator_early_stops": "stop requests",
     "finetune_operator_stalled_jobs": "FineTuneJobs",
+    "finetune_operator_group_restarts": "group restarts",
     "finetune_operator_stops_enforced": "Jobs suspended",
     "finetune_trainer_epoch": "epochs",
     "finetune_trainer_step": "optimizer steps",
@@ -39,6 +41,10 @@ UNITS = {
     "finetune_best_metric": "the early-stopping metric's scale",
     "finetune_trainer_early_stops": "runs",
     "finetune_trainer_last_progress_timestamp_seconds": "seconds since the Unix epoch",
+    "finetune_trainer_stall_timeout_seconds": "seconds (0: no watchdog)",
+    "finetune_trainer_stage_seconds": "seconds",
+    "finetune_test_metric": "the metric's own scale (accuracy/F1/recall 0-1, perplexity >= 1, loss)",
+    "finetune_operator_pod_start_seconds": "seconds",
 }
 
 # Sample names Prometheus stores for a family (prometheus-client's exposition).
@@ -125,6 +131,8 @@ def render() -> str:
         'sum(rate(finetune_operator_reconciles_total{result="error"}[5m])) / sum(rate(finetune_operator_reconciles_total[5m]))',
         "# early stops in the last day, by reason",
         "sum by (reason) (increase(finetune_operator_early_stops_total[1d]))",
+        "# group restarts of multi-node jobs in the last day, by cause (Disrupted is not charged to backoffLimit)",
+        "sum by (reason) (increase(finetune_operator_group_restarts_total[1d]))",
         "# p95 reconcile time",
         "histogram_quantile(0.95, sum by (le) (rate(finetune_operator_reconcile_duration_seconds_bucket[5m])))",
         "```",

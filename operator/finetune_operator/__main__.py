@@ -9,7 +9,9 @@ import kopf
 from . import logs, metrics
 from .handlers.kopf_handlers import register
 from .handlers.reconcile import Reconciler
-from .kube.client import KubeClient, RetryPolicy, load_configuration
+from .handlers.sweep import SweepReconciler
+from .handlers.sweep import register as register_sweeps
+from .kube.client import ApiError, KubeClient, RetryPolicy, load_configuration
 from .kube.peering import check_peering
 from .settings import from_env
 
@@ -32,7 +34,17 @@ def main() -> None:
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(client, settings)
     register(registry, reconciler, settings)
+    if not settings.peering:
+        # With peering a replica may start paused: kopf delivers events only to the active one, and priming
+        # would queue every job on every replica.
+        try:
+            log.info("cache primed with %d jobs", reconciler.prime())
+        except ApiError as err:  # the watches' own listings fill it then, as before
+            log.warning("could not prime the cache (%s); starting from the watches' listings", err)
     reconciler.start(settings.workers)
+    sweeps = SweepReconciler(client, settings)
+    register_sweeps(registry, sweeps)
+    sweeps.start()
     log.info("starting finetune-operator: %s, metrics port %s, health port %s",
              "cluster-wide" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",
              settings.metrics_port, settings.health_port)
@@ -47,6 +59,7 @@ def main() -> None:
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
         )
     finally:
+        sweeps.close()
         reconciler.close()
         client.close()
 

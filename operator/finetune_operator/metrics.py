@@ -25,8 +25,20 @@ EARLY_STOPS = Counter(
     ["reason"], registry=REGISTRY,
 )
 STALLED = Counter("finetune_operator_stalled_jobs", "Jobs failed by the stall watchdog.", registry=REGISTRY)
+GROUP_RESTARTS = Counter(
+    "finetune_operator_group_restarts",
+    "Group restarts of multi-node jobs (a training pod failed or was disrupted and every rank resumed from the last "
+    "checkpoint), by cause: OOMKilled, Disrupted (not charged to backoffLimit), Evicted, Error.",
+    ["reason"], registry=REGISTRY,
+)
 ENFORCED = Counter(
     "finetune_operator_stops_enforced", "Stops the operator enforced by suspending a Job after the grace period.",
+    registry=REGISTRY,
+)
+POD_START = Histogram(
+    "finetune_operator_pod_start_seconds",
+    "FineTuneJob created to its first trainer container running (children, scheduling, image pull, container start).",
+    buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
     registry=REGISTRY,
 )
 
@@ -59,3 +71,38 @@ PHASES = PhaseTracker()
 def serve(port: int) -> None:
     if port:
         start_http_server(port, registry=REGISTRY)
+
+
+# -- FineTuneSweeps (issue 14) ------------------------------------------------------------------------------
+
+SWEEP_TRIAL_STATES = ("Pending", "Running", "Succeeded", "Pruned", "Failed")
+SWEEP_TRIALS_GAUGE = Gauge(
+    "finetune_operator_sweep_trials", "Trials of all FineTuneSweeps this operator knows, by state "
+    "(Pending, Running, Succeeded, Pruned, Failed).", ["state"], registry=REGISTRY,
+)
+
+
+class SweepTrialTracker:
+    """Keeps `finetune_operator_sweep_trials{state}` equal to the trial states last planned, per sweep."""
+
+    def __init__(self) -> None:
+        self._trials: dict[tuple[str, str], list[str]] = {}
+        self._lock = threading.Lock()
+        for state in SWEEP_TRIAL_STATES:
+            SWEEP_TRIALS_GAUGE.labels(state=state).set(0)
+
+    def set(self, key: tuple[str, str], trials: list[dict] | None) -> None:
+        with self._lock:
+            if trials is None:
+                self._trials.pop(key, None)
+            else:
+                self._trials[key] = [str(t.get("state")) for t in trials]
+            counts = dict.fromkeys(SWEEP_TRIAL_STATES, 0)
+            for states in self._trials.values():
+                for st in states:
+                    counts[st] = counts.get(st, 0) + 1
+            for st, n in counts.items():
+                SWEEP_TRIALS_GAUGE.labels(state=st).set(n)
+
+
+SWEEP_TRIALS = SweepTrialTracker()

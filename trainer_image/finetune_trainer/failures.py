@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 from finetune_contract.config import EXIT_DATASET_UNREADABLE, EXIT_DISK_FULL, FailureReason
 
@@ -107,23 +108,41 @@ def inject_disk_full(path: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
-DATA_ERRORS = (OSError, ValueError, UnicodeDecodeError, csv.Error, KeyError, TypeError)
+try:  # datasets wraps a reader's error (a torn JSON line, a bad parquet footer) in DatasetGenerationError
+    from datasets.exceptions import DatasetGenerationError
+except ImportError:  # pragma: no cover - the trainer image has datasets
+    DatasetGenerationError = OSError  # type: ignore[misc, assignment]
+
+DATA_ERRORS = (OSError, ValueError, UnicodeDecodeError, csv.Error, KeyError, TypeError, DatasetGenerationError)
+
+
+def culprit(ds: Any, err: BaseException) -> tuple[str, str]:
+    """(spec field, source) of the dataset source an error is about: the loader's messages and file errors name
+    the source (or a path inside it), so the most specific source mentioned wins; else dataset.source."""
+    text = " ".join(f"{e} {getattr(e, 'filename', '') or ''}" for e in _chain(err))
+    for field, source in (("dataset.validationSource", ds.validation_source), ("dataset.testSource", ds.test_source)):
+        if source and source in text:
+            return field, source
+    return "dataset.source", ds.source
 
 
 def dataset_unreadable(err: BaseException, field: str, source: str, job: str) -> DatasetUnreadable:
     """The user's view of why `source` (spec.<field>) cannot be read."""
-    if isinstance(err, FileNotFoundError):
+    root = err
+    for inner in _chain(err):  # the reader's own error says more than datasets' wrapper around it
+        root = inner
+    if isinstance(root, FileNotFoundError) or "does not exist" in str(err):
         why = "does not exist"
-    elif isinstance(err, PermissionError):
+    elif isinstance(root, PermissionError):
         why = "permission denied (the trainer runs as a non-root user: make the files readable by it)"
-    elif isinstance(err, IsADirectoryError | NotADirectoryError):
+    elif isinstance(root, IsADirectoryError | NotADirectoryError):
         why = "is not a file of the declared format"
-    elif isinstance(err, OSError):
-        why = f"cannot be read ({os.strerror(err.errno) if err.errno else type(err).__name__})"
+    elif isinstance(root, OSError):
+        why = f"cannot be read ({os.strerror(root.errno) if root.errno else type(err).__name__})"
     else:
         why = "is corrupt or not in the declared format"
-    detail = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-    path = getattr(err, "filename", None)
+    detail = f"{type(root).__name__}: {str(root).splitlines()[0][:300] if str(root) else ''}"
+    path = getattr(root, "filename", None)
     where = f" ({path})" if path and str(path) != source else ""
     return DatasetUnreadable(f"job {job}: spec.{field} {source}{where} {why}: {detail}; fix the path or the file "
                              "(and spec.dataset.format), then re-create the job")

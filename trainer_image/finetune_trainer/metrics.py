@@ -67,10 +67,31 @@ class TrainerMetrics:
             "finetune_trainer_last_progress_timestamp_seconds",
             "Unix time of the trainer's last heartbeat, sent only while steps, evaluation batches or checkpoint saves advance.",
         ).labels(**self._labels)
+        self.stall_timeout = gauge(
+            "finetune_trainer_stall_timeout_seconds",
+            "The job's spec.watchdog.stallTimeoutSeconds as it is now (0: no watchdog): the operator's watchdog fails the "
+            "job when the last heartbeat is older than this, and the FineTuneJobStalled alert compares with it too.",
+        ).labels(**self._labels)
         self.best_metric = gauge("finetune_best_metric", "Best value of the early-stopping metric so far.").labels(**self._labels)
         self.early_stops = Counter(
             "finetune_trainer_early_stops", "Runs this trainer ended early (patience or stop request).", LABELS, registry=r
         ).labels(**self._labels)
+
+        self._stage = gauge(
+            "finetune_trainer_stage_seconds",
+            "Seconds each start-up stage took, process start to the first optimizer step (setup, data, modelLoad, firstStep).",
+            ("stage",),
+        )
+        self._test_metric = gauge(
+            "finetune_test_metric", "The best checkpoint's metrics on the held-out test split, evaluated once at the end.",
+            ("metric",),
+        )
+
+    def stage(self, name: str, seconds: float) -> None:
+        self._stage.labels(**self._labels, stage=name).set(seconds)
+
+    def test_metric(self, name: str, value: float) -> None:
+        self._test_metric.labels(**self._labels, metric=name).set(value)
 
     def val_metric(self, name: str, value: float) -> None:
         self._val_metric.labels(**self._labels, metric=name).set(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, skip_first_batches
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
 from finetune_contract.early_stopping import Settings, decide, metric_value
@@ -33,10 +34,9 @@ from .batching import (
     step_down,
 )
 from .config import DATA_PVC_MOUNT, Runtime, TrainerConfig
-from .data import Collator, EpochSeededSampler, build_dataset, label_names, split_records
+from .data import Collator, EpochSeededSampler, default_cache_dir, prepare
 from .engine import (
     AccelerateEngine,
-    BareModelProbe,
     DeepSpeedEngine,
     deepspeed_config,
     enable_fsdp_on_cpu,
@@ -47,11 +47,11 @@ from .evaluation import MAIN_METRIC, evaluate
 from .metrics import TrainerMetrics
 from .models import load_model, load_tokenizer, save_model
 from .optim import build_optimizer
-from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro
+from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro, stall_timeout_in
 from .schedules import build_scheduler
-from .sft import build_sft_dataset
 from .signals import TerminationFlag
 from .steps import forward
+from .timings import StageClock
 from .upload import upload_results
 
 log = logging.getLogger("finetune_trainer")
@@ -111,6 +111,12 @@ def checkpoint_warning(skipped: list[dict[str, str]], resumed: str | None) -> st
     return f"skipped {len(skipped)} damaged checkpoint(s) ({damaged}); {target}"
 
 
+def process_group_kwargs(spec: Any) -> list[InitProcessGroupKwargs]:
+    """The job's process-group timeout instead of torch's 30 minutes (10 for NCCL): a collective whose peer hangs
+    fails this rank within it, and the elastic agent restarts the group (docs/multi-node.md)."""
+    return [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=spec.distributed.process_group_timeout_seconds))]
+
+
 def configure_logging(job: str, rank: int) -> None:
     """One line per event naming the job; only rank 0 logs below WARNING (STYLE rule 7)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -123,6 +129,10 @@ def configure_logging(job: str, rank: int) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # per-file load/save bars would drown the epoch bars
+    import datasets
+
+    datasets.disable_progress_bars()  # per-split generate/tokenise bars too; the data stage's time is logged once
+    datasets.logging.set_verbosity_error()
 
 
 def resolve_mixed_precision(requested: str, on_gpu: bool) -> str:
@@ -169,6 +179,7 @@ class Trainer:
         accelerator = Accelerator(
             cpu=not on_gpu,  # without cpu=True, torchrun ranks on a CPU machine each train alone, silently
             mixed_precision="no" if self.deepspeed else self.mixed_precision,
+            kwargs_handlers=process_group_kwargs(self.spec),
             fsdp_plugin=plugin,
         )
         if plugin is not None:
@@ -182,39 +193,23 @@ class Trainer:
             )
         return accelerator
 
-    def _read_data(self) -> tuple[Any, Any]:
-        """The records, or DatasetUnreadable naming the source that failed and why (on the error path each source
-        is read alone, so the message names the right one of source and validationSource)."""
-        spec = self.spec
-        mount = DATA_PVC_MOUNT if spec.dataset.pvc else None
-        try:
-            return split_records(spec, mount)
-        except failures.DATA_ERRORS as err:
-            from .data import read_records
-
-            culprit = ("dataset.source", spec.dataset.source)
-            if spec.dataset.validation_source:
-                try:
-                    read_records(spec.dataset.source, spec.dataset, mount)
-                    culprit = ("dataset.validationSource", spec.dataset.validation_source)
-                except failures.DATA_ERRORS:
-                    pass
-            raise failures.dataset_unreadable(err, culprit[0], culprit[1], self.job) from err
-
     def _data(self) -> None:
+        """Read, split and tokenise (datasets' Arrow cache): rank 0 first, so the other ranks read its cache files
+        instead of writing the same ones at once."""
         spec = self.spec
-        train, val = self._read_data()
-        self.labels = label_names(train, val) if self.task != "causal-lm" else []
         self.tokenizer, self.model_source = load_tokenizer(spec)
-        seed = self.hp.seed or 0
-        maxlen = spec.dataset.max_length
-        if self.task == "causal-lm":
-            self.train_set = build_sft_dataset(train, self.tokenizer, spec, train=True, job=self.job)
-            self.val_set = build_sft_dataset(val, self.tokenizer, spec, train=False, job=self.job)
-        else:
-            self.train_set = build_dataset(train, self.task, self.tokenizer, maxlen, self.labels, seed)
-            self.val_set = build_dataset(val, self.task, self.tokenizer, maxlen, self.labels, seed + 1)
-        self.paired = self.task == "embedding" and all(r.pair is not None for r in train)
+        try:
+            with self.accelerator.main_process_first():
+                data = prepare(spec, self.tokenizer, pvc_mount=DATA_PVC_MOUNT if spec.dataset.pvc else None,
+                               cache_dir=default_cache_dir(self.output_dir))
+        except failures.DATA_ERRORS as err:
+            # DatasetUnreadable (exit 5, the Job fails at once): the termination message names the source and why.
+            field, source = failures.culprit(spec.dataset, err)
+            raise failures.dataset_unreadable(err, field, source, self.job) from err
+        self.labels = data.labels if self.task != "causal-lm" else []
+        self.train_set, self.val_set, self.test_set = data.train, data.validation, data.test
+        self.data_cached = data.cached
+        self.paired = data.paired
         self.collate = Collator(self.tokenizer.pad_token_id or 0, self.task)
 
     def _loaders(self, per_device: int) -> None:
@@ -227,6 +222,10 @@ class Trainer:
                            generator=torch.Generator().manual_seed(seed))
         val = DataLoader(self.val_set, batch_size=max(per_device, 32), shuffle=False, collate_fn=self.collate)
         self.train_loader, self.val_loader = self.accelerator.prepare(train, val)
+        self.test_loader = None
+        if self.test_set is not None:
+            test = DataLoader(self.test_set, batch_size=max(per_device, 32), shuffle=False, collate_fn=self.collate)
+            self.test_loader = self.accelerator.prepare(test)
 
     # --- run -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -235,9 +234,13 @@ class Trainer:
         configure_logging(self.job, acc.process_index)
         os.makedirs(self.output_dir, exist_ok=True)
         set_seed(self.hp.seed or 0)
+        self.clock = StageClock.from_env()
+        self.clock.mark("setup")
         self._data()
+        self.clock.mark("data")
         loaded = load_model(self.spec, self.labels, self.tokenizer, self.model_source)
         model = loaded.model.to(acc.device)
+        self.clock.mark("modelLoad")
         self.unwrapped_for_save = loaded.model
         self.memory = SimulatedMemory.from_env({**os.environ, "FINETUNE_FAULT_OOM_ABOVE": self.rt.fault_oom_above or ""},
                                                acc.process_index)
@@ -246,10 +249,15 @@ class Trainer:
         if self.fsdp is not None:
             log.info("job %s: FSDP shards %s blocks", self.job, fsdp_wrap_blocks(self.fsdp, model) or "no")
         if self.deepspeed:
-            plan = self._plan(BareModelProbe(acc, model))
+            # The engine first (a provisional micro batch; DeepSpeed only checks it against the accumulation and the
+            # world size), so the probe runs through ZeRO at the training precision; the plan is set on it afterwards.
+            config = deepspeed_config(micro_batch=self.hp.batch_size or 1, accumulation=self.hp.gradient_accumulation_steps or 1,
+                                      max_grad_norm=max_norm, zero_stage=self.spec.distributed.zero_stage or 2,
+                                      mixed_precision=self.mixed_precision)
+            self.engine: Any = DeepSpeedEngine(acc, model, optimizer, None, config)
         else:
-            self.engine: Any = AccelerateEngine(acc, model, optimizer, None, max_norm)
-            plan = self._plan(self.engine)  # on the prepared model, with its optimizer (issue 11)
+            self.engine = AccelerateEngine(acc, model, optimizer, None, max_norm)
+        plan = self._plan(self.engine)  # on the prepared model, with its optimizer (issue 11)
         self.plan = plan
         set_seed(self.hp.seed or 0)  # probes consumed randomness; training starts from the seed either way
         self._loaders(plan.per_device)
@@ -258,12 +266,10 @@ class Trainer:
         self.total_steps = steps_per_epoch * self.hp.epochs
         scheduler = build_scheduler(optimizer, self.hp, self.total_steps)
         if self.deepspeed:
-            config = deepspeed_config(micro_batch=plan.per_device, accumulation=plan.accumulation, max_grad_norm=max_norm,
-                                      zero_stage=self.spec.distributed.zero_stage or 2, mixed_precision=self.mixed_precision)
-            self.engine = DeepSpeedEngine(acc, model, optimizer, scheduler, config)
+            self.engine.configure_batch(plan.per_device, plan.accumulation)
         else:
             acc.gradient_accumulation_steps = plan.accumulation
-            self.engine.attach_scheduler(scheduler)
+        self.engine.attach_scheduler(scheduler)
         # Mixup's draws: its state is checkpointed with the other RNGs, so a resumed run draws what it would have.
         self.mix_generator = torch.Generator().manual_seed((self.hp.seed or 0) + 7)
         self.progress = Progress()
@@ -271,23 +277,29 @@ class Trainer:
         self.metrics = TrainerMetrics(self.job, self.namespace)
         self.reporter: StatusReporter | None = None
         if self.is_main:
+            self.metrics.stall_timeout.set(self.spec.watchdog.stall_timeout_seconds)  # before the first poll updates it
             if self.rt.metrics_port is not None:
                 self.metrics.serve(self.rt.metrics_port)
             self.reporter = StatusReporter(self.job, self.namespace, enabled=self.rt.status_enabled,
                                            poll_seconds=self.rt.stop_poll_seconds, stop_file=self.rt.stop_file,
                                            kubeconfig=self.rt.kubeconfig, heartbeat_seconds=self.spec.watchdog.heartbeat_seconds,
-                                           on_heartbeat=lambda t, _step: self.metrics.last_progress.set(t)).start()
+                                           on_heartbeat=lambda t, _step: self.metrics.last_progress.set(t),
+                                           on_job=self._follow_job).start()
             self.metrics.batch_size.set(plan.per_device)
             self.metrics.gradient_accumulation_steps.set(plan.accumulation)
+            for stage, seconds in self.clock.seconds().items():
+                self.metrics.stage(stage, seconds)
         log.info(
             "training %s on %d process(es): %d train / %d validation examples, batch %d x %d accumulation, %d steps, "
-            "strategy %s, precision %s%s",
+            "strategy %s, precision %s%s%s",
             self.task, acc.num_processes, len(self.train_set), len(self.val_set), plan.per_device, plan.accumulation,
             self.total_steps, self.strategy, self.mixed_precision,
             f", resumed from {resumed}" if resumed else "",
+            f" (group restart {self.rt.restart_count} of this pod's agent)" if self.rt.restart_count else "",
         )
         self._report({"trainerPhase": "Training", "totalEpochs": self.hp.epochs, "batchSize": plan.per_device,
-                      "gradientAccumulationSteps": plan.accumulation, "resumedFrom": resumed,
+                      "gradientAccumulationSteps": plan.accumulation, "timings": self._timings(),
+                      "resumedFrom": resumed,
                       "checkpointWarning": checkpoint_warning(self.skipped_checkpoints, resumed)})
         self.engine.model.train()  # from_pretrained returns eval mode: dropout would silently be off
         self.term.install()
@@ -296,6 +308,23 @@ class Trainer:
         finally:
             self.term.uninstall()
         return self._finish(outcome, resumed)
+
+    def _follow_job(self, obj: dict[str, Any]) -> None:
+        """The FineTuneJob as the reporter last read it: a stall timeout changed after start reaches the alert's gauge."""
+        self.metrics.stall_timeout.set(stall_timeout_in(obj, self.spec.watchdog.stall_timeout_seconds))
+
+    def _timings(self) -> dict[str, Any]:
+        return {**self.clock.status(), "dataCached": self.data_cached}
+
+    def _first_step(self) -> None:
+        seconds = self.clock.mark("firstStep")
+        if self.is_main:
+            self.metrics.stage("firstStep", seconds)
+            total = sum(self.clock.seconds().values())
+            log.info("first optimizer step done %.1f s after the process started (setup %.1f s, data %.1f s%s, model "
+                     "load %.1f s, first step %.1f s)", total, *(self.clock.seconds()[k] for k in ("setup", "data")),
+                     ", tokenised cache" if self.data_cached else "", self.clock.seconds()["modelLoad"], seconds)
+        self._report({"timings": self._timings()})
 
     def _plan(self, prober: Any) -> BatchPlan:
         """The batch plan: the resumed checkpoint's (read before any probe, so a restarted pod keeps the batch its
@@ -351,6 +380,9 @@ class Trainer:
                 continue
             self.skipped_checkpoints = skipped  # reported in status (checkpointWarning) and result.json
             self.progress = Progress.from_json(state)
+            by_rank = state.get("partialLossSumByRank")
+            if isinstance(by_rank, list) and len(by_rank) == acc.num_processes:
+                self.progress.partial_loss_sum = float(by_rank[acc.process_index])
             self._align_to_plan(state)
             self.resumed_at_step = self.progress.global_step
             log.info("resuming from %s: %d epochs done, %d batches into the next, step %d",
@@ -520,6 +552,8 @@ class Trainer:
                     time.sleep(self.fault_slow_step)
                 p.global_step += 1
                 self._tick()
+                if not self.clock.has("firstStep"):
+                    self._first_step()
                 if self.step_log is not None:
                     self.step_log.write(f"{p.global_step}\n")
                 if self.is_main and p.global_step % GAUGE_EVERY_STEPS == 0:
@@ -654,8 +688,14 @@ class Trainer:
             self.engine.save_state(tmp)
             ckpt.save_rng(tmp, acc.process_index, {"mixup": self.mix_generator})
         acc.wait_for_everyone()  # a rank must not read (or rename) a half-written checkpoint
+        # Each rank's running loss of the interrupted epoch is its own (its shard of the data): keep them all, so a
+        # group restart resumes every rank's epoch mean exactly (rank 0's alone made epoch 1's train loss of a
+        # restarted 2-rank job differ by 1.8e-3; tests/e2e/test_group_restart_e2e.py).
+        partial = torch.tensor([self.progress.partial_loss_sum], device=acc.device, dtype=torch.float64)
+        partial_by_rank = acc.gather(partial).tolist() if acc.num_processes > 1 else [self.progress.partial_loss_sum]
         if self.is_main:
             state = self.progress.to_json()
+            state["partialLossSumByRank"] = partial_by_rank
             state.update(batchSize=self.plan.per_device, gradientAccumulationSteps=self.plan.accumulation,
                          batchAutomatic=self.plan.automatic, worldSize=acc.num_processes, samplerSeed=self.sampler.seed)
             with failures.saving(tmp, "a checkpoint", self.job):
@@ -668,11 +708,42 @@ class Trainer:
         self.last_checkpoint = time.monotonic()
         self._tick()
 
+    def _test(self, outcome: str) -> dict[str, Any] | None:
+        """The best checkpoint, evaluated once on the held-out test split (dataset.testSource / testFraction)."""
+        if self.test_loader is None or outcome == "preempted":
+            return None
+        p = self.progress
+        engine: Any = self.engine
+        # The weights in memory are the best ones only right after the best epoch's end; otherwise read best/.
+        if not (p.best_epoch is not None and p.best_epoch == p.epochs_completed and outcome in ("completed", "early_stopped")):
+            engine = _BestModel(self.accelerator, self._load_best(), self.engine)
+        metrics = evaluate(engine, self.test_loader, self.task, self.hp, num_labels=len(self.labels), paired=self.paired,
+                           on_batch=self._tick)
+        test = {"test_" + k.removeprefix("val_"): v for k, v in metrics.items()}
+        if self.is_main:
+            for name, value in test.items():
+                self.metrics.test_metric(name, value)
+            log.info("test (best checkpoint, epoch %s, %d examples): %s", p.best_epoch, len(self.test_set),
+                     " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        return {"metrics": test, "examples": len(self.test_set), "epoch": p.best_epoch}
+
+    def _load_best(self) -> Any:
+        """best/ as saved (a LoRA run's merged model), loaded like the base model, for evaluation only."""
+        import copy
+
+        best_spec = self.spec.model_copy(update={"model": self.spec.model.model_copy(
+            update={"name": os.path.join(self.output_dir, "best"), "pvc": None, "revision": None}),
+            "lora": self.spec.lora.model_copy(update={"enabled": False})})
+        path = os.path.join(self.output_dir, "best")
+        model = load_model(copy.deepcopy(best_spec), self.labels, self.tokenizer, path).model
+        return model.to(self.accelerator.device).eval()
+
     def _finish(self, outcome: str, resumed: str | None) -> dict[str, Any]:
         acc, p = self.accelerator, self.progress
         if outcome == "stopped" and p.best_epoch is None:
             # Stopped before any epoch ended: the current weights are all there is; keep them as the model.
             self._save_best()
+        test = self._test(outcome)
         step = torch.tensor([p.global_step], device=acc.device)
         rank_steps = acc.gather(step).tolist() if acc.num_processes > 1 else [p.global_step]
         checksum = torch.tensor([self.engine.param_checksum()], device=acc.device, dtype=torch.float64)
@@ -692,11 +763,16 @@ class Trainer:
             "stopReason": getattr(self, "stop_reason", None), "modelPath": os.path.join(self.output_dir, "best"),
             "resumedAtStep": getattr(self, "resumed_at_step", None), "oomRecoveries": getattr(self, "oom_recoveries", 0),
             "skippedCheckpoints": getattr(self, "skipped_checkpoints", []),
+            "test": test, "timings": self._timings(),
+            "elasticRestarts": self.rt.restart_count,
         }
         if outcome == "preempted":
             self._report({"trainerPhase": "Preempted", "step": p.global_step})
         else:
-            self._report({"trainerPhase": "Finished", "step": p.global_step})
+            final: dict[str, Any] = {"trainerPhase": "Finished", "step": p.global_step}
+            if test is not None:
+                final.update(testMetrics=test["metrics"], testExamples=test["examples"], testEpoch=test["epoch"])
+            self._report(final)
             if outcome in ("early_stopped", "stopped") and self.is_main:
                 self.metrics.early_stops.inc()
             if self.is_main:
@@ -720,6 +796,16 @@ class Trainer:
         t = torch.tensor([mine["local"], mine["total"]], device=acc.device)
         rows = acc.gather(t.unsqueeze(0)).tolist() if acc.num_processes > 1 else [t.tolist()]
         return [{"local": int(a), "total": int(b)} for a, b in rows]
+
+
+class _BestModel:
+    """The evaluation's view of an engine whose model is the reloaded best checkpoint."""
+
+    def __init__(self, accelerator: Accelerator, model: Any, engine: Any):
+        self.accelerator, self.model, self._engine = accelerator, model, engine
+
+    def autocast(self) -> Any:
+        return self._engine.autocast()
 
 
 def train(cfg: TrainerConfig, rt: Runtime, *, progress: bool = False) -> dict[str, Any]:

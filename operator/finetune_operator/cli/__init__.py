@@ -69,6 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     best_text = f"{best:.4f}" if isinstance(best, int | float) else "-"
     print(f"outcome: {result.get('outcome')}; best {result.get('metric')} {best_text} at epoch {result.get('bestEpoch')}; "
           f"final model: {result.get('modelPath') or args.output}")
+    test = result.get("test")
+    if test:
+        from .render import held_out_line
+
+        print(held_out_line(test))
     return 0
 
 
@@ -171,6 +176,10 @@ def parser() -> argparse.ArgumentParser:
     cluster_args(sp)
     sp.add_argument("name")
     sp.set_defaults(fn=cmd_stop)
+
+    from .sweep import add_commands as add_sweep_commands
+
+    add_sweep_commands(sub, cluster_args)
 
     sp = sub.add_parser("explain", help="explain a preset: what it sets and when to pick it")
     sp.add_argument("topic", choices=["preset"])

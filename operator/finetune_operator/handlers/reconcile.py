@@ -18,17 +18,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import metrics
+from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
 from ..kube import diff
 from ..kube.cache import Cache, JobKey
 from ..kube.children import Applier
-from ..kube.client import ApiError, KubeClient
+from ..kube.client import ApiError, KubeClient, collection_path
 from ..kube.events import post_event
 from ..kube.status import patch_status
 from ..plan import names
-from ..plan.children import desired_children
+from ..plan.children import creates_output_pvc, desired_children
 from ..plan.conditions import find, parse_time, set_condition
-from ..plan.status import JobInput, is_terminal, job_input, observe, spec_change_refused, status_patch
+from ..plan.output_claim import Verdict, check_claim, refusal_message
+from ..plan.status import Event, JobInput, is_terminal, job_input, observe, spec_change_refused, status_patch
 from ..settings import Settings
 from .workqueue import WorkQueue
 
@@ -85,6 +87,29 @@ class Reconciler:
         self._workers: list[threading.Thread] = []
 
     # -- the worker loop --------------------------------------------------------------------------------
+
+    def prime(self) -> int:
+        """Fill the cache with one LIST per watched resource before any pass runs, and queue every job; the
+        number of jobs. Like controller-runtime's WaitForCacheSync: kopf's watches deliver their initial
+        listings independently, and a pass that ran with the FineTuneJob cached but not yet its Job or pods
+        wrote Pending over Running, and tried to create children that existed (found by the kill drill right
+        after restarts). kopf's listing events that follow carry the same resourceVersions: no second pass."""
+        from ..kube.children import WATCHED
+
+        selector = f"{c.Label.MANAGED_BY}={c.FIELD_MANAGER}"  # what the child watches select (kopf_handlers)
+        scopes: list[str | None] = list(self.settings.namespaces) or [None]
+        jobs = 0
+        for ns in scopes:
+            for obj in (self.client.get(collection_path(c.API_VERSION, c.PLURAL, ns)) or {}).get("items") or []:
+                self.cache.put_ftj(obj)
+                jobs += 1
+            for kind, (api_version, plural) in WATCHED.items():
+                listed = self.client.get(collection_path(api_version, plural, ns), {"labelSelector": selector}) or {}
+                for obj in listed.get("items") or []:
+                    self.cache.put_child(kind, obj)
+        for key in self.cache.ftj_keys():
+            self.queue.add(key)
+        return jobs
 
     def start(self, workers: int) -> None:
         for i in range(workers):
@@ -189,6 +214,7 @@ class Reconciler:
         new, events = observe(job, status, job_obj, pods, now)
 
         outcome = None
+        claim_refusal: str | None = None
         if job.resolved is not None:
             wanted = self._desired(job, bool(new.get("stopEnforced")))
             if spec_change_refused(new):
@@ -198,8 +224,15 @@ class Reconciler:
                 for w in wanted:
                     w["spec"] = {**w["spec"], "parallelism": (job_obj.get("spec") or {}).get("parallelism",
                                                                                            w["spec"]["parallelism"])}
+            claim_refusal = self._claim_refusal(job, owned, ftj) if job_obj is None else None
+            if claim_refusal is not None:
+                # An earlier job's output: no pod may mount it, and the claim is not touched (not even its metadata).
+                wanted = [w for w in wanted if w["kind"] not in ("Job", "PersistentVolumeClaim")]
             started = diff.job_started(job_obj, len(pods), status)
             plans = self.applier.plans(key, wanted, job.uid, started)
+            if status.get("phase") and any(p.action is diff.Action.CREATE for p in plans) and not self._still_there(key, job):
+                self.forget(key)
+                return Result("gone")
             outcome = self.applier.run(key, plans, job.uid)
             if outcome.errors:
                 raise PassFailed("; ".join(str(e) for e in outcome.errors[:3]))
@@ -210,17 +243,29 @@ class Reconciler:
                     f"{what} exists and is not owned by this FineTuneJob: the operator does not touch it; delete or "
                     "rename it, or rename the FineTuneJob", now, job.generation)
                 _keep_transition_time(status, new, Condition.READY)
+            if claim_refusal is not None:
+                new["conditions"] = set_condition(new["conditions"], Condition.READY, False, Reason.OUTPUT_CLAIM_IN_USE,
+                                                  claim_refusal, now, job.generation)
+                _keep_transition_time(status, new, Condition.READY)
 
         patch = status_patch(status, new)
         if patch:
             answer = patch_status(self.client, namespace, name, patch)
             if answer:
                 self.cache.put_ftj(answer)
+            if (patch.get("timings") or {}).get("podStartSeconds") is not None:
+                metrics.POD_START.observe(patch["timings"]["podStartSeconds"])
         if outcome is not None and outcome.conflicts and patch.get("conditions"):
             events = [*events, _conflict_event(outcome.conflicts)]
+        if claim_refusal is not None and patch.get("conditions"):
+            events = [*events, Event("Warning", Reason.OUTPUT_CLAIM_IN_USE, claim_refusal)]
         for ev in events:
             post_event(self.client, ftj, ev.type, ev.reason, ev.message)
             self._count(ev.reason)
+        if patch.get("restarts") and (new.get("lastRestart") or {}).get("reason"):
+            # Counted once per restart the status records (a folded failure adds none).
+            metrics.GROUP_RESTARTS.labels(reason=new["lastRestart"]["reason"]).inc(
+                int(new["restarts"]) - int(status.get("restarts") or 0))
         metrics.PHASES.set(key, new.get("phase"))
 
         wrote = bool(outcome and outcome.wrote)
@@ -237,9 +282,40 @@ class Reconciler:
             visit = 0.0
         if new.get("reason") == Reason.INVALID_SPEC:
             return Result("invalid", visit)
-        if outcome is not None and outcome.conflicts:
+        if (outcome is not None and outcome.conflicts) or claim_refusal is not None:
             return Result("conflict", visit)
         return Result("changed" if (wrote or patch) else "ok", visit)
+
+    def _claim_refusal(self, job: JobInput, owned: dict[Any, dict[str, Any]], ftj: dict[str, Any]) -> str | None:
+        """The message when the job's retained output claim is an earlier job's and reuse was not asked for."""
+        if job.resolved is None or not creates_output_pvc(job.resolved):
+            return None
+        claim_name = names.output_pvc_name(job.name)
+        claim = owned.get(("PersistentVolumeClaim", claim_name))
+        check = check_claim(claim, job.uid, (ftj.get("metadata") or {}).get("creationTimestamp"),
+                            reuse=job.resolved.spec.output.reuse_retained_claim)
+        if check.verdict is Verdict.ADOPTED:
+            log.info("job %s/%s: reusing the retained output claim %s of an earlier job (%s), as "
+                     "spec.output.reuseRetainedClaim asks", job.namespace, job.name, claim_name, check.earlier_uid,
+                     extra={"job": job.name, "namespace": job.namespace, "action": "adopt-claim"})
+        return refusal_message(claim_name, job.namespace, job.name, check) if check.refused else None
+
+    def _still_there(self, key: Key, job: JobInput) -> bool:
+        """A live read of the FineTuneJob before re-creating a child it had (its status says a pass ran): when
+        the job is deleted, the garbage collector's DELETED events for its children can arrive before the job's
+        own (separate watch streams), and a pass reading the cache would re-create the children of a deleted
+        job, whose Job then starts pods until the collector catches up (found by the kill drill). One GET, only
+        in passes that create; never in steady state. A LIST by name: the operator's RBAC grants list, not get."""
+        listed = self.client.get(collection_path(c.API_VERSION, c.PLURAL, key[0]),
+                                 {"fieldSelector": f"metadata.name={key[1]}"}) or {}
+        live = next(iter(listed.get("items") or []), None)
+        if live is None or (live.get("metadata") or {}).get("uid") != job.uid or (live.get("metadata") or {}).get("deletionTimestamp"):
+            log.info("job %s/%s is gone: not re-creating its children", key[0], key[1],
+                     extra={"job": key[1], "namespace": key[0], "action": "reconcile", "result": "gone"})
+            if live is None:
+                self.cache.drop_ftj(key)
+            return False
+        return True
 
     @staticmethod
     def _count(reason: str) -> None:

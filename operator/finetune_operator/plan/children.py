@@ -14,16 +14,19 @@ import hashlib
 import json
 from typing import Any
 
-from finetune_contract.config import EXIT_FATAL, Env, Paths
+from finetune_contract.config import EXIT_NOT_RETRYABLE, Env, Paths
 
 from ..api import constants as c
 from ..api.validation import ResolvedJob
 from ..settings import Settings
 from . import names
+from .output_claim import JOB_UID_ANNOTATION
 
 # Order matters only for readability of `kubectl get`: RBAC before the pods that use it, Job last.
 KIND_ORDER = ("ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap", "Service", "Job")
 RETAIN_ANNOTATION = f"{c.GROUP}/retain"  # on a kept output claim: why it has no ownerReference
+TRAINER_CONTAINER = "trainer"
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"  # the Job controller's label on its pods (Kubernetes >= 1.27)
 
 # Pod Security Standard "restricted": non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp.
 # https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted
@@ -80,12 +83,16 @@ def output_claim_name(job: ResolvedJob) -> str | None:
 
 def output_pvc(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
     """The job's output claim. Retained (the default): no ownerReference, so garbage collection leaves it when the
-    FineTuneJob is deleted and a re-created job of the same name resumes from its checkpoints."""
+    FineTuneJob is deleted; stamped with the job's uid, so a re-created job of the same name resumes from its
+    checkpoints only when it asks to (plan/output_claim.py)."""
     out = job.spec.output
     meta = _meta(job, names.output_pvc_name(job.name), "output")
+    annotations = {JOB_UID_ANNOTATION: job.uid} if job.uid else {}  # whose output it holds (plan/output_claim.py)
     if out.retain:
         del meta["ownerReferences"]
-        meta["annotations"] = {RETAIN_ANNOTATION: "true"}
+        annotations[RETAIN_ANNOTATION] = "true"
+    if annotations:
+        meta["annotations"] = annotations
     spec: dict[str, Any] = {
         # Every node's rank 0 writes shards and checkpoints there, so more than one node needs ReadWriteMany.
         "accessModes": ["ReadWriteMany" if job.spec.distributed.nodes > 1 else "ReadWriteOnce"],
@@ -192,12 +199,14 @@ def trainer_env(job: ResolvedJob, settings: Settings) -> list[dict[str, Any]]:
     if model_cache_claim(job, settings):
         env[Env.HF_HOME] = Paths.MODEL_CACHE_MOUNT
     # The user's extra variables come first so ours (the contract with the trainer) cannot be overridden by accident.
-    reserved = set(env) | ({Env.HF_TOKEN} if spec.model.token_secret else set())
+    reserved = set(env) | {Env.RDZV_ID} | ({Env.HF_TOKEN} if spec.model.token_secret else set())
     out = [{"name": k, "value": literal(v)} for k, v in sorted(spec.env.items()) if k not in reserved]
     # Credentials by reference only: the kubelet reads the Secret; its value never passes through this operator.
     out += [{"name": k, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
             for k, ref in sorted(spec.secret_env.items()) if k not in reserved]
     out += [{"name": k, "value": literal(v)} for k, v in env.items()]
+    # The elastic rendezvous id: the batch Job's uid, so a re-created Job never joins an old Job's rendezvous.
+    out.append({"name": Env.RDZV_ID, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{JOB_UID_LABEL}']"}}})
     if spec.model.token_secret:
         # The kubelet reads the Secret: the token never passes through the spec, the ConfigMap or the operator.
         ref = spec.model.token_secret
@@ -264,11 +273,11 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
     spec = job.spec
     volumes, mounts = _volumes(job, settings)
     container: dict[str, Any] = {
-        "name": "trainer",
+        "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        # The launcher: trains in-process for world size 1, else runs torchrun with the node rank
-        # taken from JOB_COMPLETION_INDEX (docs/contracts.md).
+        # The launcher: trains in-process for world size 1, else runs torchrun with an elastic rendezvous hosted by
+        # the pod of JOB_COMPLETION_INDEX 0 (docs/contracts.md, docs/multi-node.md).
         "command": ["finetune-trainer"],
         "env": trainer_env(job, settings),
         "ports": [
@@ -281,12 +290,13 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
         # dataset) to the default terminationMessagePath; any other crash shows the log's tail instead.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    # spec.envFrom (tokens for private models and data), then the object-store credentials (boto/s3fs and gcsfs
-    # read their standard variables); the values never pass through the spec, the ConfigMap or the operator.
-    # The explicit env above wins over both (Kubernetes' precedence), so the contract's variables stay ours.
+    # spec.envFrom (tokens for private models and data), then the object-store (and hub token) credentials
+    # (boto/s3fs, gcsfs and huggingface_hub read their standard variables); the values never pass through the spec,
+    # the ConfigMap or the operator. The API refuses two different credential Secrets (their keys would collide).
+    # The explicit env above wins over all of them (Kubernetes' precedence), so the contract's variables stay ours.
     env_from = [{"secretRef": {"name": source.secret_ref.name}} for source in spec.env_from]
-    if spec.output.credentials_secret:
-        env_from.append({"secretRef": {"name": spec.output.credentials_secret}})
+    secrets = dict.fromkeys(s for s in (spec.output.credentials_secret, spec.dataset.credentials_secret) if s)
+    env_from += [{"secretRef": {"name": name}} for name in secrets]
     if env_from:
         container["envFrom"] = env_from
     resources = _resources(job)
@@ -315,6 +325,24 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
     return {"metadata": {"labels": labels, "annotations": {c.Annotation.CONFIG_HASH: config_hash(job)}}, "spec": pod}
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    """How the Job controller counts a failed training pod (rules in order; the first that matches decides).
+
+    - exit codes no restart can fix (a world other than the job's, a config this trainer cannot read): FailJob, so
+      the job fails at once with the reason instead of burning backoffLimit on identical failures;
+    - a pod with the DisruptionTarget condition (preemption, node drain, eviction, taint manager, pod GC of a lost
+      node): Ignore, so infrastructure is not charged to spec.backoffLimit; the replacement rejoins the group;
+    - anything else (the job's own code: a crash, an OOM kill, exit 143 after SIGTERM without a disruption) is
+      counted against spec.backoffLimit, the Job controller's default when no rule matches.
+    https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy
+    """
+    return {"rules": [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": sorted(EXIT_NOT_RETRYABLE)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
 def batch_job(job: ResolvedJob, settings: Settings, *, enforced_stop: bool = False) -> dict[str, Any]:
     spec = job.spec
     nodes = spec.distributed.nodes
@@ -323,10 +351,11 @@ def batch_job(job: ResolvedJob, settings: Settings, *, enforced_stop: bool = Fal
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": spec.backoff_limit,
-        # A full disk or an unreadable dataset fails the same way in every pod: fail the Job at the first one
-        # instead of crash-looping through backoffLimit (the status names the path and the reason).
-        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-            "containerName": "trainer", "operator": "In", "values": sorted(EXIT_FATAL)}}]},
+        # podFailurePolicy needs restartPolicy Never (the template's) and, as the API server defaults it,
+        # podReplacementPolicy Failed: a replacement starts only once the lost pod is fully terminated, so two
+        # pods of one index never race for its rendezvous rank.
+        "podFailurePolicy": pod_failure_policy(),
+        "podReplacementPolicy": "Failed",
         # Kueue-style queueing and our own stop enforcement both work through suspend.
         "suspend": bool(spec.suspend or enforced_stop),
         "template": pod_template(job, settings),
