@@ -495,14 +495,25 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         """`POST /_e2e/faults` with {"code": 429, "retryAfter": 1, "count": 3, "verbs": [...], "token": ...,
         "resource": ...}: the next `count` matching requests are answered with that failure, as API Priority
         and Fairness answers (429 TooManyRequests + Retry-After). `POST /_e2e/faults/drop-watches` ends every
-        open watch stream, like a load balancer cutting connections. `GET /_e2e/faults` lists what is left."""
+        open watch stream, like a load balancer cutting connections; with {"expire": true} it also compacts
+        the event history, as etcd compaction does: a watch resumed from any resourceVersion served so far
+        gets 410 Gone ("too old resource version") and must re-list, and the events in between (deletions
+        included) are never sent. `GET /_e2e/faults` lists what is left."""
         if raw.method == "POST" and raw.path.rstrip("/").endswith("/drop-watches"):
+            expire = bool(json.loads(await raw.read() or b"{}").get("expire"))
             dropped = 0
             for queues in self._watchers.values():
                 for queue in list(queues):
                     queue.put_nowait(None)  # type: ignore[arg-type]
                     dropped += 1
-            return aiohttp.web.json_response({"dropped": dropped})
+            if expire:
+                # No await since the drop: a watch request arriving from now on sees the compacted history.
+                # One revision is spent so that a listing taken now (at the new revision) can be watched from.
+                self.rv += 1
+                for key in self.specs:
+                    self._events[key].clear()
+                    self._log_floor[key] = self.rv
+            return aiohttp.web.json_response({"dropped": dropped, "expired": expire})
         if raw.method == "POST":
             fault = json.loads(await raw.read() or b"{}")
             fault.setdefault("code", 429)

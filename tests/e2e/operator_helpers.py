@@ -102,12 +102,14 @@ def writes(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in entries if e["verb"] not in ("watch", "list", "get")]
 
 
-def faults(url: str, body: dict[str, Any] | None = None, action: str = "") -> dict[str, Any]:
-    """The emulation's fault injection (`/_e2e/faults`, see emulator.py): add one, or run an action."""
+def faults(url: str, body: dict[str, Any] | None = None, action: str = "", method: str | None = None) -> dict[str, Any]:
+    """The emulation's fault injection (`/_e2e/faults`, see emulator.py): add one, run an action, or (DELETE)
+    clear the injected failures."""
     import json
     import urllib.request
 
-    req = urllib.request.Request(f"{url}/_e2e/faults{'/' + action if action else ''}", method="POST" if body is not None or action else "GET",
+    method = method or ("POST" if body is not None or action else "GET")
+    req = urllib.request.Request(f"{url}/_e2e/faults{'/' + action if action else ''}", method=method,
                                  data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
