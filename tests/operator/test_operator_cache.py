@@ -151,3 +151,49 @@ def test_listings_are_recognised_by_path_and_chunks_are_joined():
                                              "items": [{"metadata": {"name": "b", "namespace": "ns"}}]})
     assert set(cache.owned(("ns", "j"))) == {("ConfigMap", "a"), ("ConfigMap", "b")}
     assert queue.get(timeout=0) == ("ns", "j")  # the job gets a pass: its ConfigMap comes back
+
+
+# -- what a pass reuses instead of recomputing -------------------------------------------------------------
+
+def test_a_status_change_reuses_the_validated_spec_and_a_spec_change_does_not():
+    from finetune_operator.handlers.reconcile import job_input_reusing
+
+    obj = manifest()
+    obj["metadata"].update(uid="u1", resourceVersion="1", generation=1)
+    first = job_input_reusing(obj, None)
+    assert first.resolved is not None
+    later = {**obj, "metadata": {**obj["metadata"], "resourceVersion": "2"}, "status": {"phase": "Pending"}}
+    second = job_input_reusing(later, first)
+    assert second.resolved is first.resolved and second.status == {"phase": "Pending"}  # not validated again
+    edited = {**later, "spec": {**later["spec"], "hyperparameters": {"epochs": 7}}}
+    third = job_input_reusing(edited, second)
+    assert third.resolved is not first.resolved and third.resolved.spec.hyperparameters.epochs == 7
+    broken = {**later, "spec": {**later["spec"], "hyperparameters": {"epochs": 0}}}
+    fourth = job_input_reusing(broken, third)
+    assert fourth.resolved is None and fourth.problems
+    assert job_input_reusing({**broken, "status": {"phase": "Failed"}}, fourth).problems == fourth.problems
+
+
+def test_a_resolved_job_computes_its_config_and_fixed_values_once():
+    from finetune_operator.api.validation import validate_manifest
+
+    job = validate_manifest(manifest())
+    assert job.config_json is job.config_json and job.fixed_values is job.fixed_values
+
+
+def test_the_phase_gauge_follows_each_job_incrementally():
+    from finetune_operator.metrics import JOBS, PhaseTracker
+
+    def gauge(phase: str) -> float:
+        return JOBS.labels(phase=phase).collect()[0].samples[0].value  # type: ignore[no-any-return]
+
+    tracker = PhaseTracker()
+    tracker.set(("ns", "a"), "Pending")
+    tracker.set(("ns", "b"), "Pending")
+    tracker.set(("ns", "a"), "Pending")  # unchanged
+    assert (gauge("Pending"), gauge("Running")) == (2, 0)
+    tracker.set(("ns", "a"), "Running")
+    assert (gauge("Pending"), gauge("Running")) == (1, 1)
+    tracker.set(("ns", "b"), None)
+    tracker.set(("ns", "zz"), None)  # a job never seen
+    assert (gauge("Pending"), gauge("Running")) == (0, 1)
