@@ -25,10 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .constants import API_VERSION
 from .spec import FineTuneJobSpec
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """This contract's config schema. 1.0: the unversioned config of release 0.1.0. 1.1: adds `schemaVersion`,
 `output.{size, storageClassName, retain, ephemeral, uri, credentialsSecret, uploadCheckpoints}` and
-`terminationGracePeriodSeconds` (all optional, defaults keep 1.0's behaviour in the trainer)."""
+`terminationGracePeriodSeconds` (all optional, defaults keep 1.0's behaviour in the trainer). 1.2 (issue 13):
+adds `sft`, `model.{tokenSecret, trustRemoteCode, quantization, cachePvc}` and `distributed.strategy: fsdp`
+(unset, they keep 1.1's behaviour; a 1.1 trainer refuses `fsdp` as an unknown strategy)."""
 
 OLDEST_READABLE_MINOR = 0
 """The oldest minor of this major that this trainer still reads (missing fields take their defaults)."""
@@ -60,6 +62,9 @@ class Env:
     PROGRESS = "FINETUNE_PROGRESS"
     FAULT_OOM_ABOVE = "FINETUNE_FAULT_OOM_ABOVE"
     METRICS_LINGER_SECONDS = "FINETUNE_METRICS_LINGER_SECONDS"
+    # Hugging Face's own variables, set by the operator when the job asks for them.
+    HF_TOKEN = "HF_TOKEN"  # model.tokenSecret, through a secretKeyRef
+    HF_HOME = "HF_HOME"  # model.cachePvc's mount
 
     OPERATOR_SET = (CONFIG, OUTPUT_DIR, JOB_NAME, JOB_NAMESPACE, NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, METRICS_PORT)
 
@@ -74,6 +79,7 @@ class Paths:
     DATA_PVC_MOUNT = "/data"
     OUTPUT_DIR = "/output"  # spec.output.path's default
     OUTPUT_SECRET_MOUNT = "/var/run/secrets/finetune/output"  # output.credentialsSecret as files
+    MODEL_CACHE_MOUNT = "/cache/huggingface"  # model.cachePvc: HF_HOME, shared by jobs
     # Under the output directory:
     BEST_MODEL = "best"
     CHECKPOINTS = "checkpoints"

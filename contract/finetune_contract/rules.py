@@ -200,6 +200,39 @@ RULES: list[Rule] = [
     ),
     Rule(
         "FineTuneJobSpec",
+        "!has(self.sft) || self.task == 'causal-lm'",
+        "sft (formats, loss masking, packing) applies only to task causal-lm: remove it or set task: causal-lm",
+        ".sft",
+        lambda s: s.sft is None or s.task == "causal-lm",
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.model.quantization) || self.model.quantization == 'none'"
+        " || (has(self.lora) && has(self.lora.enabled) && self.lora.enabled)",
+        "model.quantization trains LoRA adapters on frozen quantized weights (QLoRA): set lora.enabled: true, "
+        "or quantization: none",
+        ".model.quantization",
+        lambda s: s.model.quantization == "none" or s.lora.enabled,
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.model.quantization) || self.model.quantization == 'none'"
+        " || (has(self.resources) && has(self.resources.gpu) && self.resources.gpu)",
+        "model.quantization needs a GPU (bitsandbytes runs on CUDA only): set resources.gpu: true, or quantization: none",
+        ".model.quantization",
+        lambda s: s.model.quantization == "none" or s.resources.gpu,
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.model.quantization) || self.model.quantization == 'none'"
+        " || !has(self.distributed) || !has(self.distributed.strategy) || self.distributed.strategy == 'ddp'",
+        "model.quantization trains with strategy ddp only (quantized weights cannot be sharded by deepspeed or fsdp "
+        "here): set distributed.strategy: ddp, or quantization: none",
+        ".distributed.strategy",
+        lambda s: s.model.quantization == "none" or s.distributed.strategy == "ddp",
+    ),
+    Rule(
+        "FineTuneJobSpec",
         "!has(self.dataset.textPairField) || self.task == 'embedding'",
         "dataset.textPairField applies only to task embedding: remove it",
         ".dataset.textPairField",

@@ -149,6 +149,20 @@ class MixedPrecision(StrEnum):
 class Strategy(StrEnum):
     DDP = "ddp"
     DEEPSPEED = "deepspeed"
+    FSDP = "fsdp"
+
+
+class SftFormat(StrEnum):
+    AUTO = "auto"
+    TEXT = "text"
+    PROMPT_COMPLETION = "prompt-completion"
+    MESSAGES = "messages"
+
+
+class Quantization(StrEnum):
+    NONE = "none"
+    BITS_8 = "8bit"
+    BITS_4 = "4bit"
 
 
 class Mode(StrEnum):
@@ -174,6 +188,13 @@ TASK_METRICS = {
 }
 
 
+class SecretKeyRef(ApiModel):
+    """One key of a Secret in the job's namespace."""
+
+    name: Name = Field(description="Name of the Secret.")
+    key: ShortStr = Field("HF_TOKEN", min_length=1, description="Key in the Secret whose value is used. Default `HF_TOKEN`.")
+
+
 class ModelSource(ApiModel):
     """Where the base model comes from."""
 
@@ -187,7 +208,32 @@ class ModelSource(ApiModel):
     pvc: Name | None = Field(
         None, description="PersistentVolumeClaim holding the model, mounted read-only at /models; `name` is then a path inside it."
     )
-    revision: ShortStr | None = Field(None, description="Hub revision (branch, tag or commit) when `name` is a hub id.")
+    revision: ShortStr | None = Field(
+        None, description="Hub revision (branch, tag or commit hash) when `name` is a hub id. Unset: the hub's `main`. "
+        "A commit hash pins exactly the files trained on.",
+    )
+    token_secret: SecretKeyRef | None = Field(
+        None, description="Secret in the job's namespace holding a Hugging Face access token, for private or gated "
+        "models (and datasets) on the hub: the trainer gets it as HF_TOKEN through a secretKeyRef, so the token never "
+        "appears in the spec, the ConfigMap or the operator's logs. Unset: anonymous access.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the Python code a hub model ships for its own architecture (transformers' "
+        "`trust_remote_code`). Default false: only architectures transformers itself implements load; set true only "
+        "for a repository you trust, ideally with `revision` pinned to a commit.",
+    )
+    quantization: Quantization = Field(
+        strict=False, default=Quantization.NONE,
+        description="Load the base model's weights quantized with bitsandbytes: `4bit` (NF4, bf16 compute, double "
+        "quantization: QLoRA) or `8bit` (LLM.int8). Needs `lora.enabled` (quantized weights are frozen; the adapters "
+        "train) and `resources.gpu` (bitsandbytes runs on CUDA only). Default `none`.",
+    )
+    cache_pvc: Name | None = Field(
+        None, description="PersistentVolumeClaim shared by jobs as the Hugging Face cache (HF_HOME, mounted at "
+        "/cache/huggingface): the first job of a base model downloads it there, later jobs of the same model and "
+        "revision load it from the claim without downloading (ReadWriteMany when jobs run on several nodes at "
+        "once). Unset: the operator's default (chart value `modelCache.claimName`), else no shared cache.",
+    )
 
 
 class DatasetSpec(ApiModel):
@@ -213,6 +259,33 @@ class DatasetSpec(ApiModel):
     max_length: int = Field(128, ge=8, le=32768, description="Maximum sequence length in tokens; longer texts are truncated. Default 128.")
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (quick experiments). Unset: all.")
     max_validation_samples: int | None = Field(None, ge=1, description="Use at most this many validation examples. Unset: all.")
+
+
+class SftSpec(ApiModel):
+    """Supervised fine-tuning of a causal LM (task causal-lm): how rows become training tokens, and which tokens
+    carry the loss."""
+
+    format: SftFormat = Field(
+        strict=False, default=SftFormat.AUTO,
+        description="Row format: `text` (dataset.textField, every token is a target), `prompt-completion` "
+        "(promptField + completionField, strings or lists of messages), `messages` (a conversation in messagesField, "
+        "rendered with the model's own chat template). Default `auto`: `messages` when the rows have messagesField, "
+        "else `prompt-completion` when they have both promptField and completionField, else `text`.",
+    )
+    prompt_field: ShortStr = Field("prompt", min_length=1, description="Field holding the prompt. Default `prompt`.")
+    completion_field: ShortStr = Field("completion", min_length=1, description="Field holding the completion. Default `completion`.")
+    messages_field: ShortStr = Field(
+        "messages", min_length=1, description="Field holding the conversation, a list of {role, content}. Default `messages`."
+    )
+    completion_only_loss: bool = Field(
+        True, description="Compute the loss on the completion (prompt-completion) or the assistant's tokens (messages) "
+        "only; the prompt, system and user turns are context. false: train on every token. Default true.",
+    )
+    packing: bool = Field(
+        False, description="Concatenate short training examples into rows of up to dataset.maxLength tokens (fewer "
+        "padding tokens, faster epochs). Attention never crosses an example boundary (position ids restart per "
+        "example). Default false.",
+    )
 
 
 class OptimizerSpec(ApiModel):
@@ -303,7 +376,11 @@ class DistributedSpec(ApiModel):
 
     nodes: int = Field(1, ge=1, le=256, description="Pods (one per node). Default 1.")
     processes_per_node: int = Field(1, ge=1, le=16, description="Training processes per pod (GPUs per node when `resources.gpu`). Default 1.")
-    strategy: Strategy = Field(strict=False, default=Strategy.DDP, description="`ddp` (data parallel) or `deepspeed` (ZeRO). Default `ddp`.")
+    strategy: Strategy = Field(
+        strict=False, default=Strategy.DDP,
+        description="`ddp` (data parallel), `deepspeed` (ZeRO) or `fsdp` (PyTorch fully sharded data parallel through "
+        "accelerate's FSDP plugin: weights, gradients and optimizer state sharded across processes). Default `ddp`.",
+    )
     zero_stage: int | None = Field(None, ge=1, le=3, description="DeepSpeed ZeRO stage 1-3 (deepspeed only). Default 2 with deepspeed.")
 
 
@@ -434,6 +511,10 @@ class FineTuneJobSpec(ApiModel):
     model: ModelSource = Field(description="The base model.")
     task: Task = Field(strict=False, default=Task.SEQUENCE_CLASSIFICATION, description="`sequence-classification`, `causal-lm` or `embedding`. Default `sequence-classification`.")
     dataset: DatasetSpec = Field(description="Training and validation data.")
+    sft: SftSpec | None = Field(
+        None, description="Supervised fine-tuning formats, loss masking and packing (task causal-lm only). Unset: "
+        "the defaults of each field (format auto, completion-only loss, no packing).",
+    )
     preset: Preset = Field(strict=False, default=
         Preset.BALANCED, description="Fills unset hyperparameters: `fast`, `balanced` or `max-accuracy`. Default `balanced`."
     )

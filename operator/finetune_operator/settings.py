@@ -104,6 +104,11 @@ class Settings:
     """FTO_OUTPUT_STORAGE_CLASS: StorageClass of those claims when spec.output.storageClassName is unset; empty:
     the cluster's default StorageClass (chart `output.storageClassName`)."""
 
+    model_cache_pvc: str = ""
+    """FTO_MODEL_CACHE_PVC: PersistentVolumeClaim mounted as the Hugging Face cache (HF_HOME) of every job that leaves
+    spec.model.cachePvc unset, so jobs of the same base model download it once; empty: no shared cache
+    (chart `modelCache.claimName`)."""
+
     extra: Mapping[str, str] = field(default_factory=dict)
     """Unused variables with the FTO_ prefix (reported at start-up so a typo does not go unnoticed)."""
 
@@ -118,7 +123,7 @@ _KNOWN = {
     "FTO_API_CONNECT_TIMEOUT_SECONDS", "FTO_API_POOL_SIZE", "FTO_WORKERS", "FTO_WATCH_SERVER_TIMEOUT_SECONDS",
     "FTO_APPLY_CONCURRENCY", "FTO_API_QPS", "FTO_API_BURST", "FTO_API_RETRIES", "FTO_RETRY_BASE_SECONDS",
     "FTO_RETRY_MAX_SECONDS",
-    "FTO_OUTPUT_PVC_SIZE", "FTO_OUTPUT_STORAGE_CLASS",
+    "FTO_OUTPUT_PVC_SIZE", "FTO_OUTPUT_STORAGE_CLASS", "FTO_MODEL_CACHE_PVC",
 }
 
 
@@ -170,5 +175,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         watch_server_timeout_seconds=max(10, num("FTO_WATCH_SERVER_TIMEOUT_SECONDS", d.watch_server_timeout_seconds, int)),
         output_pvc_size=env.get("FTO_OUTPUT_PVC_SIZE", "").strip() or d.output_pvc_size,
         output_storage_class=env.get("FTO_OUTPUT_STORAGE_CLASS", "").strip(),
+        model_cache_pvc=env.get("FTO_MODEL_CACHE_PVC", "").strip(),
         extra={k: v for k, v in env.items() if k.startswith("FTO_") and k not in _KNOWN},
     )

@@ -6,8 +6,9 @@ import json
 
 import kubernetes_validate
 import pytest
-from ftj_builders import resolved
+from ftj_builders import manifest, resolved
 
+from finetune_operator.api.validation import validate_manifest
 from finetune_operator.plan import names
 from finetune_operator.plan.children import desired_children
 
@@ -43,6 +44,11 @@ CASES = {
     "ephemeral-upload": {"output": {"ephemeral": True, "uri": "s3://models/bbc", "credentialsSecret": "s3-creds"}},
     "pvc-not-retained": {"output": {"retain": False, "size": "100Gi", "storageClassName": "fast-rwx"},
                          "distributed": {"nodes": 2}},
+    "hub-private-cached": {"model": {"name": "acme/private-llm", "revision": "0123456789abcdef0123456789abcdef01234567",
+                                     "tokenSecret": {"name": "hf-token"}, "cachePvc": "hf-cache"},
+                           "distributed": {"nodes": 2, "strategy": "fsdp"}},
+    "qlora": {"task": "causal-lm", "model": {"name": "acme/llm", "quantization": "4bit"}, "lora": {"enabled": True},
+              "resources": {"gpu": True}, "sft": {"packing": True}},
 }
 
 
@@ -269,3 +275,43 @@ def test_cpu_threads_follow_the_cpu_limit(settings):
 
     assert pod_env(limits={"cpu": "3"})["OMP_NUM_THREADS"] == "3"
     assert "OMP_NUM_THREADS" not in pod_env()
+
+
+def test_hub_token_comes_from_the_secret_never_the_spec(settings):
+    children = desired_children(resolved(**CASES["hub-private-cached"]), settings)
+    env = _pod(children)["containers"][0]["env"]
+    token = [e for e in env if e["name"] == "HF_TOKEN"]
+    # The kubelet resolves it: only the Secret's name and key appear in the pod, nothing in the ConfigMap.
+    assert token == [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}}]
+    config = by_kind(children)["ConfigMap"]["data"]["config.json"]
+    assert json.loads(config)["spec"]["model"]["tokenSecret"] == {"name": "hf-token"}
+    # A user variable of the same name cannot replace the secret's value.
+    env = _pod(desired_children(resolved(**CASES["hub-private-cached"], env={"HF_TOKEN": "hf_leaked"}), settings))[
+        "containers"][0]["env"]
+    assert [e for e in env if e["name"] == "HF_TOKEN"] == token
+    # Without tokenSecret there is no HF_TOKEN at all.
+    assert "HF_TOKEN" not in env_of(by_kind(desired_children(resolved(), settings))["Job"])
+
+
+def test_model_cache_claim_is_shared_and_is_hf_home(settings):
+    import dataclasses
+
+    def cache(job_settings, name="bbc-news", **spec):
+        obj = manifest(**spec)
+        obj["metadata"]["name"] = name
+        pod = _pod(desired_children(validate_manifest(obj), job_settings))
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        return volumes.get("model-cache"), mounts.get("model-cache"), env.get("HF_HOME")
+
+    assert cache(settings) == (None, None, None)  # no claim named anywhere: no cache
+    volume, mount, home = cache(settings, **CASES["hub-private-cached"])
+    assert volume == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}
+    assert mount == {"name": "model-cache", "mountPath": "/cache/huggingface"} and home == "/cache/huggingface"
+    chart = dataclasses.replace(settings, model_cache_pvc="team-cache")
+    # Two jobs of the chart's default share one claim (the second finds the first one's download).
+    for name in ("first", "second"):
+        volume, _, home = cache(chart, name=name)
+        assert volume["persistentVolumeClaim"]["claimName"] == "team-cache" and home == "/cache/huggingface"
+    assert cache(chart, model={"name": "x", "cachePvc": "mine"})[0]["persistentVolumeClaim"]["claimName"] == "mine"

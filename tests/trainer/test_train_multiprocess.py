@@ -91,3 +91,32 @@ def test_deepspeed_zero_stage_trains_on_two_cpu_processes_with_an_agreed_batch(s
     best = {k.removeprefix("bert."): v for k, v in load_weights(str(tmp_path)).items()}
     assert all(best[k].shape == v.shape for k, v in original.items() if k in best) and "encoder.layer.1.output.dense.weight" in best
     assert os.path.exists(os.path.join(torch_extensions_dir, "deepspeed_shm_comm", "deepspeed_shm_comm.so"))
+
+
+def test_fsdp_shards_the_model_resumes_and_trains_like_ddp(reference, tmp_path):
+    """strategy fsdp: accelerate's FSDP plugin (FSDP2), switched on for CPU since accelerate itself would run DDP
+    there. Each rank holds about half of every parameter, a run killed after epoch 1 resumes from its sharded
+    checkpoint, and with the same data, seed and averaged gradients the model is DDP's model."""
+    import copy
+
+    m, ref_dir, ref = reference
+    m = copy.deepcopy(m)
+    m["spec"]["distributed"] = {"strategy": "fsdp"}
+    out = str(tmp_path / "fsdp")
+    # Killed after epoch 1, then resumed from the FSDP checkpoint (accelerate's sharded save_state/load_state).
+    with pytest.raises(RuntimeError, match="exited"):
+        run(m, output_dir=out, processes=2, progress=False, env={"FINETUNE_FAULT_EXIT_AFTER_EPOCH": "1"})
+    result = run(m, output_dir=out, processes=2, progress=False)
+    assert result["resumedFrom"].endswith("epoch-1") and [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result["strategy"] == "fsdp" and result["worldSize"] == 2 and result["outcome"] == "completed"
+    assert ref["rankSharding"] is None  # DDP: every rank holds the whole model
+    total = result["rankSharding"][0]["total"]
+    assert all(0.4 * total < r["local"] < 0.6 * total for r in result["rankSharding"])
+    assert sum(r["local"] for r in result["rankSharding"]) >= total
+    assert result["rankParamChecksums"][0] == result["rankParamChecksums"][1]
+    first, second = result["rankFirstGradNorms"]  # the resumed run's first step: the norm of the whole gradient
+    assert first > 0 and first == pytest.approx(second, rel=1e-6)
+    a, b = load_weights(ref_dir), load_weights(out)  # best/ written from the gathered full state dict
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a), max(
+        float((a[k] - b[k]).abs().max()) for k in a)

@@ -97,3 +97,61 @@ def load_weights(output_dir: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(output_dir, "best", "model.safetensors"))
+
+
+# --- a tiny chat model (issue 13: SFT formats) -------------------------------------------------------------
+
+CHAT_SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TURN = "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
+# Two renderings of one format: with `{% generation %}` blocks (transformers' assistant mask) and without
+# (the trainer finds the assistant's tokens by rendering prefixes). The generation block ends before the
+# separating space: a block ending in whitespace makes transformers mark every later token as the assistant's.
+CHAT_TEMPLATES = {
+    "generation-tags": "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|> {% generation %}"
+    "{{ m['content'] }} <|end|>{% endgeneration %} {% else %}" + CHAT_TURN + "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}",
+    "plain": "{% for m in messages %}" + CHAT_TURN + "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}",
+}
+CHAT_FACTS = [("what is the capital of france", "paris"), ("what is the capital of italy", "rome"),
+              ("what is the capital of spain", "madrid"), ("what is the capital of japan", "tokyo"),
+              ("two plus two", "four"), ("two plus three", "five"), ("three plus three", "six"),
+              ("say hello", "hello"), ("what colour is the sky", "blue"), ("what colour is grass", "green")]
+
+
+def chat_vocab() -> list[str]:
+    words = sorted({w for q, a in CHAT_FACTS for w in (q + " " + a).split()} | {"you", "are", "helpful", "answer", "briefly"})
+    return CHAT_SPECIAL + words
+
+
+def build_tiny_chat_llama(root: Path, template: str = "generation-tags", vocab_size: int | None = None) -> str:
+    """A 2-layer, 32-wide Llama with a whitespace word-level tokenizer whose chat template is CHAT_TEMPLATES[template]."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = chat_vocab()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", additional_special_tokens=CHAT_SPECIAL[4:])
+    tokenizer.chat_template = CHAT_TEMPLATES[template]
+    config = LlamaConfig(vocab_size=vocab_size or len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model_dir = Path(root) / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def chat_rows(n: int, seed: int, system: bool = True) -> list[dict[str, Any]]:
+    """Conversations of one or two question/answer turns drawn from CHAT_FACTS."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        msgs: list[dict[str, str]] = [{"role": "system", "content": "you are helpful answer briefly"}] if system else []
+        for q, a in rng.sample(CHAT_FACTS, rng.randint(1, 2)):
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        rows.append({"messages": msgs})
+    return rows

@@ -23,6 +23,7 @@ class Record:
     text: str
     label: str | None = None
     pair: str | None = None  # embedding: the positive paired with `text`
+    row: dict[str, Any] | None = None  # causal-lm: the whole row, for the SFT formats (sft.py)
 
 
 def _format_for(path: str, declared: str) -> str:
@@ -36,7 +37,9 @@ def _format_for(path: str, declared: str) -> str:
     raise ValueError(f"dataset {path}: cannot tell the format from the extension {ext!r}; set dataset.format")
 
 
-def _from_row(row: dict[str, Any], ds: Any) -> Record:
+def _from_row(row: dict[str, Any], ds: Any, whole_rows: bool = False) -> Record:
+    if whole_rows:  # causal-lm: sft.py reads the fields its format needs and names a missing one
+        return Record(str(row.get(ds.text_field, "")), row=row)
     if ds.text_field not in row:
         raise ValueError(f"dataset row has no text field {ds.text_field!r} (fields: {sorted(row)})")
     label = row.get(ds.label_field)
@@ -44,7 +47,7 @@ def _from_row(row: dict[str, Any], ds: Any) -> Record:
     return Record(str(row[ds.text_field]), None if label is None else str(label), None if pair is None else str(pair))
 
 
-def read_records(source: str, ds: Any, pvc_mount: str | None = None) -> list[Record]:
+def read_records(source: str, ds: Any, pvc_mount: str | None = None, whole_rows: bool = False) -> list[Record]:
     """All records of one source (a file or a folder), in a deterministic order."""
     path = resolve_path(source, pvc_mount=pvc_mount)
     if not os.path.exists(path):
@@ -57,7 +60,8 @@ def read_records(source: str, ds: Any, pvc_mount: str | None = None) -> list[Rec
             for name in sorted(os.listdir(folder)):
                 if name.lower().endswith(TEXT_SUFFIXES):
                     with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
-                        records.append(Record(f.read().strip(), label))
+                        text = f.read().strip()
+                        records.append(Record(text, label, row={ds.text_field: text} if whole_rows else None))
         return records
     with open(path, encoding="utf-8", newline="" if fmt == "csv" else None) as f:
         if fmt == "csv":
@@ -69,16 +73,17 @@ def read_records(source: str, ds: Any, pvc_mount: str | None = None) -> list[Rec
             rows = loaded.get("data", loaded.get("rows")) if isinstance(loaded, dict) else loaded
             if not isinstance(rows, list):
                 raise ValueError(f"dataset {source}: a JSON file must hold a list of objects (or {{'data': [...]}})")
-    return [_from_row(r, ds) for r in rows]
+    return [_from_row(r, ds, whole_rows) for r in rows]
 
 
 def split_records(spec: Any, pvc_mount: str | None = None) -> tuple[list[Record], list[Record]]:
     """(train, validation): a separate validation source, or a seeded hold-out of `validationFraction`."""
     ds = spec.dataset
     seed = spec.hyperparameters.seed or 0
-    records = read_records(ds.source, ds, pvc_mount)
+    whole = str(spec.task) == "causal-lm"
+    records = read_records(ds.source, ds, pvc_mount, whole)
     if ds.validation_source:
-        train, val = records, read_records(ds.validation_source, ds, pvc_mount)
+        train, val = records, read_records(ds.validation_source, ds, pvc_mount, whole)
     else:
         order = list(range(len(records)))
         # Folder datasets come sorted by label: shuffle before holding out, with the job's seed.
@@ -124,6 +129,8 @@ def build_dataset(records: list[Record], task: str, tokenizer: Any, max_length: 
     read one shape: explicit pairs get their index as label; labelled texts get a positive of
     the same label drawn with the seed (a label with one text pairs the text with itself).
     """
+    if task == "causal-lm":
+        raise ValueError("causal-lm examples are built by sft.build_sft_dataset (formats, loss masks, packing)")
     ids = _ids(tokenizer, [r.text for r in records], max_length)
     if task == "sequence-classification":
         index = {name: i for i, name in enumerate(labels)}
@@ -131,8 +138,6 @@ def build_dataset(records: list[Record], task: str, tokenizer: Any, max_length: 
         if missing:
             raise ValueError("sequence-classification needs a label on every example (dataset.labelField)")
         return TokenizedDataset([{"input_ids": x, "labels": index[r.label]} for x, r in zip(ids, records, strict=True)])
-    if task == "causal-lm":
-        return TokenizedDataset([{"input_ids": x} for x in ids])
     if all(r.pair is not None for r in records):
         pair_ids = _ids(tokenizer, [r.pair for r in records], max_length)
         return TokenizedDataset(
@@ -163,7 +168,11 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Collator:
-    """Pads a list of examples into tensors; causal-LM labels are the ids with padding ignored (-100)."""
+    """Pads a list of examples into tensors.
+
+    Causal LM: labels come with the examples (sft.py: -100 where no loss counts) and are padded with -100.
+    Packed rows carry position_ids, padded as one more sequence starting at 0, and no attention_mask: the
+    model derives the block-diagonal mask from the position ids (see sft.py)."""
 
     def __init__(self, pad_id: int, task: str):
         self.pad_id = pad_id
@@ -173,7 +182,13 @@ class Collator:
         ids, mask = _pad([r["input_ids"] for r in rows], self.pad_id)
         batch = {"input_ids": ids, "attention_mask": mask}
         if self.task == "causal-lm":
-            batch["labels"] = ids.masked_fill(mask == 0, -100)
+            labels, _ = _pad([r["labels"] for r in rows], -100)
+            batch["labels"] = labels
+            if "position_ids" in rows[0]:
+                width = ids.shape[1]
+                batch["position_ids"] = torch.tensor(
+                    [r["position_ids"] + list(range(width - len(r["position_ids"]))) for r in rows], dtype=torch.long)
+                del batch["attention_mask"]
             return batch
         batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
         if "pair_input_ids" in rows[0]:

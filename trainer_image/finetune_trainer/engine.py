@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 _DS_TAG = "deepspeed"
 
@@ -77,8 +78,9 @@ class AccelerateEngine:
         self.accelerator.backward(loss)
 
     def grad_norm(self) -> float:
-        """Global norm of this rank's current gradients (diagnostics; call only on a boundary)."""
-        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        """Global norm of this rank's current gradients (diagnostics; call only on a boundary). Under FSDP each
+        rank holds a shard of every gradient: the norm of the whole one is gathered (every rank must call it)."""
+        grads = [_full(p.grad.detach()).float().norm() for p in self.model.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
     def step(self) -> bool:
@@ -106,16 +108,83 @@ class AccelerateEngine:
         return self.accelerator.unwrap_model(self.model)
 
     def full_state_dict(self) -> dict[str, Any]:
-        """The whole model's weights (every rank must call it)."""
+        """The whole model's weights (every rank must call it).
+
+        FSDP2: torch's own gather into full tensors on CPU (rank 0 receives them); accelerate's get_state_dict
+        returned the DTensor shards there when FSDP runs on CPU (enable_fsdp_on_cpu)."""
+        if any(isinstance(p, DTensor) for p in self.model.parameters()):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.accelerator.get_state_dict(self.model)
 
     def param_checksum(self) -> float:
-        """Sum of every parameter (diagnostics: equal on all ranks when they hold the same model)."""
-        return _checksum(self.unwrapped().parameters())
+        """Sum of every parameter (diagnostics: equal on all ranks when they hold the same model; under FSDP the
+        shards are gathered first, so every rank must call it)."""
+        return _checksum(_full(p) for p in self.unwrapped().parameters())
+
+    def sharding(self) -> dict[str, int]:
+        """Parameter elements this rank holds against the model's total (FSDP: about total / world size)."""
+        params = list(self.unwrapped().parameters())
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+        return {"local": int(local), "total": int(sum(p.numel() for p in params))}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; gathering is a collective), else the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _checksum(params: Any) -> float:
     return sum(float(p.detach().double().sum()) for p in params)
+
+
+def fsdp_plugin(mixed_precision: str) -> Any:
+    """accelerate's FSDP plugin, FSDP2 (torch's fully_shard): each transformer block its own shard unit (the
+    model's `_no_split_modules`, as transformers declares them, read by accelerate at `prepare`), weights
+    resharded after the forward, and a full (unsharded) state dict for the best model, which then loads with
+    plain transformers."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="transformer_based_wrap",
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+    if mixed_precision != "no":
+        # What accelerate does for GPUs itself; on CPU (enable_fsdp_on_cpu) it never gets there.
+        plugin.set_mixed_precision(mixed_precision)
+    return plugin
+
+
+def fsdp_wrap_blocks(plugin: Any, model: nn.Module) -> list[str]:
+    """The block classes FSDP shards as units: the model's `_no_split_modules`, less any that holds the input
+    embeddings. accelerate shards the input embeddings on their own after the blocks, and a module sharded twice
+    fails (`Invariant encountered: value was None`, seen with BERT, whose `BertEmbeddings` is a no-split module)."""
+    names = list(getattr(model, "_no_split_modules", None) or [])
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    holding = {type(m).__name__ for m in model.modules()
+               if type(m).__name__ in names and embeddings is not None and any(x is embeddings for x in m.modules())}
+    plugin.transformer_cls_names_to_wrap = [n for n in names if n not in holding]
+    return plugin.transformer_cls_names_to_wrap
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: Any) -> None:
+    """accelerate applies the FSDP plugin only to GPU-like distributed types: with `cpu=True` it silently runs
+    plain DDP (MULTI_CPU), as its DeepSpeed plugin does. torch's fully_shard itself works on CPU with gloo, so the
+    state is switched to FSDP here, before anything is prepared; on GPUs accelerate has done so already."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        # Both singletons: every later AcceleratorState() copies PartialState's attributes over its own, and
+        # save_state then took the non-FSDP path with the DTensor shards.
+        PartialState().distributed_type = DistributedType.FSDP
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
 
 
 def deepspeed_config(*, micro_batch: int, accumulation: int, max_grad_norm: float, zero_stage: int, mixed_precision: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -52,11 +53,52 @@ class LoadedModel:
     source: str
 
 
+class QuantizationUnavailable(RuntimeError):
+    """model.quantization asked for what this pod cannot do (no CUDA device, no bitsandbytes)."""
+
+
+def hub_kwargs(spec: Any) -> dict[str, Any]:
+    """What every from_pretrained of the base model takes: the pinned revision and trustRemoteCode.
+
+    The token (model.tokenSecret) arrives as HF_TOKEN and the shared cache (model.cachePvc) as HF_HOME, both read
+    by huggingface_hub itself, so neither is passed here (nor logged)."""
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(spec.model.trust_remote_code)}
+    if spec.model.revision:
+        kwargs["revision"] = spec.model.revision
+    return kwargs
+
+
+def quantization_config(spec: Any, *, cuda: bool | None = None) -> Any | None:
+    """transformers' BitsAndBytesConfig for model.quantization (QLoRA's recipe for 4bit), None for `none`.
+
+    Refused with a message that says what to change when the pod has no CUDA device or no bitsandbytes:
+    bitsandbytes' kernels are CUDA only, and a CPU fallback would silently train something else."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = str(spec.model.quantization)
+    if q == "none":
+        return None
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        raise QuantizationUnavailable(
+            f"model.quantization {q} needs a CUDA GPU (bitsandbytes kernels run on CUDA only) and this pod has none: "
+            "set resources.gpu: true (and schedule onto a GPU node), or model.quantization: none")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailable(
+            f"model.quantization {q} needs the bitsandbytes package, which this trainer image lacks: build the image "
+            "with `pip install bitsandbytes` (spec.image), or set model.quantization: none")
+    if q == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_tokenizer(spec: Any) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     source = resolve_path(spec.model.name, pvc_mount=MODEL_PVC_MOUNT if spec.model.pvc else None)
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(spec))
     if tokenizer.pad_token_id is None:
         # GPT-style tokenizers have no pad token; padding positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
@@ -68,7 +110,15 @@ def load_model(spec: Any, labels: list[str], tokenizer: Any, source: str) -> Loa
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     task = str(spec.task)
-    kwargs: dict[str, Any] = {"revision": spec.model.revision} if spec.model.revision else {}
+    # Weights load straight into their final place (transformers 5 always builds the model on the meta device and
+    # fills it from the checkpoint, safetensors first when the repository has them: no second copy in memory).
+    kwargs = hub_kwargs(spec)
+    quantized = quantization_config(spec)
+    if quantized is not None:
+        import torch
+
+        # Each process loads onto its own GPU; bitsandbytes quantizes while loading.
+        kwargs.update(quantization_config=quantized, device_map={"": torch.cuda.current_device()})
     if task == "sequence-classification":
         model, info = AutoModelForSequenceClassification.from_pretrained(
             source,
@@ -87,6 +137,11 @@ def load_model(spec: Any, labels: list[str], tokenizer: Any, source: str) -> Loa
         model, info = AutoModel.from_pretrained(source, output_loading_info=True, **kwargs)
     missing = list(info.get("missing_keys", [])) + [k for k, *_ in info.get("mismatched_keys", [])]
     heads = head_prefixes_for(model, missing) if task != "embedding" else ()
+    if quantized is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms in fp32, input gradients on, gradient checkpointing: the QLoRA recipe (peft's helper).
+        model = prepare_model_for_kbit_training(model)
     changed = set_dropout(model, spec.hyperparameters.dropout)
     if changed:
         log.info("dropout set to %s in %d modules", spec.hyperparameters.dropout, changed)

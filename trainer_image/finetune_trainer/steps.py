@@ -49,7 +49,12 @@ def forward(model: Any, batch: dict[str, torch.Tensor], task: str, hp: Any, *, t
         anchors, positives = embed_pairs(model, batch)
         return embedding_loss(anchors, positives, batch["labels"], hp), (anchors, positives)
     if task == "causal-lm":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if "position_ids" in batch:  # packed rows: the position ids delimit the examples (sft.py)
+            # use_cache=False: with a KV cache (the default, even in training) transformers skips deriving the
+            # per-example mask from the position ids, and packed examples silently attend to each other.
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return causal_lm_loss(logits, batch["labels"], **_loss_kwargs(hp)), logits
     labels = batch["labels"]
     if train and hp.mixup_alpha:

@@ -33,13 +33,22 @@ from .batching import (
 )
 from .config import DATA_PVC_MOUNT, Runtime, TrainerConfig
 from .data import Collator, EpochSeededSampler, build_dataset, label_names, split_records
-from .engine import AccelerateEngine, BareModelProbe, DeepSpeedEngine, deepspeed_config
+from .engine import (
+    AccelerateEngine,
+    BareModelProbe,
+    DeepSpeedEngine,
+    deepspeed_config,
+    enable_fsdp_on_cpu,
+    fsdp_plugin,
+    fsdp_wrap_blocks,
+)
 from .evaluation import MAIN_METRIC, evaluate
 from .metrics import TrainerMetrics
 from .models import load_model, load_tokenizer, save_model
 from .optim import build_optimizer
 from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro
 from .schedules import build_scheduler
+from .sft import build_sft_dataset
 from .signals import TerminationFlag
 from .steps import forward
 from .upload import upload_results
@@ -143,12 +152,18 @@ class Trainer:
     # --- set-up ------------------------------------------------------------------------------------
     def _accelerator(self) -> Accelerator:
         on_gpu = torch.cuda.is_available()
-        self.deepspeed = str(self.spec.distributed.strategy) == "deepspeed"
+        self.strategy = str(self.spec.distributed.strategy)
+        self.deepspeed = self.strategy == "deepspeed"
         self.mixed_precision = resolve_mixed_precision(str(self.hp.mixed_precision or "no"), on_gpu)
+        plugin = fsdp_plugin(self.mixed_precision) if self.strategy == "fsdp" else None
         accelerator = Accelerator(
             cpu=not on_gpu,  # without cpu=True, torchrun ranks on a CPU machine each train alone, silently
             mixed_precision="no" if self.deepspeed else self.mixed_precision,
+            fsdp_plugin=plugin,
         )
+        if plugin is not None:
+            enable_fsdp_on_cpu(accelerator, plugin)
+        self.fsdp = plugin
         expected = self.rt.expected_world_size or self.rt.world_size or 1
         if accelerator.num_processes != expected or (self.rt.world_size or 1) != expected:
             raise WorldMismatch(
@@ -164,8 +179,12 @@ class Trainer:
         self.tokenizer, self.model_source = load_tokenizer(spec)
         seed = self.hp.seed or 0
         maxlen = spec.dataset.max_length
-        self.train_set = build_dataset(train, self.task, self.tokenizer, maxlen, self.labels, seed)
-        self.val_set = build_dataset(val, self.task, self.tokenizer, maxlen, self.labels, seed + 1)
+        if self.task == "causal-lm":
+            self.train_set = build_sft_dataset(train, self.tokenizer, spec, train=True, job=self.job)
+            self.val_set = build_sft_dataset(val, self.tokenizer, spec, train=False, job=self.job)
+        else:
+            self.train_set = build_dataset(train, self.task, self.tokenizer, maxlen, self.labels, seed)
+            self.val_set = build_dataset(val, self.task, self.tokenizer, maxlen, self.labels, seed + 1)
         self.paired = self.task == "embedding" and all(r.pair is not None for r in train)
         self.collate = Collator(self.tokenizer.pad_token_id or 0, self.task)
 
@@ -195,6 +214,8 @@ class Trainer:
                                                acc.process_index)
         optimizer = build_optimizer(model, self.hp, loaded.head_prefixes)
         max_norm = self.hp.max_grad_norm or 0.0
+        if self.fsdp is not None:
+            log.info("job %s: FSDP shards %s blocks", self.job, fsdp_wrap_blocks(self.fsdp, model) or "no")
         if self.deepspeed:
             plan = self._plan(BareModelProbe(acc, model))
         else:
@@ -233,7 +254,7 @@ class Trainer:
             "training %s on %d process(es): %d train / %d validation examples, batch %d x %d accumulation, %d steps, "
             "strategy %s, precision %s%s",
             self.task, acc.num_processes, len(self.train_set), len(self.val_set), plan.per_device, plan.accumulation,
-            self.total_steps, "deepspeed" if self.deepspeed else "ddp", self.mixed_precision,
+            self.total_steps, self.strategy, self.mixed_precision,
             f", resumed from {resumed}" if resumed else "",
         )
         self._report({"trainerPhase": "Training", "totalEpochs": self.hp.epochs, "batchSize": plan.per_device,
@@ -621,7 +642,7 @@ class Trainer:
             "bestMetric": p.best_metric, "metric": es_metric, "mainMetric": MAIN_METRIC[self.task], "history": p.history,
             "batchSize": self.plan.per_device, "gradientAccumulationSteps": self.plan.accumulation, "batchPlan": self.plan.as_dict(),
             "globalStep": p.global_step, "totalSteps": self.total_steps, "worldSize": acc.num_processes,
-            "strategy": "deepspeed" if self.deepspeed else "ddp",
+            "strategy": self.strategy, "rankSharding": self._rank_sharding(),
             "zeroStage": self.engine.effective_zero_stage() if self.deepspeed else None, "mixedPrecision": self.mixed_precision,
             "samplesPerSecond": self.samples_per_second, "resumedFrom": resumed, "rankSteps": rank_steps,
             "rankParamChecksums": checksums, "rankFirstGradNorms": grad_norms,
@@ -643,6 +664,17 @@ class Trainer:
         log.info("%s after %d epochs (step %d); best %s=%s at epoch %s", outcome, p.epochs_completed, p.global_step,
                  es_metric, p.best_metric, p.best_epoch)
         return result
+
+
+    def _rank_sharding(self) -> list[dict[str, int]] | None:
+        """Parameter elements each rank holds (FSDP: a shard each); None for the other strategies."""
+        if self.strategy != "fsdp":
+            return None
+        acc = self.accelerator
+        mine = self.engine.sharding()
+        t = torch.tensor([mine["local"], mine["total"]], device=acc.device)
+        rows = acc.gather(t.unsqueeze(0)).tolist() if acc.num_processes > 1 else [t.tolist()]
+        return [{"local": int(a), "total": int(b)} for a, b in rows]
 
 
 def train(cfg: TrainerConfig, rt: Runtime, *, progress: bool = False) -> dict[str, Any]:

@@ -164,7 +164,12 @@ def cpu_threads_per_process(cpu: int | str | None, processes: int) -> int | None
     return max(1, int(cores // max(1, processes)))
 
 
-def trainer_env(job: ResolvedJob) -> list[dict[str, Any]]:
+def model_cache_claim(job: ResolvedJob, settings: Settings) -> str | None:
+    """The claim mounted as the Hugging Face cache (HF_HOME): the job's, else the chart's default, else none."""
+    return job.spec.model.cache_pvc or settings.model_cache_pvc or None
+
+
+def trainer_env(job: ResolvedJob, settings: Settings) -> list[dict[str, Any]]:
     spec = job.spec
     env = {
         Env.CONFIG: Paths.CONFIG_FILE,
@@ -183,9 +188,16 @@ def trainer_env(job: ResolvedJob) -> list[dict[str, Any]]:
         # torch sizes its thread pools from the node's cores, not the pod's CPU limit: on a shared node that
         # oversubscribes the cores and a descheduled thread stalls every step (measured 10x slower).
         env["OMP_NUM_THREADS"] = str(threads)
+    if model_cache_claim(job, settings):
+        env[Env.HF_HOME] = Paths.MODEL_CACHE_MOUNT
     # The user's extra variables come first so ours (the contract with the trainer) cannot be overridden by accident.
-    out = [{"name": k, "value": literal(v)} for k, v in sorted(spec.env.items()) if k not in env]
+    reserved = set(env) | ({Env.HF_TOKEN} if spec.model.token_secret else set())
+    out = [{"name": k, "value": literal(v)} for k, v in sorted(spec.env.items()) if k not in reserved]
     out += [{"name": k, "value": literal(v)} for k, v in env.items()]
+    if spec.model.token_secret:
+        # The kubelet reads the Secret: the token never passes through the spec, the ConfigMap or the operator.
+        ref = spec.model.token_secret
+        out.append({"name": Env.HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return out
 
 
@@ -213,7 +225,7 @@ def _resources(job: ResolvedJob) -> dict[str, Any]:
     return out
 
 
-def _volumes(job: ResolvedJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(job: ResolvedJob, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     spec = job.spec
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": names.config_map_name(job.name)}}]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True}]
@@ -232,6 +244,11 @@ def _volumes(job: ResolvedJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
     if spec.dataset.pvc:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": spec.dataset.pvc, "readOnly": True}})
         mounts.append({"name": "data", "mountPath": Paths.DATA_PVC_MOUNT, "readOnly": True})
+    cache = model_cache_claim(job, settings)
+    if cache:
+        # Shared by jobs and written by them (the first job of a model downloads it): not read-only.
+        volumes.append({"name": "model-cache", "persistentVolumeClaim": {"claimName": cache}})
+        mounts.append({"name": "model-cache", "mountPath": Paths.MODEL_CACHE_MOUNT})
     if spec.resources.shm_size:
         # Containers get a 64 MiB /dev/shm by default; data-loader workers and NCCL need more.
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}})
@@ -241,7 +258,7 @@ def _volumes(job: ResolvedJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
     spec = job.spec
-    volumes, mounts = _volumes(job)
+    volumes, mounts = _volumes(job, settings)
     container: dict[str, Any] = {
         "name": "trainer",
         "image": spec.image or settings.trainer_image,
@@ -249,7 +266,7 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
         # The launcher: trains in-process for world size 1, else runs torchrun with the node rank
         # taken from JOB_COMPLETION_INDEX (docs/contracts.md).
         "command": ["finetune-trainer"],
-        "env": trainer_env(job),
+        "env": trainer_env(job, settings),
         "ports": [
             {"name": "metrics", "containerPort": names.TRAINER_METRICS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": names.MASTER_PORT, "protocol": "TCP"},
