@@ -24,6 +24,7 @@ UNITS = {
     "finetune_operator_reconciles": "reconcile passes",
     "finetune_operator_reconcile_duration_seconds": "seconds",
     "finetune_operator_jobs": "FineTuneJobs",
+    "finetune_operator_sweep_trials": "trials",
     "finetune_operator_early_stops": "stop requests",
     "finetune_operator_stalled_jobs": "FineTuneJobs",
     "finetune_operator_stops_enforced": "Jobs suspended",

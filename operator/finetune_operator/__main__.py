@@ -9,6 +9,8 @@ import kopf
 from . import logs, metrics
 from .handlers.kopf_handlers import register
 from .handlers.reconcile import Reconciler
+from .handlers.sweep import SweepReconciler
+from .handlers.sweep import register as register_sweeps
 from .kube.client import KubeClient, RetryPolicy, load_configuration
 from .kube.peering import check_peering
 from .settings import from_env
@@ -33,6 +35,9 @@ def main() -> None:
     reconciler = Reconciler(client, settings)
     register(registry, reconciler, settings)
     reconciler.start(settings.workers)
+    sweeps = SweepReconciler(client, settings)
+    register_sweeps(registry, sweeps)
+    sweeps.start()
     log.info("starting finetune-operator: %s, metrics port %s, health port %s",
              "cluster-wide" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",
              settings.metrics_port, settings.health_port)
@@ -47,6 +52,7 @@ def main() -> None:
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
         )
     finally:
+        sweeps.close()
         reconciler.close()
         client.close()
 

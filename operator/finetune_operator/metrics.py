@@ -62,3 +62,38 @@ PHASES = PhaseTracker()
 def serve(port: int) -> None:
     if port:
         start_http_server(port, registry=REGISTRY)
+
+
+# -- FineTuneSweeps (issue 14) ------------------------------------------------------------------------------
+
+SWEEP_TRIAL_STATES = ("Pending", "Running", "Succeeded", "Pruned", "Failed")
+SWEEP_TRIALS_GAUGE = Gauge(
+    "finetune_operator_sweep_trials", "Trials of all FineTuneSweeps this operator knows, by state "
+    "(Pending, Running, Succeeded, Pruned, Failed).", ["state"], registry=REGISTRY,
+)
+
+
+class SweepTrialTracker:
+    """Keeps `finetune_operator_sweep_trials{state}` equal to the trial states last planned, per sweep."""
+
+    def __init__(self) -> None:
+        self._trials: dict[tuple[str, str], list[str]] = {}
+        self._lock = threading.Lock()
+        for state in SWEEP_TRIAL_STATES:
+            SWEEP_TRIALS_GAUGE.labels(state=state).set(0)
+
+    def set(self, key: tuple[str, str], trials: list[dict] | None) -> None:
+        with self._lock:
+            if trials is None:
+                self._trials.pop(key, None)
+            else:
+                self._trials[key] = [str(t.get("state")) for t in trials]
+            counts = dict.fromkeys(SWEEP_TRIAL_STATES, 0)
+            for states in self._trials.values():
+                for st in states:
+                    counts[st] = counts.get(st, 0) + 1
+            for st, n in counts.items():
+                SWEEP_TRIALS_GAUGE.labels(state=st).set(n)
+
+
+SWEEP_TRIALS = SweepTrialTracker()

@@ -128,6 +128,8 @@ def _builtin_resources() -> list[ResourceSpec]:
         R("kopf.dev", "v1", "kopfpeerings", "KopfPeering", True, False, "kopfpeering"),
         # Declared up front so an operator can start before the CRD is POSTed; POSTing it refreshes this.
         R(c.GROUP, c.VERSION, c.PLURAL, c.KIND, True, True, c.SINGULAR, tuple(c.SHORT_NAMES), tuple(c.CATEGORIES)),
+        R(c.GROUP, c.VERSION, "finetunesweeps", "FineTuneSweep", True, True, "finetunesweep", ("fts",),
+          tuple(c.CATEGORIES)),
     ]
 
 

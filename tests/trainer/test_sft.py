@@ -187,3 +187,28 @@ def test_packing_makes_fewer_training_rows(tagged_model):
     plain = build_sft_dataset(records, tok, spec, train=False)  # validation is never packed
     assert len(plain) == 40 and len(packed) < len(plain) / 2
     assert sum(len(x["input_ids"]) for x in packed.items) == sum(len(x["input_ids"]) for x in plain.items)
+
+
+def test_the_datasets_map_interface_keeps_the_masks(tagged_model):
+    """What data.py's tokenisation (datasets.map over Arrow tables) calls: chat messages survive the Arrow round
+    trip, a renamed column is found, and packing inside the map keeps every token."""
+    from datasets import Dataset
+
+    from finetune_contract.spec import FineTuneJobSpec
+    from finetune_trainer.sft import sft_columns, tokenize_mapped
+
+    tok = _tokenizer(tagged_model)
+    spec = FineTuneJobSpec.model_validate({"model": {"name": tagged_model}, "task": "causal-lm",
+                                           "dataset": {"source": "/d.jsonl", "maxLength": 64},
+                                           "sft": {"messagesField": "conversation", "packing": True}})
+    rows = Dataset.from_list([{"conversation": CONVERSATION, "id": 1}, {"conversation": CONVERSATION[1:3], "id": 2}])
+    wanted = sft_columns(spec, rows.column_names)
+    assert wanted == {"messages": ("conversation", "sft.messagesField")}
+    rows = rows.select_columns(["conversation"]).rename_columns({"conversation": "messages"})
+    plain = rows.map(tokenize_mapped, batched=True, remove_columns=rows.column_names,
+                     fn_kwargs={"tokenizer": tok, "spec": spec})
+    assert [int(x != IGNORE_INDEX) for x in plain[0]["labels"]] == [m for _, m in EXPECTED]
+    packed = rows.map(tokenize_mapped, batched=True, remove_columns=rows.column_names,
+                      fn_kwargs={"tokenizer": tok, "spec": spec, "pack_rows": True})
+    assert len(packed) == 1 and packed[0]["input_ids"] == plain[0]["input_ids"] + plain[1]["input_ids"]
+    assert packed[0]["position_ids"] == list(range(len(plain[0]["input_ids"]))) + list(range(len(plain[1]["input_ids"])))

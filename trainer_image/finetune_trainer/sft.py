@@ -243,3 +243,28 @@ def build_sft_dataset(records: list[Any], tokenizer: Any, spec: Any, *, train: b
 def pack_batch(batch: dict[str, list[Any]], *, max_length: int) -> dict[str, list[list[int]]]:
     """`datasets.map(batched=True)` form of `pack` on tokenised rows (examples pack within each map batch)."""
     return pack(batch["input_ids"], batch["labels"], max_length)
+
+
+# --- the datasets.map interface (data.py's per-task columns and tokenise functions) ---------------------------
+
+def sft_columns(spec: Any, columns: list[str] | set[str]) -> dict[str, tuple[str, str]]:
+    """For task causal-lm: {the column `tokenize_mapped` reads: (the source's column, the spec field naming it)}
+    for the job's format (`auto` decided from the source's `columns`)."""
+    sft = sft_settings(spec)
+    fmt = detect_format(columns, sft)
+    if fmt == "messages":
+        return {"messages": (sft.messages_field, "sft.messagesField")}
+    if fmt == "prompt-completion":
+        return {"prompt": (sft.prompt_field, "sft.promptField"), "completion": (sft.completion_field, "sft.completionField")}
+    return {"text": (spec.dataset.text_field, "dataset.textField")}
+
+
+def tokenize_mapped(batch: dict[str, list[Any]], *, tokenizer: Any, spec: Any, pack_rows: bool = False) -> dict[str, list[Any]]:
+    """`datasets.map(batched=True, remove_columns=...)` function over the columns `sft_columns` named: token ids and
+    labels, packed (within each map batch) when `pack_rows` (the training split with sft.packing)."""
+    standard = sft_settings(spec).model_copy(
+        update={"prompt_field": "prompt", "completion_field": "completion", "messages_field": "messages"})
+    fmt = "messages" if "messages" in batch else "prompt-completion" if "prompt" in batch else "text"
+    out = tokenize_batch(batch, tokenizer=tokenizer, sft=standard, max_length=spec.dataset.max_length, fmt=fmt,
+                         text_field="text")
+    return pack(out["input_ids"], out["labels"], spec.dataset.max_length) if pack_rows else out

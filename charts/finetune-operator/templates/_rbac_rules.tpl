@@ -15,6 +15,17 @@ chart and fails on any difference, in either direction.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
+# FineTuneSweeps: watched, status merge-patched; their trials are FineTuneJobs the operator creates, reads
+# once after a 409 and stops by a merge patch of the stop annotations.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunesweeps"]
+  verbs: ["list", "watch"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunesweeps/status"]
+  verbs: ["patch"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["create", "patch"]
 # Children: watched into a cache, created when missing, server-side applied (patch) when they differ, read
 # (get) only after a create answered 409; a Job whose template changed before it started is re-created.
 - apiGroups: [""]

@@ -198,6 +198,84 @@ def render() -> str:
     return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120)
 
 
+# -- FineTuneSweep (issue 14): the same generator over the sweep's types ---------------------------------
+
+def sweep_openapi_schema() -> dict[str, Any]:
+    from .sweep import SWEEP_ROOT_RULES, FineTuneSweepSpec, FineTuneSweepStatus
+
+    status = _schema(FineTuneSweepStatus)
+    status["properties"]["conditions"].update(
+        {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    )
+    return {
+        "type": "object",
+        "description": "FineTuneSweep searches hyperparameters: it runs trial FineTuneJobs made from a template, "
+        "chooses their values with optuna (grid, random, tpe) and prunes unpromising ones.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
+            "spec": _schema(FineTuneSweepSpec),
+            "status": status,
+        },
+        "x-kubernetes-validations": SWEEP_ROOT_RULES,
+    }
+
+
+SWEEP_PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Trials", "type": "integer", "jsonPath": ".status.trialsCreated"},
+    {"name": "Running", "type": "integer", "jsonPath": ".status.trialsRunning"},
+    {"name": "Pruned", "type": "integer", "jsonPath": ".status.trialsPruned"},
+    {"name": "Best", "type": "number", "jsonPath": ".status.bestValue"},
+    {"name": "Best-Trial", "type": "string", "jsonPath": ".status.bestTrial"},
+    {"name": "Epochs", "type": "integer", "jsonPath": ".status.epochsSpent", "priority": 1},
+    {"name": "Saved", "type": "integer", "jsonPath": ".status.epochsSavedByPruning", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def sweep_crd() -> dict[str, Any]:
+    from . import sweep as s
+
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": s.SWEEP_CRD_NAME, "labels": {c.Label.PART_OF: "finetune-operator"}},
+        "spec": {
+            "group": c.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": s.SWEEP_KIND,
+                "listKind": f"{s.SWEEP_KIND}List",
+                "plural": s.SWEEP_PLURAL,
+                "singular": s.SWEEP_SINGULAR,
+                "shortNames": s.SWEEP_SHORT_NAMES,
+                "categories": c.CATEGORIES,
+            },
+            "versions": [
+                {
+                    "name": c.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": SWEEP_PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": sweep_openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+SWEEP_CRD_PATHS = [ROOT / "crds" / "finetunesweeps.finetune.dev.yaml",
+                   ROOT / "charts" / "finetune-operator" / "crds" / "finetunesweeps.finetune.dev.yaml"]
+
+
+def render_sweep() -> str:
+    return HEADER + yaml.safe_dump(sweep_crd(), sort_keys=False, width=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--write", action="store_true", help="write crds/ and the chart's copy, and copy the peering CRDs to crds/")
@@ -209,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in CRD_PATHS:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+    for path in SWEEP_CRD_PATHS:
+        path.write_text(render_sweep())
         print(f"wrote {path.relative_to(ROOT)}")
     PEERING_COPY.write_text(PEERING_SOURCE.read_text())
     print(f"wrote {PEERING_COPY.relative_to(ROOT)}")

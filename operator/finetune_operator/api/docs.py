@@ -252,12 +252,56 @@ def render_presets() -> str:
     return "\n".join(out)
 
 
-OUTPUTS = {API_REFERENCE: render_api_reference, PRESETS_DOC: render_presets}
+SWEEP_REFERENCE = ROOT / "docs" / "sweep-api-reference.md"
+
+
+def render_sweep_reference() -> str:
+    from . import sweep as s
+    from .crd import sweep_openapi_schema
+
+    schema = sweep_openapi_schema()
+    spec = {**schema["properties"]["spec"], "properties": {
+        k: v for k, v in schema["properties"]["spec"]["properties"].items() if k != "template"}}
+    out = [
+        HEADER,
+        f"# {s.SWEEP_KIND} API reference ({c.API_VERSION})",
+        "",
+        f"Kind `{s.SWEEP_KIND}`, plural `{s.SWEEP_PLURAL}`, short name `{', '.join(s.SWEEP_SHORT_NAMES)}`, "
+        f"category `{', '.join(c.CATEGORIES)}`. {schema['description']} See [sweeps.md](sweeps.md).",
+        "",
+        "## spec",
+        "",
+        "`spec.template.spec` is a FineTuneJob spec ([api-reference.md](api-reference.md)); each trial copies it and "
+        "sets the searched fields.",
+        "",
+        *_field_table(spec, "spec"),
+        "",
+        "## Cross-field rules",
+        "",
+        "Enforced as CEL in the CRD (at `kubectl apply`) and in Python by the operator, which also checks that every "
+        "candidate value fits its FineTuneJob field (condition `Valid`, reason `InvalidSpec`, and a Warning Event).",
+        "",
+        "| Field | Rule (CEL) | Message |",
+        "|---|---|---|",
+        *(f"| `{r['fieldPath'].lstrip('.')}` | `{_cell(r['rule'])}` | {_cell(r['message'])} |" for r in s.SWEEP_ROOT_RULES),
+        *(f"| `{s.SWEEP_RULE_PATHS[r.owner]}{r.field}` | `{_cell(r.cel)}` | {_cell(r.message)} |" for r in s.SWEEP_RULES),
+        "",
+        "## status",
+        "",
+        "Written by the operator only. `trials` holds everything the optuna study is rebuilt from after a restart.",
+        "",
+        *_field_table(schema["properties"]["status"], "status"),
+        "",
+    ]
+    return "\n".join(out)
+
+
+OUTPUTS = {API_REFERENCE: render_api_reference, PRESETS_DOC: render_presets, SWEEP_REFERENCE: render_sweep_reference}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="write docs/api-reference.md and docs/presets.md")
+    parser.add_argument("--write", action="store_true", help="write docs/api-reference.md, docs/presets.md and docs/sweep-api-reference.md")
     args = parser.parse_args(argv)
     if not args.write:
         sys.stdout.write(render_api_reference())

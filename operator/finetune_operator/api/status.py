@@ -79,7 +79,7 @@ class FineTuneJobStatus(ApiModel):
     trainer_stop_message: str | None = Field(None, max_length=4096, description="The trainer's early-stopping decision in words.")
     trainer_stop_epoch: int | None = Field(None, description="The epoch after whose evaluation the trainer decided to stop.")
     stop_requested_time: ShortStr | None = Field(None, description="When the stop was decided (by the trainer, the operator or the user).")
-    stop_decided_by: ShortStr | None = Field(None, description="Who decided the stop: `trainer`, `operator` (the same policy, for trainers that cannot decide) or `user`.")
+    stop_decided_by: ShortStr | None = Field(None, description="Who decided the stop: `trainer`, `operator` (the same policy, for trainers that cannot decide), `user` or `sweep` (its pruner).")
     stop_reason: str | None = Field(None, max_length=4096, description="Why the stop was requested, in words.")
     stop_enforced: bool | None = Field(None, description="True when the operator had to suspend the Job itself.")
     stop_enforced_reason: str | None = Field(None, max_length=1024, description="Why the operator suspended the Job itself, in words.")

@@ -172,6 +172,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.set_defaults(fn=cmd_stop)
 
+    from .sweep import add_commands as add_sweep_commands
+
+    add_sweep_commands(sub, cluster_args)
+
     sp = sub.add_parser("explain", help="explain a preset: what it sets and when to pick it")
     sp.add_argument("topic", choices=["preset"])
     sp.add_argument("name", help="fast, balanced or max-accuracy")

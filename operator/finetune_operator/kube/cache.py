@@ -201,3 +201,32 @@ class Cache:
     def sizes(self) -> tuple[int, int]:
         with self._lock:
             return len(self._ftjs), sum(len(v) for v in self._owned.values())
+
+
+class SweepStore:
+    """The FineTuneSweeps as kopf's watch delivered them (issue 14), with the same freshness rules as the
+    FineTuneJobs above; the trials are FineTuneJobs and live in the `Cache`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sweeps: dict[JobKey, _Stored] = {}
+
+    def put(self, obj: dict[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace") or "", meta.get("name") or "")
+        stored = _Stored(_slim(obj))
+        with self._lock:
+            old = self._sweeps.get(key)
+            if not _replaces(obj, old):
+                return False
+            self._sweeps[key] = stored
+            return not _same(obj, old)
+
+    def drop(self, key: JobKey) -> None:
+        with self._lock:
+            self._sweeps.pop(key, None)
+
+    def get(self, key: JobKey) -> dict[str, Any] | None:
+        with self._lock:
+            stored = self._sweeps.get(key)
+        return stored.get() if stored is not None else None

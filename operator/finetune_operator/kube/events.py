@@ -15,7 +15,8 @@ log = logging.getLogger("finetune_operator.kube")
 INSTANCE = os.environ.get("HOSTNAME", "finetune-operator")  # the pod name in a cluster
 
 
-def post_event(client: KubeClient, ftj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+def post_event(client: KubeClient, ftj: dict[str, Any], type_: str, reason: str, message: str, *,
+               kind: str = c.KIND) -> None:
     """Best effort: an Event that cannot be posted is logged, never fails the reconcile."""
     meta = ftj.get("metadata") or {}
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -25,7 +26,7 @@ def post_event(client: KubeClient, ftj: dict[str, Any], type_: str, reason: str,
         "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}", "namespace": meta.get("namespace")},
         "involvedObject": {
             "apiVersion": c.API_VERSION,
-            "kind": c.KIND,
+            "kind": kind,
             "name": meta.get("name"),
             "namespace": meta.get("namespace"),
             "uid": meta.get("uid"),

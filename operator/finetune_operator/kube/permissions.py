@@ -41,6 +41,20 @@ OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
     }
 )
 
+# FineTuneSweeps (issue 14): watched into a store, their status merge-patched; their trials are FineTuneJobs
+# the operator creates (get once after a 409, like children) and stops by a merge patch of annotations.
+SWEEP_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        (GROUP, "finetunesweeps", "list"),
+        (GROUP, "finetunesweeps", "watch"),
+        (GROUP, "finetunesweeps/status", "patch"),
+        (GROUP, PLURAL, "create"),
+        (GROUP, PLURAL, "patch"),
+        (GROUP, PLURAL, "get"),
+    }
+)
+OPERATOR_PERMISSIONS = OPERATOR_PERMISSIONS | SWEEP_PERMISSIONS
+
 # The Role the operator creates for each trainer needs the operator to hold the same rights
 # (Kubernetes forbids granting what one does not have, unless the operator may `escalate`/`bind`).
 TRAINER_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
+from ..api.sweep import PRUNED, STOP_MESSAGE_ANNOTATION, STOP_REASON_ANNOTATION
 from ..api.validation import (
     LEGACY_IMMUTABLE_FIELDS,
     MUTABLE_AFTER_START,
@@ -59,6 +60,8 @@ class JobInput:
     problems: tuple[Problem, ...] = ()
     stop_annotation: bool = False
     status: dict[str, Any] = field(default_factory=dict)
+    # A sweep's pruner stops its trial through the stop annotation, saying why (issue 14): (reason, message).
+    stop_by_sweep: tuple[str, str] | None = None
     # What `resolved`/`problems` were validated from (the reconciler's key for reusing them); None: unknown.
     validated_from: Any = field(default=None, compare=False, repr=False)
 
@@ -75,8 +78,12 @@ def job_input(obj: dict[str, Any], validate: bool = True) -> JobInput:
         except InvalidFineTuneJob as err:
             problems = tuple(err.problems)
     annotation = str((meta.get("annotations") or {}).get(c.Annotation.STOP, "")).lower() == "true"
+    ann = meta.get("annotations") or {}
+    by_sweep = None
+    if annotation and ann.get(STOP_REASON_ANNOTATION) == PRUNED:
+        by_sweep = (PRUNED, str(ann.get(STOP_MESSAGE_ANNOTATION) or "pruned by its sweep"))
     return JobInput(name, namespace, meta.get("uid"), meta.get("generation"), resolved, problems, annotation,
-                    dict(obj.get("status") or {}))
+                    dict(obj.get("status") or {}), by_sweep)
 
 
 # -- fields fixed after start ------------------------------------------------------------------------------
@@ -363,6 +370,8 @@ def _finish_stopped(p: _Pass, spec: Any, status: dict[str, Any], enforced: bool)
     user = p.st.get("stopReason", "") or ""
     by_user = p.st.get("stopDecidedBy") == "user" or user.startswith("stop requested by the user")
     reason = Reason.STOPPED_BY_USER if by_user else Reason.EARLY_STOPPED
+    if p.st.get("stopDecidedBy") == "sweep":
+        reason = PRUNED
     total, done = spec.hyperparameters.epochs, status.get("epoch")
     if isinstance(total, int) and isinstance(done, int):
         p.st["epochsSaved"] = max(0, total - done)
@@ -370,7 +379,8 @@ def _finish_stopped(p: _Pass, spec: Any, status: dict[str, Any], enforced: bool)
            if enforced else "the trainer stopped at the end of the epoch it decided at"
            if p.st.get("stopDecidedBy") == "trainer" else "the trainer stopped gracefully")
     ran = f" after {done} of {total} epochs" if isinstance(done, int) else ""
-    p.phase(Phase.SUCCEEDED, reason, f"{'stopped by the user' if reason == Reason.STOPPED_BY_USER else 'early stopped'}"
+    words = {Reason.STOPPED_BY_USER: "stopped by the user", PRUNED: "pruned by its sweep"}.get(reason, "early stopped")
+    p.phase(Phase.SUCCEEDED, reason, f"{words}"
             f"{ran} ({how}){_best_words(status)}; the best epoch's model is the final model")
 
 
@@ -430,7 +440,9 @@ def _record_trainer_stop(p: _Pass, status: dict[str, Any]) -> bool:
 def _decide_stop(p: _Pass, spec: Any, pods: list[dict[str, Any]], status: dict[str, Any]) -> bool:
     """Record stop requests and enforce them; True when the pass is finished (failed by the policy)."""
     if not p.st.get("stopRequestedTime"):
-        if spec.stop or p.job.stop_annotation:
+        if p.job.stop_by_sweep and not spec.stop:
+            _request_stop(p, p.job.stop_by_sweep[0], p.job.stop_by_sweep[1], by="sweep")
+        elif spec.stop or p.job.stop_annotation:
             how = "spec.stop" if spec.stop else f"annotation {c.Annotation.STOP}"
             _request_stop(p, Reason.USER_REQUESTED, f"stop requested by the user ({how})", by="user")
         elif _record_trainer_stop(p, status):

@@ -1,0 +1,134 @@
+"""Issue 14 end to end: a FineTuneSweep on the API emulation, trials run by the pod runner with the real trainer.
+
+Six trials over the learning rate (grid, seeded), two at a time, median pruning after two completed trials.
+The model is the 2-layer, 32-wide BERT the early-stopping e2e builds (no downloads; MiniLM/BBC is what
+bench/sweep_savings.py runs, too slow for CI's 2 cores six times over); the data is a bag of topic words.
+Checks: trials are FineTuneJobs owned by the sweep with labels naming the trial; at least one trial is
+pruned and ends `Succeeded/Pruned` through the graceful-stop path (stopDecidedBy `sweep`); the sweep finds
+a best trial, records the seed, the epochs spent and saved, and ends Succeeded; `kubectl get fts` columns
+and the trial-state metric agree.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from trainer.tiny_models import COMMON, SPECIAL, TOPICS
+
+from .operator_helpers import condition, events_for, items, kube_client, status
+
+pytest_plugins = ["e2e.operator_fixture"]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.local_pods("reads the tiny model and data from local directories")]
+
+FTS = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunesweeps"
+EPOCHS = 3
+RATES = [3e-3, 1e-6, 1e-3, 2e-6, 5e-3, 3e-6]
+
+
+def _rows(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(TOPICS)[i % len(TOPICS)]
+        words = [rng.choice(TOPICS[label]) if rng.random() < 0.6 else rng.choice(COMMON) for _ in range(rng.randint(6, 14))]
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    root = tmp_path_factory.mktemp("sweep")
+    vocab = SPECIAL + COMMON + [w for ws in TOPICS.values() for w in ws]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    files = {}
+    for name, rows in (("train", _rows(192, 1)), ("val", _rows(96, 2))):
+        files[name] = str(root / f"{name}.jsonl")
+        Path(files[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"model": str(root / "model"), **files}
+
+
+def _sweep(name: str, inputs: dict[str, str]) -> dict:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": name},
+        "spec": {
+            "template": {"spec": {
+                "model": {"name": inputs["model"]},
+                "dataset": {"source": inputs["train"], "validationSource": inputs["val"], "maxLength": 32},
+                "preset": "fast",
+                "hyperparameters": {"epochs": EPOCHS, "batchSize": 8, "mixedPrecision": "no", "seed": 0,
+                                    "scheduler": {"name": "constant", "warmupRatio": 0.0}},
+                "earlyStopping": {"enabled": False, "stopGracePeriodSeconds": 120},
+                "output": {"ephemeral": True},
+                "env": {"FINETUNE_STOP_POLL_SECONDS": "0.2", "OMP_NUM_THREADS": "1"},
+            }},
+            "searchSpace": [{"path": "hyperparameters.learningRate", "type": "choice", "values": RATES}],
+            "objective": {"metric": "val_loss"},
+            "algorithm": {"name": "grid", "seed": 7},
+            "budget": {"maxTrials": 6, "parallelTrials": 2},
+            "pruning": {"algorithm": "median", "startupTrials": 2},
+        },
+    }
+
+
+def test_sweep_runs_trials_prunes_and_finds_the_best(kube, operator, pod_runner, namespace, wait_for, tiny_inputs):
+    c = kube_client(kube.kubeconfig)
+    name = "lr-sweep"
+    c.request("POST", FTS.format(ns=namespace), body=_sweep(name, tiny_inputs))
+
+    def sweep_status() -> dict:
+        return (c.get(f"{FTS.format(ns=namespace)}/{name}") or {}).get("status") or {}
+
+    st = wait_for(lambda: (s := sweep_status()).get("phase") in ("Succeeded", "Failed") and s,
+                  timeout=400, what="a finished sweep", interval=0.5)
+    assert (st["phase"], st["reason"]) == ("Succeeded", "BudgetSpent"), st.get("message")
+    trials = st["trials"]
+    assert [t["name"] for t in trials] == [f"{name}-{i}" for i in range(6)] and st["seed"] == 7
+    assert sorted(t["params"]["hyperparameters.learningRate"] for t in trials) == sorted(RATES)  # grid: each once
+
+    # Trials are FineTuneJobs owned by the sweep, labelled with the trial, trained with their own rate.
+    sweep_uid = c.get(f"{FTS.format(ns=namespace)}/{name}")["metadata"]["uid"]
+    jobs = {j["metadata"]["name"]: j for j in items(c, f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs",
+                                                     f"finetune.dev/sweep-name={name}")}
+    assert sorted(jobs) == sorted(t["name"] for t in trials)
+    for t in trials:
+        job = jobs[t["name"]]
+        assert job["metadata"]["labels"]["finetune.dev/trial-index"] == str(t["index"])
+        assert job["metadata"]["ownerReferences"][0]["uid"] == sweep_uid
+        assert job["spec"]["hyperparameters"]["learningRate"] == t["params"]["hyperparameters.learningRate"]
+        assert t["values"] == [h["valLoss"] for h in job["status"]["history"]]
+
+    # At least one trial pruned, stopped through the graceful-stop path, recorded as such on both sides.
+    pruned = [t for t in trials if t["state"] == "Pruned"]
+    assert pruned, [(t["name"], t["state"], t["values"]) for t in trials]
+    for t in pruned:
+        js = status(c, namespace, t["name"])
+        assert (js["phase"], js["reason"], js["stopDecidedBy"]) == ("Succeeded", "Pruned", "sweep"), js.get("message")
+        assert condition(js, "EarlyStopRequested")["reason"] == "Pruned"
+        assert t["pruneRequested"] and t["epochs"] == js["epoch"] and t["epochsSaved"] == EPOCHS - js["epoch"]
+    completed = [t for t in trials if t["state"] == "Succeeded"]
+    assert len(completed) >= 2 and all(t["epochs"] == EPOCHS for t in completed)
+    best = min(completed, key=lambda t: t["value"])
+    assert (st["bestTrial"], st["bestValue"], st["bestParams"]) == (best["name"], best["value"], best["params"])
+    assert st["epochsSpent"] == sum(t["epochs"] for t in trials)
+    assert st["epochsSavedByPruning"] == sum(t["epochsSaved"] for t in pruned)
+    assert (st["trialsCreated"], st["trialsPruned"], st["trialsSucceeded"]) == (6, len(pruned), len(completed))
+    reasons = [e["reason"] for e in events_for(c, namespace, name)]
+    assert reasons.count("TrialCreated") == 6 and "Pruned" in reasons and "BudgetSpent" in reasons
+
+    metrics = operator.metrics()
+    assert f'finetune_operator_sweep_trials{{state="Pruned"}} {float(len(pruned))}' in metrics
+    print(json.dumps({"trials": [(t["params"]["hyperparameters.learningRate"], t["state"], t["epochs"]) for t in trials],
+                      "best": st["bestParams"], "epochsSpent": st["epochsSpent"], "saved": st["epochsSavedByPruning"]}))
+    c.close()
