@@ -25,12 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from .constants import API_VERSION
 from .spec import FineTuneJobSpec
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 """This contract's config schema. 1.0: the unversioned config of release 0.1.0. 1.1: adds `schemaVersion`,
 `output.{size, storageClassName, retain, ephemeral, uri, credentialsSecret, uploadCheckpoints}` and
 `terminationGracePeriodSeconds` (all optional, defaults keep 1.0's behaviour in the trainer). 1.2 (issue 13):
 adds `sft`, `model.{tokenSecret, trustRemoteCode, quantization, cachePvc}` and `distributed.strategy: fsdp`
-(unset, they keep 1.1's behaviour; a 1.1 trainer refuses `fsdp` as an unknown strategy)."""
+(unset, they keep 1.1's behaviour; a 1.1 trainer refuses `fsdp` as an unknown strategy). 1.3 (issue 15): adds
+`distributed.{processGroupTimeoutSeconds, maxRestarts}` (group restart; an older trainer ignores them and keeps its
+static rendezvous and torch's 30-minute timeout)."""
 
 OLDEST_READABLE_MINOR = 0
 """The oldest minor of this major that this trainer still reads (missing fields take their defaults)."""
@@ -54,6 +56,9 @@ class Env:
     MASTER_PORT = "MASTER_PORT"
     METRICS_PORT = "FINETUNE_METRICS_PORT"
     NODE_RANK = "JOB_COMPLETION_INDEX"  # set by Kubernetes for Indexed Jobs
+    # The rendezvous id of torch elastic: the batch Job's uid (downward API from the label the Job controller puts on
+    # its pods), so a re-created Job never joins a previous Job's rendezvous.
+    RDZV_ID = "FINETUNE_RDZV_ID"
     # Set by local runs and tests, never by the operator.
     WORLD_SIZE = "FINETUNE_WORLD_SIZE"
     STATUS = "FINETUNE_STATUS"
@@ -66,7 +71,8 @@ class Env:
     HF_TOKEN = "HF_TOKEN"  # model.tokenSecret, through a secretKeyRef
     HF_HOME = "HF_HOME"  # model.cachePvc's mount
 
-    OPERATOR_SET = (CONFIG, OUTPUT_DIR, JOB_NAME, JOB_NAMESPACE, NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, METRICS_PORT)
+    OPERATOR_SET = (CONFIG, OUTPUT_DIR, JOB_NAME, JOB_NAMESPACE, NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, METRICS_PORT,
+                    RDZV_ID)
 
 
 class Paths:
@@ -97,6 +103,9 @@ TRAINER_COMMAND = ("finetune-trainer",)
 EXIT_PREEMPTED = 143  # SIGTERM handled: a checkpoint was written and the run resumes from it
 EXIT_WORLD_MISMATCH = 2
 EXIT_INCOMPATIBLE_CONFIG = 3  # the config's schemaVersion (or content) is one this trainer cannot read
+# Exit codes that no restart can fix (the Job's podFailurePolicy fails the Job at once on them, sorted ascending as
+# the API server requires): another world than the job asks for, a config this trainer cannot read.
+EXIT_NOT_RETRYABLE = (EXIT_WORLD_MISMATCH, EXIT_INCOMPATIBLE_CONFIG)
 
 
 class Metric:

@@ -72,6 +72,13 @@ class Reason:
     CHILD_NOT_OWNED = "ChildNotOwned"  # an object with a child's name exists and another owner made it
     EPHEMERAL_OUTPUT = "EphemeralOutput"
     DURABLE_OUTPUT = "DurableOutput"
+    # Group restarts (docs/multi-node.md): the Event of each, and the causes in status.lastRestart.reason.
+    GROUP_RESTARTED = "GroupRestarted"
+    DISRUPTED = "Disrupted"  # the pod had DisruptionTarget: preemption, drain, eviction, lost node (not charged)
+    EVICTED = "Evicted"  # the kubelet evicted the pod (node pressure)
+    POD_ERROR = "Error"  # the trainer exited non-zero (the job's own code)
+    REPEATED_FAILURE = "RepeatedFailure"  # the same rank failed the same way spec-many times in a row
+    FAILED_BY_POLICY = "PodFailurePolicy"  # an exit code no restart can fix (the Job's podFailurePolicy FailJob)
 
 
 class Label:

@@ -382,6 +382,18 @@ class DistributedSpec(ApiModel):
         "accelerate's FSDP plugin: weights, gradients and optimizer state sharded across processes). Default `ddp`.",
     )
     zero_stage: int | None = Field(None, ge=1, le=3, description="DeepSpeed ZeRO stage 1-3 (deepspeed only). Default 2 with deepspeed.")
+    process_group_timeout_seconds: int = Field(
+        180, ge=10, le=3600,
+        description="Seconds a collective (all-reduce, barrier) or a rendezvous store read may wait for a peer before "
+        "the rank fails and the group restarts from the last checkpoint. Default 180: a lost peer is noticed within "
+        "minutes, not torch's 30 minutes; raise it only for steps or checkpoint saves longer than that.",
+    )
+    max_restarts: int = Field(
+        10, ge=0, le=1000,
+        description="Group restarts each pod's torch elastic agent performs in place (the surviving ranks rejoin the "
+        "replacement pod at a new rendezvous and resume from the last checkpoint) before its own pod fails. Multi-node "
+        "only. Default 10.",
+    )
 
 
 class ResourcesSpec(ApiModel):

@@ -11,7 +11,7 @@ from .handlers.kopf_handlers import register
 from .handlers.reconcile import Reconciler
 from .handlers.sweep import SweepReconciler
 from .handlers.sweep import register as register_sweeps
-from .kube.client import KubeClient, RetryPolicy, load_configuration
+from .kube.client import ApiError, KubeClient, RetryPolicy, load_configuration
 from .kube.peering import check_peering
 from .settings import from_env
 
@@ -34,6 +34,13 @@ def main() -> None:
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(client, settings)
     register(registry, reconciler, settings)
+    if not settings.peering:
+        # With peering a replica may start paused: kopf delivers events only to the active one, and priming
+        # would queue every job on every replica.
+        try:
+            log.info("cache primed with %d jobs", reconciler.prime())
+        except ApiError as err:  # the watches' own listings fill it then, as before
+            log.warning("could not prime the cache (%s); starting from the watches' listings", err)
     reconciler.start(settings.workers)
     sweeps = SweepReconciler(client, settings)
     register_sweeps(registry, sweeps)

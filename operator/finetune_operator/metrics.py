@@ -25,6 +25,12 @@ EARLY_STOPS = Counter(
     ["reason"], registry=REGISTRY,
 )
 STALLED = Counter("finetune_operator_stalled_jobs", "Jobs failed by the stall watchdog.", registry=REGISTRY)
+GROUP_RESTARTS = Counter(
+    "finetune_operator_group_restarts",
+    "Group restarts of multi-node jobs (a training pod failed or was disrupted and every rank resumed from the last "
+    "checkpoint), by cause: OOMKilled, Disrupted (not charged to backoffLimit), Evicted, Error.",
+    ["reason"], registry=REGISTRY,
+)
 ENFORCED = Counter(
     "finetune_operator_stops_enforced", "Stops the operator enforced by suspending a Job after the grace period.",
     registry=REGISTRY,

@@ -46,6 +46,11 @@ class Settings:
     others stand by). Default: derived from the pod's hostname, so replicas never tie: kopf pauses
     every replica when two peers share a priority."""
 
+    peering_lifetime_seconds: int = 60
+    """FTO_PEERING_LIFETIME_SECONDS: how long a replica's peering record counts as alive without a keep-alive
+    (kopf's peering lifetime; replicas renew it 5-10 s before it expires). A standby replica takes over at
+    most this long after the active one dies, so it bounds the fail-over time. Default 60 (kopf's)."""
+
     resync_seconds: float = 10.0
     """FTO_RESYNC_SECONDS: the longest a job whose clock matters (a pending stop's grace period, the stall
     watchdog of a running job) waits between passes that no watch event triggered (seconds). Such passes
@@ -119,7 +124,7 @@ class Settings:
 
 _KNOWN = {
     "FTO_NAMESPACES", "FTO_TRAINER_IMAGE", "FTO_IMAGE_PULL_POLICY", "FTO_LOG_FORMAT", "FTO_LOG_LEVEL",
-    "FTO_METRICS_PORT", "FTO_HEALTH_PORT", "FTO_PEERING", "FTO_PEERING_PRIORITY", "FTO_RESYNC_SECONDS", "FTO_API_TIMEOUT_SECONDS",
+    "FTO_METRICS_PORT", "FTO_HEALTH_PORT", "FTO_PEERING", "FTO_PEERING_PRIORITY", "FTO_PEERING_LIFETIME_SECONDS", "FTO_RESYNC_SECONDS", "FTO_API_TIMEOUT_SECONDS",
     "FTO_API_CONNECT_TIMEOUT_SECONDS", "FTO_API_POOL_SIZE", "FTO_WORKERS", "FTO_WATCH_SERVER_TIMEOUT_SECONDS",
     "FTO_APPLY_CONCURRENCY", "FTO_API_QPS", "FTO_API_BURST", "FTO_API_RETRIES", "FTO_RETRY_BASE_SECONDS",
     "FTO_RETRY_MAX_SECONDS",
@@ -161,6 +166,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         health_port=num("FTO_HEALTH_PORT", d.health_port, int),
         peering=env.get("FTO_PEERING", "").strip(),
         peering_priority=num("FTO_PEERING_PRIORITY", _hostname_priority(env), int),
+        peering_lifetime_seconds=max(2, num("FTO_PEERING_LIFETIME_SECONDS", d.peering_lifetime_seconds, int)),
         resync_seconds=max(0.2, num("FTO_RESYNC_SECONDS", d.resync_seconds)),
         api_timeout_seconds=max(0.5, num("FTO_API_TIMEOUT_SECONDS", d.api_timeout_seconds)),
         api_connect_timeout_seconds=max(0.5, num("FTO_API_CONNECT_TIMEOUT_SECONDS", d.api_connect_timeout_seconds)),

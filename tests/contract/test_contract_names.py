@@ -18,8 +18,10 @@ MANIFEST = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metad
 def test_the_operator_sets_exactly_the_contract_env_ports_and_paths():
     job = next(c for c in desired_children(validate_manifest(MANIFEST), Settings()) if c["kind"] == "Job")
     container = job["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
     assert set(env) == set(Env.OPERATOR_SET)
+    # The rendezvous id comes from the pod itself (downward API): the uid the Job controller labels its pods with.
+    assert "fieldRef" in next(e for e in container["env"] if e["name"] == Env.RDZV_ID)["valueFrom"]
     assert env[Env.CONFIG] == Paths.CONFIG_FILE and env[Env.MASTER_PORT] == str(Ports.RENDEZVOUS)
     assert {p["containerPort"] for p in container["ports"]} == {Ports.RENDEZVOUS, Ports.METRICS}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}

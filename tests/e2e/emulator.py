@@ -414,6 +414,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
     requests_served: int = 0
     faults: list[JsonObj] = attrs.field(factory=list)  # injected failures (see _serve_faults)
     audit_log: Any = None  # a text file: one JSON line per resource request, like the API server's audit log
+    _closing: asyncio.Event = attrs.field(factory=asyncio.Event)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -465,7 +466,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             if spec is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource",
                                {"group": parsed.group, "kind": parsed.plural})
-            injected = self._injected(raw, parsed)
+            injected = await self._injected(raw, parsed)
             if injected is not None:
                 return injected
             body = await raw.read()
@@ -495,19 +496,25 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
 
     async def _serve_faults(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         """`POST /_e2e/faults` with {"code": 429, "retryAfter": 1, "count": 3, "verbs": [...], "token": ...,
-        "resource": ...}: the next `count` matching requests are answered with that failure, as API Priority
-        and Fairness answers (429 TooManyRequests + Retry-After). `POST /_e2e/faults/drop-watches` ends every
-        open watch stream, like a load balancer cutting connections; with {"expire": true} it also compacts
-        the event history, as etcd compaction does: a watch resumed from any resourceVersion served so far
-        gets 410 Gone ("too old resource version") and must re-list, and the events in between (deletions
-        included) are never sent. `GET /_e2e/faults` lists what is left."""
+        "resource": ..., "namespace": ..., "delay": ...}: the next `count` matching requests are answered with
+        that failure, as API Priority and Fairness answers (429 TooManyRequests + Retry-After), or 409
+        Conflict, 500, 503, 504. Matching: `verbs` in RBAC terms (get, list, watch, create, patch, update,
+        delete); `resource` a plural ("finetunejobs": the object and its subresources) or "plural/status"
+        (only the subresource); `token` the client's bearer token. Each hit's wall time is kept in
+        `hitTimes` (tests read the client's backoff from them).
+        - `delay` (seconds) without `code`: the request waits that long, then is served normally unless the
+          client gave up meanwhile (then it is dropped unserved: a real server might still commit it).
+        - `code` 410 with `verbs: ["watch"]`: etcd compaction as that client sees it: a watch resuming from a
+          resourceVersion at or below `compactedAt` (default: the current one) gets 200 and an ERROR event
+          410 Expired, as from the real server; watches from newer versions (after a re-list) are served.
+        `POST /_e2e/faults/drop-watches` ends every open watch stream, like a load balancer cutting
+        connections; with {"expire": true} it also compacts the whole event history, as etcd compaction
+        does: a watch resumed from any resourceVersion served so far gets 410 Gone ("too old resource
+        version") and must re-list, and the events in between (deletions included) are never sent.
+        `GET /_e2e/faults` lists the faults with their hits; `DELETE` clears them."""
         if raw.method == "POST" and raw.path.rstrip("/").endswith("/drop-watches"):
             expire = bool(json.loads(await raw.read() or b"{}").get("expire"))
-            dropped = 0
-            for queues in self._watchers.values():
-                for queue in list(queues):
-                    queue.put_nowait(None)  # type: ignore[arg-type]
-                    dropped += 1
+            dropped = self.drop_watches()
             if expire:
                 # No await since the drop: a watch request arriving from now on sees the compacted history.
                 # One revision is spent so that a listing taken now (at the new revision) can be watched from.
@@ -518,16 +525,29 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             return aiohttp.web.json_response({"dropped": dropped, "expired": expire})
         if raw.method == "POST":
             fault = json.loads(await raw.read() or b"{}")
-            fault.setdefault("code", 429)
+            if fault.get("delay") is None:
+                fault.setdefault("code", 429)
             fault.setdefault("count", 1)
+            if fault.get("code") == 410:
+                fault.setdefault("compactedAt", self.rv)
             fault["hits"] = 0
+            fault["hitTimes"] = []
             self.faults.append(fault)
             return aiohttp.web.json_response(fault, status=201)
         if raw.method == "DELETE":
             self.faults.clear()
         return aiohttp.web.json_response({"faults": self.faults})
 
-    def _injected(self, raw: aiohttp.web.BaseRequest, p: ParsedPath) -> aiohttp.web.StreamResponse | None:
+    def drop_watches(self) -> int:
+        """End every open watch stream (clients must re-watch); how many there were."""
+        dropped = 0
+        for queues in self._watchers.values():
+            for queue in list(queues):
+                queue.put_nowait(None)  # type: ignore[arg-type]
+                dropped += 1
+        return dropped
+
+    def _matching_fault(self, raw: aiohttp.web.BaseRequest, p: ParsedPath) -> JsonObj | None:
         if not self.faults:
             return None
         token = raw.headers.get("Authorization", "").removeprefix("Bearer ").strip()
@@ -539,19 +559,49 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
                 continue
             if fault.get("token") and fault["token"] != token:
                 continue
-            if fault.get("resource") and fault["resource"] != p.plural:
+            resource = fault.get("resource")
+            if resource and resource not in (p.plural, f"{p.plural}/{p.subresource}"):
                 continue
+            if fault.get("namespace") and fault["namespace"] != p.namespace:
+                continue
+            if fault.get("code") == 410:
+                since = raw.query.get("resourceVersion")
+                if verb != "watch" or not since or not since.isdigit() or int(since) > int(fault["compactedAt"]):
+                    continue
             fault["hits"] += 1
-            code = int(fault["code"])
-            reason = {429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
-                      504: "Timeout"}.get(code, "InternalError")
-            err = ApiError(code, reason, "the server has received too many requests and has asked us to try "
-                           "again later" if code == 429 else "injected failure", {"retryAfterSeconds": fault.get("retryAfter")}
-                           if fault.get("retryAfter") is not None else {})
-            headers = {"Retry-After": str(fault["retryAfter"])} if fault.get("retryAfter") is not None else {}
-            return aiohttp.web.Response(body=json.dumps(err.status()).encode(), status=code, headers=headers,
-                                        content_type="application/json")
+            fault["hitTimes"].append(datetime.datetime.now(datetime.UTC).timestamp())
+            return fault
         return None
+
+    async def _injected(self, raw: aiohttp.web.BaseRequest, p: ParsedPath) -> aiohttp.web.StreamResponse | None:
+        """The injected answer for this request, or None to serve it (after the injected delay, if any)."""
+        fault = self._matching_fault(raw, p)
+        if fault is None:
+            return None
+        if fault.get("delay") is not None:
+            with contextlib.suppress(TimeoutError):  # a server shutting down does not wait out the delay
+                await asyncio.wait_for(self._closing.wait(), float(fault["delay"]))
+            if fault.get("code") is None:
+                if raw.transport is None or raw.transport.is_closing():
+                    raise ConnectionResetError("the client gave up on a delayed request")
+                return None
+        code = int(fault["code"])
+        if code == 410:
+            gone = ApiError(410, "Expired", f"too old resource version: {raw.query.get('resourceVersion')} ({self.rv})")
+            response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            await response.prepare(raw)
+            await response.write(json.dumps({"type": "ERROR", "object": gone.status()}).encode() + b"\n")
+            return response
+        reason = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable",
+                  504: "Timeout"}.get(code, "InternalError")
+        message = {429: "the server has received too many requests and has asked us to try again later",
+                   409: f"Operation cannot be fulfilled on {p.plural} \"{p.name}\": the object has been modified; "
+                        "please apply your changes to the latest version and try again"}.get(code, "injected failure")
+        err = ApiError(code, reason, message, {"retryAfterSeconds": fault.get("retryAfter")}
+                       if fault.get("retryAfter") is not None else {})
+        headers = {"Retry-After": str(fault["retryAfter"])} if fault.get("retryAfter") is not None else {}
+        return aiohttp.web.Response(body=json.dumps(err.status()).encode(), status=code, headers=headers,
+                                    content_type="application/json")
 
     def _dispatch(self, raw: aiohttp.web.BaseRequest, spec: ResourceSpec, p: ParsedPath,
                   body: bytes) -> tuple[int, JsonObj]:
@@ -695,6 +745,8 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             if not spec.group.endswith(".dev") and spec.key[0] in ("", "batch", "apiextensions.k8s.io"):
                 obj["status"] = {}  # built-in types are Go structs: their empty status is still there
         _apply_defaults(spec, obj)
+        if spec.key == ("batch", "v1", "jobs"):
+            _validate_job_spec(obj)
         if dry_run:
             return obj
         meta["resourceVersion"] = self._next_rv()
@@ -702,6 +754,11 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         self._by_uid[meta["uid"]] = (spec.key, key)
         self._index_owners(spec, key, None, obj)
         self._emit(spec, "ADDED", None, obj)
+        for ref in meta.get("ownerReferences") or []:
+            if self._find_uid(ref.get("uid", "")) is None:
+                # The real garbage collector deletes a dependent whose owner does not exist (checked by uid),
+                # also when it was created after the owner was deleted.
+                self._gc_kick(ref.get("uid", ""))
         if spec.key == ("apiextensions.k8s.io", "v1", "customresourcedefinitions"):
             self._register_crd(obj)
         return obj
@@ -739,6 +796,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         if spec.key == ("batch", "v1", "jobs") and not status_only:
             _check_job_update(old, new)
+            _validate_job_spec(new)
         new = self._validate(spec, new, strict=False)
         if new == old:
             return old  # a no-op write changes nothing, not even the resourceVersion
@@ -1067,9 +1125,13 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             raise ApiError(422, "Invalid", f'{spec.kind}.{spec.group} "{name}" is invalid: '
                            + ", ".join(str(v) for v in problems),
                            {"name": name, "group": spec.group, "kind": spec.kind, "causes": causes})
-        # The harness works on a copy; keep server-owned metadata exactly as it was.
+        # The harness works on a copy; keep server-owned metadata exactly as it was, and apiVersion and kind,
+        # which the server never prunes (kopf's peering CRDs do not declare them in their schema).
         stored = result.obj
         stored["metadata"] = obj["metadata"]
+        for field in ("apiVersion", "kind"):
+            if field in obj:
+                stored[field] = obj[field]
         return stored
 
     def _unregister_crd(self, crd: JsonObj) -> None:
@@ -1132,7 +1194,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
                     queue.get_nowait()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout if timeout is not None else None
-            while True:
+            while not self._closing.is_set():  # shutting down: end the stream, like drop-watches
                 wait = BOOKMARK_SECONDS if deadline is None else min(BOOKMARK_SECONDS, deadline - loop.time())
                 if wait <= 0:
                     break
@@ -1177,6 +1239,35 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
             meta["annotations"] = annotations
         return json.dumps({"type": "BOOKMARK", "object": {"kind": spec.kind, "apiVersion": spec.api_version,
                                                           "metadata": meta}}).encode() + b"\n"
+
+    # -- restarts: the state etcd would keep -------------------------------------------------------------
+
+    def dump_state(self) -> JsonObj:
+        """Everything etcd holds (objects, the resourceVersion counter, server-side apply's field sets),
+        for an API server restart that keeps its state (`--state FILE`)."""
+        return {"rv": self.rv,
+                "objects": [[list(key), list(okey), obj] for key, objs in self.store.items() for okey, obj in objs.items()],
+                "applied": [[list(k[0]), list(k[1]), k[2], [list(x) for x in v]] for k, v in self._applied.items()]}
+
+    def load_state(self, state: JsonObj) -> None:
+        """Restore a dump_state(): CRDs first (they register their resources), then every object. The watch
+        event log starts empty, as a restarted server's watch cache does: a watch resuming from any older
+        resourceVersion gets 410 Gone and the client re-lists (a real server may still replay recent events
+        from etcd; this is the stricter case)."""
+        objects = [(tuple(k), tuple(o), obj) for k, o, obj in state["objects"]]
+        crds = ("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+        for key, okey, obj in sorted(objects, key=lambda x: x[0] != crds):
+            if key not in self.specs:
+                continue  # a resource whose CRD is gone
+            self.store[key][okey] = obj
+            self._by_uid[obj["metadata"]["uid"]] = (key, okey)
+            self._index_owners(self.specs[key], okey, None, obj)
+            if key == crds:
+                self._register_crd(obj)
+        self._applied = {(tuple(a), tuple(b), m): {tuple(x) for x in v} for a, b, m, v in state.get("applied") or []}
+        self.rv = max(self.rv, int(state["rv"]))
+        for key in self.specs:
+            self._log_floor[key] = self.rv
 
     # -- helpers for tests running in the same process --------------------------------------------------
 
@@ -1232,6 +1323,95 @@ def _check_job_update(old: JsonObj, new: JsonObj) -> None:
         refuse("template", nt)
 
 
+# pkg/apis/batch/validation: validatePodFailurePolicy and friends (Kubernetes 1.31+).
+_PFP_MAX_RULES, _PFP_MAX_EXIT_CODES, _PFP_MAX_PATTERNS = 20, 255, 20
+_PFP_ACTIONS = ("Count", "FailIndex", "FailJob", "Ignore")
+_QUALIFIED_NAME = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def _validate_job_spec(job: JsonObj) -> None:
+    """The parts of the real server's ValidateJob this project's Jobs use beyond the schema: the pod failure policy
+    (rules, exit codes sorted, unique, not 0 for In, container names of the template, conditions, the restartPolicy
+    it requires) and podReplacementPolicy. 422 Invalid with the server's field paths and wording."""
+    spec = job.get("spec") or {}
+    name = (job.get("metadata") or {}).get("name", "")
+    errors: list[tuple[str, str]] = []
+    tspec = (spec.get("template") or {}).get("spec") or {}
+    restart = tspec.get("restartPolicy")
+    if restart not in ("Never", "OnFailure"):
+        errors.append(("spec.template.spec.restartPolicy", f'Unsupported value: "{restart}": supported values: '
+                       '"OnFailure", "Never"'))
+    policy = spec.get("podFailurePolicy")
+    if policy is not None:
+        if restart != "Never":
+            errors.append(("spec.template.spec.restartPolicy", f'Invalid value: "{restart}": only "Never" is '
+                           "supported when podFailurePolicy is specified"))
+        rules = policy.get("rules") or []
+        if len(rules) > _PFP_MAX_RULES:
+            errors.append(("spec.podFailurePolicy.rules", f"Too many: {len(rules)}: must have at most {_PFP_MAX_RULES} items"))
+        containers = {c.get("name") for c in (tspec.get("containers") or []) + (tspec.get("initContainers") or [])}
+        for i, rule in enumerate(rules):
+            path = f"spec.podFailurePolicy.rules[{i}]"
+            action = rule.get("action")
+            if not action:
+                errors.append((f"{path}.action", f"Required value: valid values: {list(_PFP_ACTIONS)}"))
+            elif action == "FailIndex":
+                if spec.get("backoffLimitPerIndex") is None:
+                    errors.append((f"{path}.action", 'Invalid value: "FailIndex": requires the backoffLimitPerIndex to be set'))
+            elif action not in _PFP_ACTIONS:
+                errors.append((f"{path}.action", f'Unsupported value: "{action}": supported values: {list(_PFP_ACTIONS)}'))
+            codes, conditions = rule.get("onExitCodes"), rule.get("onPodConditions") or []
+            if codes is not None:
+                cpath = f"{path}.onExitCodes"
+                op = codes.get("operator")
+                if not op:
+                    errors.append((f"{cpath}.operator", 'Required value: valid values: ["In" "NotIn"]'))
+                elif op not in ("In", "NotIn"):
+                    errors.append((f"{cpath}.operator", f'Unsupported value: "{op}": supported values: "In", "NotIn"'))
+                if codes.get("containerName") is not None and codes["containerName"] not in containers:
+                    errors.append((f"{cpath}.containerName", f'Invalid value: "{codes["containerName"]}": must be one '
+                                   "of the container or initContainer names in the pod template"))
+                values = codes.get("values") or []
+                if not values:
+                    errors.append((f"{cpath}.values", "Invalid value: []: at least one value is required"))
+                elif len(values) > _PFP_MAX_EXIT_CODES:
+                    errors.append((f"{cpath}.values", f"Too many: {len(values)}: must have at most {_PFP_MAX_EXIT_CODES} items"))
+                for j, value in enumerate(values):
+                    if op == "In" and value == 0:
+                        errors.append((f"{cpath}.values[{j}]", "Invalid value: 0: must not be 0 for the In operator"))
+                    if value in values[:j]:
+                        errors.append((f"{cpath}.values[{j}]", f"Duplicate value: {value}"))
+                if any(a > b for a, b in zip(values, values[1:], strict=False)):
+                    errors.append((f"{cpath}.values", f"Invalid value: {json.dumps(values)}: must be ordered"))
+            if len(conditions) > _PFP_MAX_PATTERNS:
+                errors.append((f"{path}.onPodConditions", f"Too many: {len(conditions)}: must have at most {_PFP_MAX_PATTERNS} items"))
+            for j, pattern in enumerate(conditions):
+                ppath = f"{path}.onPodConditions[{j}]"
+                if not _QUALIFIED_NAME.match(str(pattern.get("type") or "")):
+                    errors.append((f"{ppath}.type", f'Invalid value: "{pattern.get("type")}": a valid qualified name is required'))
+                status = pattern.get("status")
+                if not status:
+                    errors.append((f"{ppath}.status", 'Required value: valid values: ["False" "True" "Unknown"]'))
+                elif status not in ("True", "False", "Unknown"):
+                    errors.append((f"{ppath}.status", f'Unsupported value: "{status}": supported values: "False", "True", "Unknown"'))
+            if codes is not None and conditions:
+                errors.append((path, "Invalid value: specifying both OnExitCodes and OnPodConditions is not supported"))
+            if codes is None and not conditions:
+                errors.append((path, "Invalid value: specifying one of OnExitCodes and OnPodConditions is required"))
+    replacement = spec.get("podReplacementPolicy")
+    if replacement is not None:
+        allowed = ("Failed",) if policy is not None else ("Failed", "TerminatingOrFailed")
+        if replacement not in allowed:
+            errors.append(("spec.podReplacementPolicy", f'Unsupported value: "{replacement}": supported values: '
+                           + ", ".join(f'"{a}"' for a in allowed)))
+    if errors:
+        shown = ", ".join(f"{f}: {m}" for f, m in errors)
+        raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: {shown}',
+                       {"name": name, "group": "batch", "kind": "Job",
+                        "causes": [{"reason": "FieldValueInvalid", "message": m, "field": f} for f, m in errors]})
+
+
 def _apply_defaults(spec: ResourceSpec, obj: JsonObj) -> None:
     """The few server-side defaults that clients and controllers rely on."""
     if spec.key == ("", "v1", "namespaces"):
@@ -1262,7 +1442,8 @@ def _apply_defaults(spec: ResourceSpec, obj: JsonObj) -> None:
         job.setdefault("completionMode", "NonIndexed")
         job.setdefault("suspend", False)
         job.setdefault("manualSelector", False)
-        job.setdefault("podReplacementPolicy", "TerminatingOrFailed")
+        # With a podFailurePolicy the server defaults (and only accepts) Failed: replace only fully terminated pods.
+        job.setdefault("podReplacementPolicy", "Failed" if job.get("podFailurePolicy") else "TerminatingOrFailed")
         labels = {"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": obj["metadata"]["name"],
                   "controller-uid": uid, "job-name": obj["metadata"]["name"]}
         if not job.get("manualSelector"):
@@ -1282,17 +1463,31 @@ def _apply_defaults(spec: ResourceSpec, obj: JsonObj) -> None:
 
 
 async def serve(port: int = 0, on_ready: Callable[[str], None] | None = None,
-                stop: asyncio.Event | None = None, audit_log: Path | None = None) -> None:
-    """Serve on 127.0.0.1 (never any other address) until `stop` is set."""
+                stop: asyncio.Event | None = None, audit_log: Path | None = None,
+                state: Path | None = None) -> None:
+    """Serve on 127.0.0.1 (never any other address) until `stop` is set. With `state`, start from that
+    file when it exists and write it on the way out (an API server restart that keeps etcd)."""
     emulator = FaithfulKubernetesEmulator()
     if audit_log is not None:
         emulator.audit_log = audit_log.open("a", buffering=1)  # line-buffered: readable while serving
-    async with emulator, kmock.Server(emulator, host="127.0.0.1", port=port or None) as server:
-        url = f"http://127.0.0.1:{server.port}"
-        logger.info("emulator listening url=%s", url)
-        if on_ready:
-            on_ready(url)
-        await (stop or asyncio.Event()).wait()
+    if state is not None and state.exists():
+        emulator.load_state(json.loads(state.read_text()))
+    try:
+        async with emulator, kmock.Server(emulator, host="127.0.0.1", port=port or None) as server:
+            url = f"http://127.0.0.1:{server.port}"
+            logger.info("emulator listening url=%s", url)
+            if on_ready:
+                on_ready(url)
+            await (stop or asyncio.Event()).wait()
+            # Open watches and delayed requests would hold the shutdown for aiohttp's 60 s grace period.
+            emulator._closing.set()
+            emulator.drop_watches()
+            await asyncio.sleep(0.1)
+    finally:
+        if state is not None:
+            tmp = state.with_suffix(".tmp")
+            tmp.write_text(json.dumps(emulator.dump_state()))
+            tmp.replace(state)
 
 
 def load_crds(paths: Iterable[Path]) -> list[JsonObj]:
@@ -1305,6 +1500,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--state", type=Path, help="load the objects from this file if it exists; save them on exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -1319,7 +1515,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"READY {url}", flush=True)
 
         # The audit log sits beside the kubeconfig, where tests find it (kube.kubeconfig.parent).
-        await serve(args.port, ready, stop, audit_log=args.kubeconfig.parent / "audit.jsonl")
+        await serve(args.port, ready, stop, audit_log=args.kubeconfig.parent / "audit.jsonl", state=args.state)
 
     asyncio.run(run())
 

@@ -105,7 +105,8 @@ heartbeat, polling for stop requests - and misbehaves on purpose when FAKE_MODE 
   obey   - stop gracefully (exit 0) once a stop is requested (what the real trainer does)
   ignore - keep "training" whatever the operator asks (for stop enforcement)
   hang   - report one epoch, then stop reporting while the process stays alive (for the watchdog)
-FAKE_VAL_LOSSES: comma list, one validation loss per epoch; FAKE_EPOCH_SECONDS: time per epoch.
+FAKE_VAL_LOSSES: comma list, one validation loss per epoch; FAKE_EPOCH_SECONDS: time per epoch;
+FAKE_POLL_SECONDS: time between its stop checks (0.1).
 """
 
 import json
@@ -122,6 +123,7 @@ path = f"/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs/{name}"
 mode = os.environ.get("FAKE_MODE", "obey")
 losses = [float(x) for x in os.environ.get("FAKE_VAL_LOSSES", "0.5,0.4").split(",")]
 epoch_seconds = float(os.environ.get("FAKE_EPOCH_SECONDS", "0.3"))
+poll_seconds = float(os.environ.get("FAKE_POLL_SECONDS", "0.1"))  # how often it asks whether to stop
 client = KubeClient(load_configuration(2))
 config = json.load(open(os.environ["FINETUNE_CONFIG"]))
 total = config["spec"]["hyperparameters"]["epochs"]
@@ -165,7 +167,7 @@ for epoch in range(1, min(total, len(losses)) + 1):
         if mode == "obey" and stop_requested():
             print(f"stop requested after epoch {epoch}", flush=True)
             sys.exit(0)
-        time.sleep(0.1)
+        time.sleep(poll_seconds)
 if mode == "ignore":
     while True:  # keeps holding its "GPUs"
         time.sleep(1)
@@ -173,12 +175,10 @@ print("all epochs done", flush=True)
 '''
 
 
-@pytest.fixture
-def fake_trainer_env(tmp_path: Path):
-    """Returns env(mode, losses, epoch_seconds) -> spec.env that makes pods run the fake trainer above
-    (its directory first on PATH, so the pod's `finetune-trainer` command resolves to it)."""
-    bindir = tmp_path / "fakebin"
-    bindir.mkdir()
+def fake_trainer(bindir: Path):
+    """Install the stand-in trainer as `bindir/finetune-trainer`; returns env(mode, losses, epoch_seconds) ->
+    spec.env that makes pods run it (its directory first on PATH, so the pod's command resolves to it)."""
+    bindir.mkdir(parents=True, exist_ok=True)
     exe = bindir / "finetune-trainer"
     exe.write_text(FAKE_TRAINER)
     exe.chmod(0o755)
@@ -189,6 +189,12 @@ def fake_trainer_env(tmp_path: Path):
                 "FAKE_REPO": str(REPO)}
 
     return env
+
+
+@pytest.fixture
+def fake_trainer_env(tmp_path: Path):
+    """Returns env(mode, losses, epoch_seconds) -> spec.env that makes pods run the fake trainer above."""
+    return fake_trainer(tmp_path / "fakebin")
 
 
 @pytest.fixture

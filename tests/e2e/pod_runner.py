@@ -25,7 +25,13 @@ How a pod is emulated on one machine (documented deviations from a real kubelet)
 - a Job deleted through the API also stops its pods (a real cluster would orphan them when no
   propagationPolicy is given): the runner never leaves processes behind;
 - OOMKilled: `oom_kill(pod)` ends a pod as the kernel's OOM killer would (SIGKILL, reason OOMKilled);
-  memory limits themselves are not enforced.
+  memory limits themselves are not enforced;
+- disruptions: `disrupt(pod)` gives the pod the DisruptionTarget condition the control plane adds on preemption,
+  eviction or node loss, then kills it;
+- podFailurePolicy (Job controller): a failed pod is matched against the rules in order (exit codes of its
+  terminated containers, its conditions): FailJob fails the Job (reason PodFailurePolicy, the controller's
+  message), Ignore replaces the pod without counting it towards backoffLimit (nor in status.failed), Count and
+  no match count it; replacements start only after the pod finished (podReplacementPolicy Failed).
 """
 
 from __future__ import annotations
@@ -70,6 +76,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it. A container's processes all die with it, but torch elastic starts each
+    worker in a session of its own (subprocess_handler: start_new_session), so signalling the pod's process group
+    alone leaves the workers of a "killed" pod training on."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """`sig` to the process group of `pid` and to every process below it (what ending a container does)."""
+    tree = process_tree(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, sig)
+
+
 def expand_vars(text: str, env: dict[str, str]) -> str:
     """Kubernetes' `$(VAR)` expansion: defined variables are substituted, `$$` escapes, others stay."""
     return _VAR_REF.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
@@ -93,6 +131,7 @@ class PodRun:
     deleting: bool = False  # the pod object is being deleted (or gone)
     stopped_by_runner: bool = False  # suspend/job end: not counted as a failure
     forced_reason: str | None = None  # fail_pod/oom_kill: the reason to report
+    disruption: JsonObj | None = None  # disrupt(): the DisruptionTarget condition the pod ends with
     gone: bool = False  # the Pod object no longer exists
     task: asyncio.Task[None] | None = None
     scratch: Path | None = None
@@ -114,6 +153,8 @@ class JobRun:
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     timer: asyncio.TimerHandle | None = None
     next_create_at: float = 0.0
+    fail_job: tuple[str, str] | None = None  # a podFailurePolicy FailJob rule matched: (reason, message)
+    ignored_failures: int = 0  # failed pods a podFailurePolicy Ignore rule kept off the failure count
 
 
 class PodRunner:
@@ -162,8 +203,7 @@ class PodRunner:
             # Last resort: whatever survived (a process group that ignored SIGTERM) is killed.
             for pod in self.pods.values():
                 for proc in pod.processes:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
+                    kill_tree(proc.pid)
 
     def __enter__(self) -> PodRunner:
         return self.start()
@@ -297,7 +337,9 @@ class PodRunner:
             completions is not None and run.succeeded >= completions or
             completions is None and run.succeeded > 0 and not live)
         failure: tuple[str, str] | None = None
-        if not done and run.failed > backoff_limit:
+        if not done and run.fail_job is not None:
+            failure = run.fail_job
+        elif not done and run.failed > backoff_limit:
             failure = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
         deadline = spec.get("activeDeadlineSeconds")
         if not done and failure is None and deadline is not None:
@@ -501,7 +543,7 @@ class PodRunner:
             for c in body["spec"].get("containers") or []]
         status: JsonObj = {"phase": pod.phase, "containerStatuses": statuses,
                            "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": finished,
-                                           "reason": "PodCompleted"}]}
+                                           "reason": "PodCompleted"}] + ([pod.disruption] if pod.disruption else [])}
         if pod.phase == "Failed" and pod.reason in ("OOMKilled", "DeadlineExceeded"):
             status["reason"] = pod.reason
         if message:
@@ -521,8 +563,18 @@ class PodRunner:
             if pod.index is not None:
                 run.succeeded_indexes.add(pod.index)
         else:
-            run.failed += 1
-            run.next_create_at = asyncio.get_running_loop().time() + self.backoff_seconds
+            action, message = _pod_failure_action((run.body.get("spec") or {}).get("podFailurePolicy"), pod, status)
+            if action == "FailJob":
+                run.failed += 1
+                run.fail_job = run.fail_job or ("PodFailurePolicy", message)
+            elif action == "Ignore":
+                run.ignored_failures += 1  # a replacement pod, and the failure is not counted (nor backed off)
+            else:
+                run.failed += 1
+                run.next_create_at = asyncio.get_running_loop().time() + self.backoff_seconds
+            if message:
+                logger.info("pod failure policy job=%s/%s pod=%s action=%s: %s", pod.namespace, pod.job, pod.name,
+                            action, message)
         if not pod.gone:
             await self._patch_pod_status(pod, status)
         if pod.deleting and not pod.gone:
@@ -557,8 +609,7 @@ class PodRunner:
                 await asyncio.wait_for(asyncio.gather(*(p.wait() for p in alive)), grace)
             except TimeoutError:
                 for proc in alive:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
+                    kill_tree(proc.pid)
                 await asyncio.gather(*(p.wait() for p in alive))
         if pod.task and not pod.task.done():
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
@@ -581,8 +632,7 @@ class PodRunner:
             if pod.phase in ("Pending", "Running"):
                 for proc in pod.processes:
                     if proc.returncode is None:
-                        with contextlib.suppress(ProcessLookupError, PermissionError):
-                            os.killpg(proc.pid, signal.SIGKILL)
+                        kill_tree(proc.pid)
             return
         if meta.get("deletionTimestamp") and not pod.deleting:
             # Graceful deletion requested through the API: stop the containers, then remove the object.
@@ -725,14 +775,18 @@ class PodRunner:
         raise KeyError(f"pod {name!r} is not run by this runner (known: {sorted(n for _, n in self.pods)})")
 
     def kill(self, name: str, sig: int = signal.SIGKILL, namespace: str | None = None) -> None:
-        """Send `sig` to the pod's process groups; the pod ends however its processes react."""
+        """Send `sig` to the pod's process groups (SIGKILL: to every process of the pod, as when its container or node
+        is gone); the pod ends however its processes react."""
         pod = self._find(name, namespace)
 
         def send() -> None:
             for proc in pod.processes:
                 if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, sig)
+                    if sig == signal.SIGKILL:
+                        kill_tree(proc.pid)  # the container is gone: every process in it
+                    else:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(proc.pid, sig)  # the kubelet signals the container's main process
 
         self._loop.call_soon_threadsafe(send)
 
@@ -741,6 +795,19 @@ class PodRunner:
         pod = self._find(name, namespace)
         pod.forced_reason = reason
         self.kill(name, signal.SIGKILL, namespace)
+
+    def disrupt(self, name: str, namespace: str | None = None, reason: str = "PreemptionByScheduler",
+                sig: int = signal.SIGKILL) -> None:
+        """End the pod as a disruption does (preemption, node drain, eviction, lost node): the pod gets the
+        `DisruptionTarget` condition (status True, `reason`) that the real control plane adds before it stops the
+        pod, then `sig` (SIGKILL: a node that is gone; SIGTERM: a graceful eviction)."""
+        pod = self._find(name, namespace)
+        pod.disruption = {"type": "DisruptionTarget", "status": "True", "reason": reason, "lastTransitionTime": _now(),
+                          "message": {"PreemptionByScheduler": "default-scheduler: preempting to accommodate a higher "
+                                      "priority pod", "EvictionByEvictionAPI": "Eviction API: evicting",
+                                      "DeletionByTaintManager": "Taint manager: deleting due to NoExecute taint"}
+                          .get(reason, reason)}
+        self.kill(name, sig, namespace)
 
     def oom_kill(self, name: str, namespace: str | None = None) -> None:
         """End the pod as the kernel's OOM killer would: SIGKILL, exit code 137, reason OOMKilled."""
@@ -765,6 +832,38 @@ class PodRunner:
                 lines.extend(pod.log_path.read_text(errors="replace").splitlines()[-tail:])
         lines.extend(f"runner error: {e}" for e in self.errors)
         return "\n".join(lines)
+
+
+def _pod_failure_action(policy: JsonObj | None, pod: PodRun, status: JsonObj) -> tuple[str, str]:
+    """The Job controller's podFailurePolicy match for a failed pod: (action, message); ("Count", "") when no rule
+    matches. Rules in order, the first match wins; onExitCodes looks at the terminated containers' non-zero exit
+    codes (containerName: only that container), onPodConditions at the pod's conditions; an unknown action is
+    skipped, as the API documents. Messages are the controller's (pkg/controller/job/pod_failure_policy.go)."""
+    if not policy:
+        return "Count", ""
+    conditions = status.get("conditions") or []
+    for i, rule in enumerate(policy.get("rules") or []):
+        action = rule.get("action")
+        if action not in ("Count", "FailJob", "Ignore"):
+            continue  # FailIndex needs backoffLimitPerIndex, which no Job here sets
+        codes = rule.get("onExitCodes")
+        if codes is not None:
+            for cs in status.get("containerStatuses") or []:
+                if codes.get("containerName") not in (None, cs["name"]):
+                    continue
+                code = ((cs.get("state") or {}).get("terminated") or {}).get("exitCode")
+                if code in (None, 0):
+                    continue
+                inside = code in (codes.get("values") or [])
+                if inside == (codes.get("operator") == "In"):
+                    return action, (f"Container {cs['name']} for pod {pod.namespace}/{pod.name} failed with exit code "
+                                    f"{code} matching {action} rule at index {i}")
+        for pattern in rule.get("onPodConditions") or []:
+            for cond in conditions:
+                if cond.get("type") == pattern.get("type") and cond.get("status") == pattern.get("status", "True"):
+                    return action, (f"Pod {pod.namespace}/{pod.name} has condition {cond['type']} matching {action} rule "
+                                    f"at index {i}")
+    return "Count", ""
 
 
 def _volume_data(obj: JsonObj, is_configmap: bool) -> dict[str, bytes]:

@@ -416,3 +416,50 @@ def test_concurrent_clients_do_not_lose_writes(api, namespace):
         t.join()
     assert not errors
     assert len(api.core.read_namespaced_config_map("counter", namespace).data) == 40
+
+
+def test_job_pod_failure_policy_is_validated_like_the_real_server(api, namespace):
+    """pkg/apis/batch/validation: restartPolicy Never, exit codes sorted/unique/non-zero for In, known container
+    names, one requirement per rule, and podReplacementPolicy Failed (defaulted) with a podFailurePolicy."""
+    def job(policy: dict, restart: str = "Never", **spec: object) -> dict:
+        return {"metadata": {"name": "pfp"}, "spec": {"podFailurePolicy": policy, **spec, "template": {"spec": {
+            "restartPolicy": restart, "containers": [{"name": "trainer", "image": "i"}]}}}}
+
+    def rule(**r: object) -> dict:
+        return {"rules": [{"action": "FailJob", **r}]}
+
+    codes = {"containerName": "trainer", "operator": "In", "values": [2, 3]}
+    cases = [
+        (job(rule(onExitCodes=codes), restart="OnFailure"), 'spec.template.spec.restartPolicy: Invalid value: "OnFailure"'),
+        (job(rule(onExitCodes={**codes, "values": [3, 2]})), "spec.podFailurePolicy.rules[0].onExitCodes.values: "
+                                                             "Invalid value: [3, 2]: must be ordered"),
+        (job(rule(onExitCodes={**codes, "values": [0, 2]})), "values[0]: Invalid value: 0: must not be 0 for the In operator"),
+        (job(rule(onExitCodes={**codes, "values": [2, 2]})), "values[1]: Duplicate value: 2"),
+        (job(rule(onExitCodes={**codes, "containerName": "other"})), "must be one of the container or initContainer names"),
+        (job(rule(onExitCodes=codes, onPodConditions=[{"type": "DisruptionTarget", "status": "True"}])),
+         "specifying both OnExitCodes and OnPodConditions is not supported"),
+        (job(rule()), "specifying one of OnExitCodes and OnPodConditions is required"),
+        (job({"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "Yes"}]}]}),
+         'onPodConditions[0].status: Unsupported value: "Yes"'),
+        (job({"rules": [{"action": "FailIndex", "onExitCodes": codes}]}), "requires the backoffLimitPerIndex to be set"),
+        (job(rule(onExitCodes=codes), podReplacementPolicy="TerminatingOrFailed"),
+         'spec.podReplacementPolicy: Unsupported value: "TerminatingOrFailed"'),
+    ]
+    for body, message in cases:
+        err = api_error(api.batch.create_namespaced_job, namespace, body)
+        assert err.status == 422 and message in json.loads(err.body)["message"], (message, err.body)
+    created = api.batch.create_namespaced_job(namespace, job(rule(onExitCodes=codes)))
+    assert created.spec.pod_replacement_policy == "Failed"  # the server's default with a podFailurePolicy
+
+
+def test_custom_objects_keep_apiversion_and_kind_their_schema_does_not_declare(api):
+    # kopf's peering CRDs declare neither; kopf's keep-alive PATCH failed with 500 when they were pruned.
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "e2e-kept-kind"}}
+    try:
+        created = api.custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", body)
+        assert (created["apiVersion"], created["kind"]) == ("kopf.dev/v1", "ClusterKopfPeering")
+        patched = api.custom.patch_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "e2e-kept-kind",
+                                                         {"status": {"peer": {"priority": 1}}})
+        assert patched["kind"] == "ClusterKopfPeering" and patched["status"]["peer"]["priority"] == 1
+    finally:
+        api.custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "e2e-kept-kind")

@@ -6,6 +6,7 @@ import json
 import signal
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -212,3 +213,59 @@ def test_non_indexed_job_and_missing_command(api, namespace, pod_runner, wait_fo
                       what="Job nocmd Failed")
     pod = api.core.list_namespaced_pod(namespace, label_selector="app=nocmd").items[0]
     assert pod.status.container_statuses[0].state.terminated.reason == "CreateContainerConfigError"
+
+
+POLICY = {"rules": [
+    {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [2, 3]}},
+    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+]}
+
+
+def test_pod_failure_policy_fail_job_on_an_exit_code(api, namespace, pod_runner, wait_for):
+    """FailJob: the Job fails at the first such pod, whatever backoffLimit says, with the controller's reason."""
+    api.batch.create_namespaced_job(namespace, job_manifest("pfp-fail", "raise SystemExit(3)", backoffLimit=5,
+                                                            podFailurePolicy=POLICY))
+    status = wait_for(lambda: condition(s := job_status(api, namespace, "pfp-fail"), "Failed") and s, what="Failed")
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "PodFailurePolicy" and "exit code 3 matching FailJob rule at index 0" in failed["message"]
+    assert status["failed"] == 1 and len(pod_runner.pod_names("pfp-fail", include_gone=True)) == 1
+
+
+def test_pod_failure_policy_ignores_a_disrupted_pod_and_replaces_it(api, namespace, pod_runner, wait_for, tmp_path):
+    """Ignore: the disrupted pod gets the DisruptionTarget condition, is replaced, and is not counted (backoffLimit 0)."""
+    marker = tmp_path / "second"
+    code = f"""
+        import pathlib, time
+        marker = pathlib.Path({str(marker)!r})
+        if marker.exists():
+            raise SystemExit(0)
+        marker.write_text("")
+        time.sleep(60)
+    """
+    api.batch.create_namespaced_job(namespace, job_manifest("pfp-ignore", code, podFailurePolicy=POLICY))
+    first = wait_for(lambda: marker.exists() and pod_runner.pod_names("pfp-ignore"), what="the first pod running")[0]
+    pod_runner.disrupt(first, reason="PreemptionByScheduler")
+    status = wait_for(lambda: condition(s := job_status(api, namespace, "pfp-ignore"), "Complete") and s, what="Complete")
+    assert not status.get("failed") and status["succeeded"] == 1
+    pod = api.core.read_namespaced_pod(first, namespace).to_dict()
+    disruption = next(c for c in pod["status"]["conditions"] if c["type"] == "DisruptionTarget")
+    assert (pod["status"]["phase"], disruption["status"], disruption["reason"]) == ("Failed", "True", "PreemptionByScheduler")
+
+
+def test_a_killed_pod_takes_every_process_in_it(api, namespace, pod_runner, wait_for, tmp_path):
+    """torch elastic starts workers in sessions of their own: killing the pod must still end them (a container's
+    processes die with it), or a "lost" pod's worker would train on."""
+    pid_file = tmp_path / "grandchild.pid"
+    code = f"""
+        import pathlib, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+        pathlib.Path({str(pid_file)!r}).write_text(str(child.pid))
+        time.sleep(120)
+    """
+    api.batch.create_namespaced_job(namespace, job_manifest("tree", code))
+    wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the worker started")
+    pod_runner.kill(pod_runner.pod_names("tree")[0])
+    wait_for(lambda: condition(job_status(api, namespace, "tree"), "Failed"), what="Failed")
+    pid = int(pid_file.read_text())
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+             what="the session-leader grandchild killed")

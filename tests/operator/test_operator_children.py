@@ -20,7 +20,7 @@ def by_kind(children):
 
 
 def env_of(job):
-    return {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    return {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
 
 
 CASES = {

@@ -204,6 +204,33 @@ def test_user_stop_by_annotation():
     assert (st["phase"], st["reason"]) == (Phase.SUCCEEDED, Reason.STOPPED_BY_USER)
 
 
+def test_a_user_stop_obeyed_while_the_operator_was_down_ends_stopped_by_user():
+    # The trainer reads spec.stop itself: with the operator down it stops and its Job completes before any
+    # pass recorded the request (the kill drill found these jobs reported as EarlyStopped).
+    before = manifest(hyperparameters={"epochs": 40})
+    obj = manifest(hyperparameters={"epochs": 40}, stop=True)
+    st = running(before, epoch=3)
+    done, events = run(obj, st, batch_job(("Complete", "")), [pod("Succeeded")])
+    assert (done["phase"], done["reason"], done["stopDecidedBy"]) == (Phase.SUCCEEDED, Reason.STOPPED_BY_USER, "user")
+    assert Reason.USER_REQUESTED in reasons(events) and done["epochsSaved"] == 37
+    # The same stop after the last epoch changes nothing: every epoch was trained.
+    st = running(before, epoch=40)
+    done, _ = run(obj, st, batch_job(("Complete", "")), [pod("Succeeded")])
+    assert (done["phase"], done["reason"]) == (Phase.SUCCEEDED, Reason.COMPLETED)
+
+
+def test_a_running_job_whose_pods_are_not_cached_yet_stays_running():
+    # After an operator restart the Job may be cached before its pods (the kill drill saw Running -> Pending).
+    obj = manifest()
+    st = running(obj, epoch=2)
+    st, _ = run(obj, st, batch_job(active=1, start=T0), [])
+    assert (st["phase"], st["reason"]) == (Phase.RUNNING, "PodsRunning")
+    # A Job that never ran a pod the operator saw is still Pending without pods.
+    fresh, _ = run(obj, {}, None)
+    fresh, _ = run(obj, fresh, batch_job(active=1, start=T0), [])
+    assert fresh["phase"] == Phase.PENDING
+
+
 def test_nan_loss_fails_and_frees_the_nodes():
     obj = manifest()
     st = running(obj, history=history(0.5, float("nan")), epoch=2)

@@ -4,7 +4,7 @@ starts on a workstation.
 It reads the config first (refusing, with both versions named, one whose schemaVersion it cannot read, and
 warning once about fields of a newer operator it ignores). World size 1 then trains in this process.
 Otherwise it becomes torchrun (exec, so SIGTERM from the kubelet reaches torchrun, which forwards it to every
-worker) with the node layout from the environment, and each worker checks that the world it joined is the
+worker) with the node layout from the environment and an elastic rendezvous (group restart, docs/multi-node.md), and each worker checks that the world it joined is the
 one the job asked for.
 """
 
@@ -18,6 +18,7 @@ import sys
 from pydantic import ValidationError
 
 from finetune_contract.config import EXIT_INCOMPATIBLE_CONFIG, Env
+from finetune_contract.spec import DistributedSpec
 
 from .config import IncompatibleConfig, Runtime, TrainerConfig
 
@@ -28,11 +29,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(rt: Runtime, nnodes: int, nproc: int) -> list[str]:
+RDZV_JOIN_TIMEOUT_SECONDS = 600  # torch's default: a replacement pod may need minutes to be scheduled and pulled
+
+
+def torchrun_command(rt: Runtime, nnodes: int, nproc: int, distributed: DistributedSpec | None = None) -> list[str]:
+    """torchrun with an elastic c10d rendezvous hosted by node 0's agent (pod 0's DNS name on the headless Service).
+
+    A static rendezvous (`--master-addr/--node-rank`) cannot take a replacement pod into a running group; with c10d
+    and `--max-restarts`, the agents that survive a lost pod stop their workers, open the next rendezvous round, the
+    Job controller's replacement pod joins it, and every rank resumes from the last complete checkpoint
+    (docs/multi-node.md). `is_host` is explicit: the endpoint's address is also local to every "pod" when they share a
+    machine (tests), and only node 0 may host the store. Store reads time out with the process group.
+    """
+    d = distributed or DistributedSpec()
+    timeout = d.process_group_timeout_seconds
+    conf = f"is_host={1 if rt.node_rank == 0 else 0},read_timeout={timeout},join_timeout={max(RDZV_JOIN_TIMEOUT_SECONDS, timeout)}"
     return [
         sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", str(nnodes), "--nproc-per-node", str(nproc), "--node-rank", str(rt.node_rank),
-        "--master-addr", rt.master_addr, "--master-port", str(rt.master_port),
+        "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rt.master_addr}:{rt.master_port}",
+        "--rdzv-id", rt.rdzv_id or rt.job_name or "finetune", "--rdzv-conf", conf,
+        "--max-restarts", str(d.max_restarts),
         "-m", "finetune_trainer.worker",
     ]
 
@@ -65,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         return worker.main()
-    env = {**os.environ, Env.WORLD_SIZE: str(world)}
-    os.execve(sys.executable, torchrun_command(rt, nnodes, nproc), env)
+    env = {**os.environ, Env.WORLD_SIZE: str(world),
+           # torch 2.13's c10d rendezvous shares the agent's TCPStore with the workers and writes its address into
+           # the first round only: a replacement pod that joins a later round waits for it forever (DistStoreError
+           # after read_timeout, seen here). Without sharing, every round's rank 0 publishes a fresh worker store
+           # at its own address (socket.getfqdn(): the pod's name on the headless Service).
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    os.execve(sys.executable, torchrun_command(rt, nnodes, nproc, cfg.spec.distributed), env)
     return 0  # not reached
 
 

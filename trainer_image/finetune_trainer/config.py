@@ -86,6 +86,8 @@ class Runtime:
     expected_world_size: int | None  # FINETUNE_WORLD_SIZE, set by our launcher for its workers
     kubeconfig: str | None = None  # KUBECONFIG: credentials for status reports outside a cluster
     fault_oom_above: str | None = None  # FINETUNE_FAULT_OOM_ABOVE: batch probes above it fail as out of memory
+    rdzv_id: str | None = None  # FINETUNE_RDZV_ID: the elastic rendezvous id (the batch Job's uid)
+    restart_count: int = 0  # TORCHELASTIC_RESTART_COUNT: group restarts this pod's agent did before this worker
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Runtime:
@@ -111,6 +113,8 @@ class Runtime:
             expected_world_size=_int(env, Env.WORLD_SIZE),
             kubeconfig=env.get("KUBECONFIG") or None,
             fault_oom_above=env.get(Env.FAULT_OOM_ABOVE) or None,
+            rdzv_id=env.get(Env.RDZV_ID) or None,
+            restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT") or 0,
         )
 
     def layout(self, spec: FineTuneJobSpec) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, skip_first_batches
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
 from finetune_contract.early_stopping import Settings, decide, metric_value
@@ -101,6 +102,12 @@ class Progress:
                    d.get("examplesInEpoch", 0))
 
 
+def process_group_kwargs(spec: Any) -> list[InitProcessGroupKwargs]:
+    """The job's process-group timeout instead of torch's 30 minutes (10 for NCCL): a collective whose peer hangs
+    fails this rank within it, and the elastic agent restarts the group (docs/multi-node.md)."""
+    return [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=spec.distributed.process_group_timeout_seconds))]
+
+
 def configure_logging(job: str, rank: int) -> None:
     """One line per event naming the job; only rank 0 logs below WARNING (STYLE rule 7)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -159,6 +166,7 @@ class Trainer:
         accelerator = Accelerator(
             cpu=not on_gpu,  # without cpu=True, torchrun ranks on a CPU machine each train alone, silently
             mixed_precision="no" if self.deepspeed else self.mixed_precision,
+            kwargs_handlers=process_group_kwargs(self.spec),
             fsdp_plugin=plugin,
         )
         if plugin is not None:
@@ -252,10 +260,11 @@ class Trainer:
             self.metrics.gradient_accumulation_steps.set(plan.accumulation)
         log.info(
             "training %s on %d process(es): %d train / %d validation examples, batch %d x %d accumulation, %d steps, "
-            "strategy %s, precision %s%s",
+            "strategy %s, precision %s%s%s",
             self.task, acc.num_processes, len(self.train_set), len(self.val_set), plan.per_device, plan.accumulation,
             self.total_steps, self.strategy, self.mixed_precision,
             f", resumed from {resumed}" if resumed else "",
+            f" (group restart {self.rt.restart_count} of this pod's agent)" if self.rt.restart_count else "",
         )
         self._report({"trainerPhase": "Training", "totalEpochs": self.hp.epochs, "batchSize": plan.per_device,
                       "gradientAccumulationSteps": plan.accumulation})
@@ -316,6 +325,9 @@ class Trainer:
             if int(flag[0]) != acc.num_processes:
                 continue
             self.progress = Progress.from_json(state)
+            by_rank = state.get("partialLossSumByRank")
+            if isinstance(by_rank, list) and len(by_rank) == acc.num_processes:
+                self.progress.partial_loss_sum = float(by_rank[acc.process_index])
             self._align_to_plan(state)
             self.resumed_at_step = self.progress.global_step
             log.info("resuming from %s: %d epochs done, %d batches into the next, step %d",
@@ -613,8 +625,14 @@ class Trainer:
         self.engine.save_state(tmp)
         ckpt.save_rng(tmp, acc.process_index, {"mixup": self.mix_generator})
         acc.wait_for_everyone()  # a rank must not read (or rename) a half-written checkpoint
+        # Each rank's running loss of the interrupted epoch is its own (its shard of the data): keep them all, so a
+        # group restart resumes every rank's epoch mean exactly (rank 0's alone made epoch 1's train loss of a
+        # restarted 2-rank job differ by 1.8e-3; tests/e2e/test_group_restart_e2e.py).
+        partial = torch.tensor([self.progress.partial_loss_sum], device=acc.device, dtype=torch.float64)
+        partial_by_rank = acc.gather(partial).tolist() if acc.num_processes > 1 else [self.progress.partial_loss_sum]
         if self.is_main:
             state = self.progress.to_json()
+            state["partialLossSumByRank"] = partial_by_rank
             state.update(batchSize=self.plan.per_device, gradientAccumulationSteps=self.plan.accumulation,
                          batchAutomatic=self.plan.automatic, worldSize=acc.num_processes, samplerSeed=self.sampler.seed)
             ckpt.commit(tmp, final, state)
@@ -648,6 +666,7 @@ class Trainer:
             "rankParamChecksums": checksums, "rankFirstGradNorms": grad_norms,
             "stopReason": getattr(self, "stop_reason", None), "modelPath": os.path.join(self.output_dir, "best"),
             "resumedAtStep": getattr(self, "resumed_at_step", None), "oomRecoveries": getattr(self, "oom_recoveries", 0),
+            "elasticRestarts": self.rt.restart_count,
         }
         if outcome == "preempted":
             self._report({"trainerPhase": "Preempted", "step": p.global_step})

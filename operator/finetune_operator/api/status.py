@@ -42,6 +42,23 @@ class HistoryPoint(ApiModel):
     time: ShortStr | None = None
 
 
+class RestartRecord(ApiModel):
+    """The latest group restart: which pod failed, how, and whether it was charged to spec.backoffLimit."""
+
+    model_config = LENIENT
+
+
+    time: ShortStr | None = Field(None, description="RFC 3339 time the pod ended.")
+    reason: ShortStr | None = Field(None, description="OOMKilled, Disrupted (preemption, drain, eviction, lost node: not "
+                                    "charged to backoffLimit), Evicted or Error (the trainer exited non-zero).")
+    pod: ShortStr | None = Field(None, description="The pod that failed.")
+    node_rank: int | None = Field(None, description="Its node rank (the Indexed Job's completion index).")
+    exit_code: int | None = Field(None, description="The trainer container's exit code (137: killed).")
+    charged: bool | None = Field(None, description="True when the failure counts towards spec.backoffLimit.")
+    repeats: int | None = Field(None, description="Consecutive restarts with this same rank and cause.")
+    message: str | None = Field(None, max_length=4096, description="The failure in words.")
+
+
 class FineTuneJobStatus(ApiModel):
     """Observed state. Operator-owned: phase, reason, message, conditions, jobName, times, earlyStop*.
     Trainer-owned: the training progress fields and history."""
@@ -84,3 +101,8 @@ class FineTuneJobStatus(ApiModel):
     stop_enforced: bool | None = Field(None, description="True when the operator had to suspend the Job itself.")
     stop_enforced_reason: str | None = Field(None, max_length=1024, description="Why the operator suspended the Job itself, in words.")
     spec_hash: ShortStr | None = Field(None, description="Hash of the spec fields fixed once training started.")
+    restarts: int | None = Field(None, description="Group restarts: times a training pod failed or was disrupted while "
+                                 "the job ran, and every rank resumed from the last complete checkpoint.")
+    last_restart: RestartRecord | None = Field(None, description="The latest group restart.")
+    restarted_pods: list[ShortStr] = Field(default_factory=list, max_length=32,
+                                           description="Failed pods already counted in restarts (the latest 32).")

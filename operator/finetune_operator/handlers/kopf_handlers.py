@@ -79,6 +79,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     if settings.peering:
         kopf_settings.peering.name = settings.peering
         kopf_settings.peering.mandatory = True
+        kopf_settings.peering.lifetime = settings.peering_lifetime_seconds
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: Settings) -> None:

@@ -19,11 +19,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import metrics
+from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
 from ..kube import diff
 from ..kube.cache import Cache, JobKey
 from ..kube.children import Applier
-from ..kube.client import ApiError, KubeClient
+from ..kube.client import ApiError, KubeClient, collection_path
 from ..kube.events import post_event
 from ..kube.status import patch_status
 from ..plan import names
@@ -86,6 +87,29 @@ class Reconciler:
         self._workers: list[threading.Thread] = []
 
     # -- the worker loop --------------------------------------------------------------------------------
+
+    def prime(self) -> int:
+        """Fill the cache with one LIST per watched resource before any pass runs, and queue every job; the
+        number of jobs. Like controller-runtime's WaitForCacheSync: kopf's watches deliver their initial
+        listings independently, and a pass that ran with the FineTuneJob cached but not yet its Job or pods
+        wrote Pending over Running, and tried to create children that existed (found by the kill drill right
+        after restarts). kopf's listing events that follow carry the same resourceVersions: no second pass."""
+        from ..kube.children import WATCHED
+
+        selector = f"{c.Label.MANAGED_BY}={c.FIELD_MANAGER}"  # what the child watches select (kopf_handlers)
+        scopes: list[str | None] = list(self.settings.namespaces) or [None]
+        jobs = 0
+        for ns in scopes:
+            for obj in (self.client.get(collection_path(c.API_VERSION, c.PLURAL, ns)) or {}).get("items") or []:
+                self.cache.put_ftj(obj)
+                jobs += 1
+            for kind, (api_version, plural) in WATCHED.items():
+                listed = self.client.get(collection_path(api_version, plural, ns), {"labelSelector": selector}) or {}
+                for obj in listed.get("items") or []:
+                    self.cache.put_child(kind, obj)
+        for key in self.cache.ftj_keys():
+            self.queue.add(key)
+        return jobs
 
     def start(self, workers: int) -> None:
         for i in range(workers):
@@ -197,6 +221,9 @@ class Reconciler:
                                                                                            w["spec"]["parallelism"])}
             started = diff.job_started(job_obj, len(pods), status)
             plans = self.applier.plans(key, wanted, job.uid, started)
+            if status.get("phase") and any(p.action is diff.Action.CREATE for p in plans) and not self._still_there(key, job):
+                self.forget(key)
+                return Result("gone")
             outcome = self.applier.run(key, plans, job.uid)
             if outcome.errors:
                 raise PassFailed("; ".join(str(e) for e in outcome.errors[:3]))
@@ -218,6 +245,10 @@ class Reconciler:
         for ev in events:
             post_event(self.client, ftj, ev.type, ev.reason, ev.message)
             self._count(ev.reason)
+        if patch.get("restarts") and (new.get("lastRestart") or {}).get("reason"):
+            # Counted once per restart the status records (a folded failure adds none).
+            metrics.GROUP_RESTARTS.labels(reason=new["lastRestart"]["reason"]).inc(
+                int(new["restarts"]) - int(status.get("restarts") or 0))
         metrics.PHASES.set(key, new.get("phase"))
 
         wrote = bool(outcome and outcome.wrote)
@@ -237,6 +268,23 @@ class Reconciler:
         if outcome is not None and outcome.conflicts:
             return Result("conflict", visit)
         return Result("changed" if (wrote or patch) else "ok", visit)
+
+    def _still_there(self, key: Key, job: JobInput) -> bool:
+        """A live read of the FineTuneJob before re-creating a child it had (its status says a pass ran): when
+        the job is deleted, the garbage collector's DELETED events for its children can arrive before the job's
+        own (separate watch streams), and a pass reading the cache would re-create the children of a deleted
+        job, whose Job then starts pods until the collector catches up (found by the kill drill). One GET, only
+        in passes that create; never in steady state. A LIST by name: the operator's RBAC grants list, not get."""
+        listed = self.client.get(collection_path(c.API_VERSION, c.PLURAL, key[0]),
+                                 {"fieldSelector": f"metadata.name={key[1]}"}) or {}
+        live = next(iter(listed.get("items") or []), None)
+        if live is None or (live.get("metadata") or {}).get("uid") != job.uid or (live.get("metadata") or {}).get("deletionTimestamp"):
+            log.info("job %s/%s is gone: not re-creating its children", key[0], key[1],
+                     extra={"job": key[1], "namespace": key[0], "action": "reconcile", "result": "gone"})
+            if live is None:
+                self.cache.drop_ftj(key)
+            return False
+        return True
 
     @staticmethod
     def _count(reason: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from finetune_contract.config import Env, Paths
+from finetune_contract.config import EXIT_NOT_RETRYABLE, Env, Paths
 
 from ..api import constants as c
 from ..api.validation import ResolvedJob
@@ -23,6 +23,8 @@ from . import names
 # Order matters only for readability of `kubectl get`: RBAC before the pods that use it, Job last.
 KIND_ORDER = ("ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap", "Service", "Job")
 RETAIN_ANNOTATION = f"{c.GROUP}/retain"  # on a kept output claim: why it has no ownerReference
+TRAINER_CONTAINER = "trainer"
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"  # the Job controller's label on its pods (Kubernetes >= 1.27)
 
 # Pod Security Standard "restricted": non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp.
 # https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted
@@ -191,9 +193,11 @@ def trainer_env(job: ResolvedJob, settings: Settings) -> list[dict[str, Any]]:
     if model_cache_claim(job, settings):
         env[Env.HF_HOME] = Paths.MODEL_CACHE_MOUNT
     # The user's extra variables come first so ours (the contract with the trainer) cannot be overridden by accident.
-    reserved = set(env) | ({Env.HF_TOKEN} if spec.model.token_secret else set())
+    reserved = set(env) | {Env.RDZV_ID} | ({Env.HF_TOKEN} if spec.model.token_secret else set())
     out = [{"name": k, "value": literal(v)} for k, v in sorted(spec.env.items()) if k not in reserved]
     out += [{"name": k, "value": literal(v)} for k, v in env.items()]
+    # The elastic rendezvous id: the batch Job's uid, so a re-created Job never joins an old Job's rendezvous.
+    out.append({"name": Env.RDZV_ID, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{JOB_UID_LABEL}']"}}})
     if spec.model.token_secret:
         # The kubelet reads the Secret: the token never passes through the spec, the ConfigMap or the operator.
         ref = spec.model.token_secret
@@ -260,11 +264,11 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
     spec = job.spec
     volumes, mounts = _volumes(job, settings)
     container: dict[str, Any] = {
-        "name": "trainer",
+        "name": TRAINER_CONTAINER,
         "image": spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        # The launcher: trains in-process for world size 1, else runs torchrun with the node rank
-        # taken from JOB_COMPLETION_INDEX (docs/contracts.md).
+        # The launcher: trains in-process for world size 1, else runs torchrun with an elastic rendezvous hosted by
+        # the pod of JOB_COMPLETION_INDEX 0 (docs/contracts.md, docs/multi-node.md).
         "command": ["finetune-trainer"],
         "env": trainer_env(job, settings),
         "ports": [
@@ -304,6 +308,24 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
     return {"metadata": {"labels": labels, "annotations": {c.Annotation.CONFIG_HASH: config_hash(job)}}, "spec": pod}
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    """How the Job controller counts a failed training pod (rules in order; the first that matches decides).
+
+    - exit codes no restart can fix (a world other than the job's, a config this trainer cannot read): FailJob, so
+      the job fails at once with the reason instead of burning backoffLimit on identical failures;
+    - a pod with the DisruptionTarget condition (preemption, node drain, eviction, taint manager, pod GC of a lost
+      node): Ignore, so infrastructure is not charged to spec.backoffLimit; the replacement rejoins the group;
+    - anything else (the job's own code: a crash, an OOM kill, exit 143 after SIGTERM without a disruption) is
+      counted against spec.backoffLimit, the Job controller's default when no rule matches.
+    https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy
+    """
+    return {"rules": [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": sorted(EXIT_NOT_RETRYABLE)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
 def batch_job(job: ResolvedJob, settings: Settings, *, enforced_stop: bool = False) -> dict[str, Any]:
     spec = job.spec
     nodes = spec.distributed.nodes
@@ -312,6 +334,11 @@ def batch_job(job: ResolvedJob, settings: Settings, *, enforced_stop: bool = Fal
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": spec.backoff_limit,
+        # podFailurePolicy needs restartPolicy Never (the template's) and, as the API server defaults it,
+        # podReplacementPolicy Failed: a replacement starts only once the lost pod is fully terminated, so two
+        # pods of one index never race for its rendezvous rank.
+        "podFailurePolicy": pod_failure_policy(),
+        "podReplacementPolicy": "Failed",
         # Kueue-style queueing and our own stop enforcement both work through suspend.
         "suspend": bool(spec.suspend or enforced_stop),
         "template": pod_template(job, settings),

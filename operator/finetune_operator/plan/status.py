@@ -35,9 +35,16 @@ from .conditions import find, is_true, parse_time, rfc3339, set_condition
 OPERATOR_FIELDS = (
     "observedGeneration", "phase", "reason", "message", "conditions", "jobName", "startTime", "completionTime",
     "stopRequestedTime", "stopReason", "stopEnforced", "stopEnforcedReason", "epochsSaved", "specHash", "stopDecidedBy",
+    "restarts", "lastRestart", "restartedPods",
 )
 # Job-level reasons the Job controller writes on its Failed condition, mapped to our constants.
-JOB_FAILURE_REASONS = {"BackoffLimitExceeded": Reason.BACKOFF_LIMIT, "DeadlineExceeded": Reason.DEADLINE}
+JOB_FAILURE_REASONS = {"BackoffLimitExceeded": Reason.BACKOFF_LIMIT, "DeadlineExceeded": Reason.DEADLINE,
+                       "PodFailurePolicy": Reason.FAILED_BY_POLICY}
+# Group restarts (docs/multi-node.md). One lost pod can end others (pod 0 hosts the rendezvous): failures this close
+# after a counted restart are folded into it. A rank that fails the same way this many times in a row stops the job.
+RESTART_FOLD_SECONDS = 30
+REPEATED_FAILURE_LIMIT = 3
+RESTARTED_PODS_KEPT = 32  # status.restartedPods' maxItems
 IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
 
 
@@ -231,6 +238,100 @@ def _running_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [p for p in pods if (p.get("status") or {}).get("phase") == "Running" and not (p.get("metadata") or {}).get("deletionTimestamp")]
 
 
+# -- group restarts ------------------------------------------------------------------------------------------------
+
+def _index(pod: dict[str, Any]) -> int | None:
+    meta = pod.get("metadata") or {}
+    raw = (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") or \
+        (meta.get("labels") or {}).get("batch.kubernetes.io/job-completion-index")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def pod_failure(pod: dict[str, Any], spec: Any = None) -> dict[str, Any] | None:
+    """A failed training pod as a status.lastRestart record (None unless the pod failed): cause, exit code, whether
+    it is charged to spec.backoffLimit (the Job's podFailurePolicy ignores DisruptionTarget pods)."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Failed":
+        return None
+    name, rank = _pod_name(pod), _index(pod)
+    terminated = [state for kind, state in _container_states(pod) if kind == "terminated"]
+    code = next((t.get("exitCode") for t in terminated if t.get("exitCode") not in (0, None)), None)
+    when = max((t.get("finishedAt") or "" for t in terminated), default="") or None
+    disruption = next((c for c in status.get("conditions") or []
+                       if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None)
+    who = f"pod {name} (node rank {rank})" if rank is not None else f"pod {name}"
+    if disruption is not None:
+        why = disruption.get("reason") or "DisruptionTarget"
+        reason, charged = Reason.DISRUPTED, False
+        message = (f"{who} was disrupted ({why}{': ' + disruption['message'] if disruption.get('message') else ''}); "
+                   "not charged to spec.backoffLimit")
+        when = when or disruption.get("lastTransitionTime")
+    elif any(t.get("reason") == "OOMKilled" for t in terminated):
+        limit = spec.resources.limits.get("memory") if spec is not None else None
+        reason, charged = Reason.OOM_KILLED, True
+        message = (f"{who} ran out of memory (OOMKilled{f', memory limit {limit}' if limit else ''}, exit code {code})")
+    elif status.get("reason") == "Evicted":
+        reason, charged = Reason.EVICTED, True
+        message = f"{who} was evicted by its node: {(status.get('message') or '').strip()[:300]}"
+    else:
+        detail = next((t.get("message") or "" for t in terminated if t.get("message")), "")
+        reason, charged = Reason.POD_ERROR, True
+        message = f"{who} exited with code {code}{': ' + detail.strip()[-300:] if detail else ''}"
+    return {"time": when, "reason": reason, "pod": name, "nodeRank": rank, "exitCode": code, "charged": charged,
+            "message": message}
+
+
+def _signature(record: dict[str, Any]) -> tuple[Any, ...]:
+    return record.get("nodeRank"), record.get("reason"), record.get("exitCode")
+
+
+def _account_restarts(p: _Pass, spec: Any, pods: list[dict[str, Any]]) -> bool:
+    """Count each failed training pod once (status.restartedPods) as a group restart, with its cause in
+    status.lastRestart; failures within RESTART_FOLD_SECONDS after the last counted one are the same restart. True
+    when the job must stop: the same rank failed the same way REPEATED_FAILURE_LIMIT times in a row (not for
+    disruptions, which are not the job's fault)."""
+    if p.st.get("stopEnforced") or spec.suspend:
+        return False  # pods the operator (or the user's suspend) stopped are no failures
+    seen = list(p.st.get("restartedPods") or [])
+    new = []
+    for pod in pods:
+        if (pod.get("metadata") or {}).get("deletionTimestamp") or _pod_name(pod) in seen:
+            continue
+        record = pod_failure(pod, spec)
+        if record is not None:
+            new.append(record)
+    if not new:
+        return False
+    last = dict(p.st.get("lastRestart") or {})
+    restarts = int(p.st.get("restarts") or 0)
+    for record in sorted(new, key=lambda r: (r.get("time") or "", r["pod"])):
+        seen.append(record["pod"])
+        last_time, this_time = parse_time(last.get("time")), parse_time(record.get("time"))
+        folded = bool(last and last_time and this_time and 0 <= (this_time - last_time).total_seconds() <= RESTART_FOLD_SECONDS)
+        if folded:
+            continue  # another pod ended by the same loss (e.g. the rendezvous host): one group restart
+        restarts += 1
+        repeats = int(last.get("repeats") or 0) + 1 if last and _signature(last) == _signature(record) else 1
+        last = {**record, "repeats": repeats}
+        p.events.append(Event("Warning" if record["charged"] else "Normal", Reason.GROUP_RESTARTED,
+                              f"group restart {restarts}: {record['message']}; every rank resumes from the last checkpoint"))
+    p.st["restarts"], p.st["lastRestart"], p.st["restartedPods"] = restarts, last, seen[-RESTARTED_PODS_KEPT:]
+    if last.get("charged") and int(last.get("repeats") or 0) >= REPEATED_FAILURE_LIMIT:
+        p.st["stopEnforced"] = True  # suspend the Job: another restart would fail the same way
+        hint = {Reason.OOM_KILLED: "lower spec.hyperparameters.batchSize (or unset it so the trainer finds one that "
+                                   "fits), enable LoRA, or raise spec.resources.limits.memory",
+                Reason.EVICTED: "raise the pods' requests (spec.resources.requests) so the node keeps them"}.get(
+            last["reason"], f"see `kubectl logs {last['pod']}` for the rank's error")
+        p.phase(Phase.FAILED, Reason.REPEATED_FAILURE,
+                f"node rank {last.get('nodeRank')} failed {last['repeats']} times in a row the same way "
+                f"({last['reason']}, exit code {last.get('exitCode')}): {last['message']}; {hint}", "Warning")
+        return True
+    return False
+
+
 # -- the phase machine -------------------------------------------------------------------------------------------
 
 @dataclass
@@ -295,7 +396,8 @@ def observe(
     _output_condition(p, spec)
     p.cond(Condition.READY, True, Reason.CREATED, f"children created; training Job {st['jobName']}")
 
-    if _finish_from_job(p, spec, job_obj, pods):
+    repeated = _account_restarts(p, spec, pods)
+    if _finish_from_job(p, spec, job_obj, pods) or repeated:
         return st, p.events
     if _decide_stop(p, spec, pods, status):
         return st, p.events
@@ -392,6 +494,10 @@ def _finish_from_job(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: 
         detail = failure_from_pods(pods, spec)
         if detail and (detail[0] == Reason.OOM_KILLED or reason == Reason.POD_FAILED):
             reason, message = detail
+        elif reason == Reason.FAILED_BY_POLICY:
+            message = (f"{failed.get('message') or 'a pod failed with an exit code no restart can fix'} (the Job's "
+                       "podFailurePolicy: exit code 2 is a world other than the job asks for, 3 a config this trainer image "
+                       "cannot read); see the pod's log, fix spec.distributed or spec.image, then re-create the job")
         elif reason == Reason.DEADLINE:
             message = (f"the training Job ran longer than spec.activeDeadlineSeconds ({spec.active_deadline_seconds} s); "
                        "raise it, or train fewer epochs")
@@ -401,7 +507,7 @@ def _finish_from_job(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: 
         p.phase(Phase.FAILED, reason, message, "Warning")
         return True
     if _job_condition(job_obj, "Complete"):
-        if p.st.get("stopRequestedTime") or _record_trainer_stop(p, status):
+        if p.st.get("stopRequestedTime") or _record_user_stop(p, spec, status) or _record_trainer_stop(p, status):
             _finish_stopped(p, spec, status, enforced=False)
             return True
         total, done = spec.hyperparameters.epochs, status.get("epoch")
@@ -424,6 +530,21 @@ def _request_stop(p: _Pass, reason: str, message: str, *, by: str, at: str | Non
     p.cond(Condition.EARLY_STOP_REQUESTED, True, reason,
            f"{message}{f' (at epoch {epoch})' if epoch is not None else ''}; decided by the {by}")
     p.events.append(Event("Normal", reason, f"stop decided by the {by}: {message}"))
+
+
+def _record_user_stop(p: _Pass, spec: Any, status: dict[str, Any]) -> bool:
+    """A user's stop that no pass recorded before the Job completed: the trainer reads spec.stop and the stop
+    annotation itself, so it can obey while the operator is down (found by the kill drill). Recorded now, the
+    job ends StoppedByUser instead of looking early-stopped by the trainer; a run that finished every epoch
+    anyway stays TrainingCompleted."""
+    if p.st.get("stopRequestedTime") or not (spec.stop or p.job.stop_annotation):
+        return False
+    total, done = spec.hyperparameters.epochs, status.get("epoch")
+    if isinstance(total, int) and isinstance(done, int) and done >= total:
+        return False
+    how = "spec.stop" if spec.stop else f"annotation {c.Annotation.STOP}"
+    _request_stop(p, Reason.USER_REQUESTED, f"stop requested by the user ({how})", by="user")
+    return True
 
 
 def _record_trainer_stop(p: _Pass, status: dict[str, Any]) -> bool:
@@ -517,11 +638,18 @@ def _progress_phase(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: l
         p.phase(Phase.RUNNING, Reason.STOP_ENFORCED, f"stopping: the operator suspended training Job {st['jobName']}")
         return
     finished = [x for x in pods if (x.get("status") or {}).get("phase") == "Succeeded"]
-    if running or finished:  # a finished pod before the Job's Complete condition: still the running job
+    job_status = job_obj.get("status") or {}
+    counted = int(job_status.get("active") or 0) + int(job_status.get("succeeded") or 0)
+    # A job seen running stays Running while its Job still counts pods and none is cached: right after an
+    # operator restart the Job can be in the cache before its pods are (separate watch streams; found by the
+    # kill drill as Running -> Pending -> Running in the status history). Cached pods (a pending replacement
+    # with a pull problem, say) are judged as they are.
+    held = st.get("phase") == Phase.RUNNING and counted > 0 and not pods
+    if running or finished or held:  # a finished pod before the Job's Complete condition: still the running job
         if not st.get("startTime"):
             st["startTime"] = rfc3339(p.now)
         nodes = spec.distributed.nodes
-        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{len(running) + len(finished)} of {nodes} pod(s) running or done")
+        p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{max(len(running) + len(finished), counted)} of {nodes} pod(s) running or done")
         return
     pull = image_pull_problem(pods)
     if pull:
