@@ -24,7 +24,7 @@ import torch
 
 from finetune_operator.api import validate_manifest
 from finetune_trainer.config import TrainerConfig
-from finetune_trainer.data import Collator, EpochSeededSampler, build_dataset, label_names, split_records
+from finetune_trainer.data import Collator, EpochSeededSampler, prepare
 from finetune_trainer.local_run import run
 from finetune_trainer.models import load_tokenizer
 from finetune_trainer.paths import resolve_path
@@ -54,11 +54,11 @@ def trainer_round(samples: int) -> float:
 def pretokenized(samples: int) -> tuple[list[dict], int, int]:
     """The trainer's training split, tokenised by the trainer's code: (examples, labels, pad id)."""
     spec = TrainerConfig.from_dict(validate_manifest(manifest(samples)).trainer_config()).spec
-    train, val = split_records(spec)
-    labels = label_names(train, val)
     tokenizer, _ = load_tokenizer(spec)
-    dataset = build_dataset(train, "sequence-classification", tokenizer, MAXLEN, labels, SEED)
-    return [dataset[i] for i in range(len(dataset))], len(labels), tokenizer.pad_token_id
+    with tempfile.TemporaryDirectory() as cache:
+        data = prepare(spec, tokenizer, pvc_mount=None, cache_dir=cache)
+        dataset = data.train
+        return [dataset[i] for i in range(len(dataset))], len(data.labels), tokenizer.pad_token_id
 
 
 def plain_round(examples: list[dict], num_labels: int, pad_id: int) -> float:

@@ -29,8 +29,10 @@ SCHEMA_VERSION = "1.3"
 """This contract's config schema. 1.0: the unversioned config of release 0.1.0. 1.1: adds `schemaVersion`,
 `output.{size, storageClassName, retain, ephemeral, uri, credentialsSecret, uploadCheckpoints}` and
 `terminationGracePeriodSeconds` (all optional, defaults keep 1.0's behaviour in the trainer). 1.2 (issue 13):
-adds `sft`, `model.{tokenSecret, trustRemoteCode, quantization, cachePvc}` and `distributed.strategy: fsdp`
-(unset, they keep 1.1's behaviour; a 1.1 trainer refuses `fsdp` as an unknown strategy). 1.3 (issue 15): adds
+adds `sft`, `model.{tokenSecret, trustRemoteCode, quantization, cachePvc}`, `distributed.strategy: fsdp` and
+`dataset.{revision, config, split, validationSplit, testSplit, credentialsSecret, testSource, testFraction,
+maxTestSamples}` (unset, they keep 1.1's behaviour; a 1.1 trainer refuses `fsdp` as an unknown strategy, and
+drops the dataset fields: no test evaluation, the hub and object stores unreadable). 1.3 (issue 15): adds
 `distributed.{processGroupTimeoutSeconds, maxRestarts}` (group restart; an older trainer ignores them and keeps its
 static rendezvous and torch's 30-minute timeout)."""
 
@@ -122,6 +124,8 @@ class Metric:
     BATCH_SIZE = "finetune_batch_size"
     GRADIENT_ACCUMULATION_STEPS = "finetune_gradient_accumulation_steps"
     BEST_METRIC = "finetune_best_metric"
+    STAGE_SECONDS = "finetune_trainer_stage_seconds"  # + label `stage`: setup, data, modelLoad, firstStep
+    TEST_METRIC = "finetune_test_metric"  # + label `metric`: test_loss, test_accuracy, ...
     EARLY_STOPS = "finetune_trainer_early_stops_total"
 
     LABELS = ("finetune_job", "namespace")

@@ -142,6 +142,23 @@ RULES: list[Rule] = [
         lambda d: not (_set(d.validation_source) and _set(d.validation_fraction)),
     ),
     Rule(
+        "DatasetSpec",
+        "!(has(self.testSource) && has(self.testFraction))",
+        "set testSource or testFraction, not both",
+        ".testFraction",
+        lambda d: not (_set(d.test_source) and _set(d.test_fraction)),
+    ),
+    Rule(
+        "DatasetSpec",
+        "!has(self.testFraction) || has(self.validationSource) || "
+        "(has(self.validationFraction) ? self.validationFraction : 0.1) + self.testFraction < 0.95",
+        "testFraction plus validationFraction (0.1 when unset) must stay below 0.95, so that training data remains: "
+        "lower one of them, or set validationSource",
+        ".testFraction",
+        lambda d: not _set(d.test_fraction) or _set(d.validation_source)
+        or (d.validation_fraction if _set(d.validation_fraction) else 0.1) + d.test_fraction < 0.95,
+    ),
+    Rule(
         "EarlyStoppingSpec",
         "self.mode == 'auto' || (self.metric in " + repr(MAX_METRICS) + ") == (self.mode == 'max')",
         "mode contradicts the metric: use max for accuracy/f1/recall, min for losses and perplexity, or auto",
@@ -197,6 +214,16 @@ RULES: list[Rule] = [
         "val_f1; causal-lm val_loss, val_perplexity; embedding val_loss, val_recall_at_1 (all: train_loss)",
         ".earlyStopping.metric",
         lambda s: s.early_stopping.metric in _metrics_for(s.task),
+    ),
+    Rule(
+        "FineTuneJobSpec",
+        "!has(self.dataset.credentialsSecret) || !has(self.output) || !has(self.output.credentialsSecret)"
+        " || self.dataset.credentialsSecret == self.output.credentialsSecret",
+        "dataset.credentialsSecret and output.credentialsSecret name different Secrets, but both become the same "
+        "environment variables (AWS_ACCESS_KEY_ID, ...): use one Secret for both, or drop one",
+        ".dataset.credentialsSecret",
+        lambda s: not (_set(s.dataset.credentials_secret) and _set(s.output.credentials_secret))
+        or s.dataset.credentials_secret == s.output.credentials_secret,
     ),
     Rule(
         "FineTuneJobSpec",

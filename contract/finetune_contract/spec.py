@@ -111,6 +111,10 @@ class DataFormat(StrEnum):
     JSON = "json"
     JSONL = "jsonl"
     CSV = "csv"
+    PARQUET = "parquet"
+    ARROW = "arrow"
+    SAVE_TO_DISK = "save-to-disk"
+    HUB = "hub"
     TEXT_FOLDERS = "text-folders"
 
 
@@ -237,28 +241,66 @@ class ModelSource(ApiModel):
 
 
 class DatasetSpec(ApiModel):
-    """The training data and how to read it."""
+    """The training data and how to read it (through Hugging Face `datasets`: memory-mapped Arrow, so a dataset larger
+    than the pod's memory trains). See docs/data.md for every kind of source."""
 
     source: Path = Field(
         description=(
-            "Training data: a file (.json, .jsonl, .csv) or a folder of text files with one sub-folder per label; "
-            "a path inside the pod (or inside `pvc`), a hub dataset id, or `package:<python_package>[/subdir]`."
+            "Training data: a hub dataset id (`owner/name`, with `revision`, `config`, `split`); a file (.json, .jsonl, "
+            ".csv, .parquet, .arrow) or a directory written by `save_to_disk`, as a path inside the pod (or inside "
+            "`pvc`); an object-store URI (`s3://bucket/key`, `gs://bucket/key`, credentials from `credentialsSecret`); "
+            "a folder of text files with one sub-folder per label; or `package:<python_package>[/subdir]`."
         )
     )
     pvc: Name | None = Field(None, description="PersistentVolumeClaim holding the data, mounted read-only at /data.")
-    format: DataFormat = Field(strict=False, default=DataFormat.AUTO, description="File format. Default `auto`: from the file extension, `text-folders` for a directory.")
+    format: DataFormat = Field(
+        strict=False, default=DataFormat.AUTO,
+        description="How to read the sources: `json`, `jsonl`, `csv`, `parquet`, `arrow`, `save-to-disk`, `hub`, "
+        "`text-folders`. Default `auto`: from the file extension; a directory written by `save_to_disk` or a folder "
+        "of label sub-folders by its content; a name that is neither a local path nor a URI is a hub id.",
+    )
+    revision: ShortStr | None = Field(
+        None, description="Hub dataset revision (branch, tag or commit) of every hub source. Unset: the default branch."
+    )
+    config: ShortStr | None = Field(None, description="Hub dataset configuration (subset) name. Unset: the dataset's default.")
+    split: ShortStr = Field(
+        "train", description="Split of `source` to train on (hub datasets and `save_to_disk` dataset dicts). Default `train`."
+    )
+    validation_split: ShortStr = Field(
+        "validation", description="Split read from `validationSource` when it is a hub dataset or a dataset dict. "
+        "Default `validation`.",
+    )
+    test_split: ShortStr = Field(
+        "test", description="Split read from `testSource` when it is a hub dataset or a dataset dict. Default `test`."
+    )
+    credentials_secret: Name | None = Field(
+        None, description="Secret in the job's namespace whose keys become the trainer's environment variables, for "
+        "object-store sources (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, ...) and private hub "
+        "datasets (`HF_TOKEN`). Never put credentials in the spec. Unset: none. When `output.credentialsSecret` is set "
+        "too, it must be the same Secret (both become the same variables).",
+    )
     text_field: ShortStr = Field("text", description="Field (column) holding the input text. Default `text`.")
     text_pair_field: ShortStr | None = Field(
         None, description="For `embedding`: field holding the positive text paired with `textField`. Unset: texts with the same label are positives."
     )
     label_field: ShortStr = Field("label", description="Field holding the label (classification, embedding). Default `label`.")
-    validation_source: Path | None = Field(None, description="Separate validation data in the same format. Unset: split off `validationFraction`.")
+    validation_source: Path | None = Field(None, description="Separate validation data (any kind of source). Unset: split off `validationFraction`.")
     validation_fraction: float | None = Field(
         None, gt=0.0, lt=1.0, description="Fraction of `source` held out for validation. Unset: 0.1, or none when `validationSource` is set."
+    )
+    test_source: Path | None = Field(
+        None, description="Held-out test data (any kind of source), never trained on nor used to pick the best epoch: the "
+        "best checkpoint is evaluated on it once at the end (status.testMetrics, result.json). Unset: no test "
+        "evaluation, unless `testFraction`.",
+    )
+    test_fraction: float | None = Field(
+        None, gt=0.0, le=0.5, description="Fraction of `source` held out as the test set (before validation is split off), "
+        "in (0, 0.5]. Unset: no test split, unless `testSource`.",
     )
     max_length: int = Field(128, ge=8, le=32768, description="Maximum sequence length in tokens; longer texts are truncated. Default 128.")
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training examples (quick experiments). Unset: all.")
     max_validation_samples: int | None = Field(None, ge=1, description="Use at most this many validation examples. Unset: all.")
+    max_test_samples: int | None = Field(None, ge=1, description="Use at most this many test examples. Unset: all.")
 
 
 class SftSpec(ApiModel):

@@ -35,6 +35,12 @@ ENFORCED = Counter(
     "finetune_operator_stops_enforced", "Stops the operator enforced by suspending a Job after the grace period.",
     registry=REGISTRY,
 )
+POD_START = Histogram(
+    "finetune_operator_pod_start_seconds",
+    "FineTuneJob created to its first trainer container running (children, scheduling, image pull, container start).",
+    buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+    registry=REGISTRY,
+)
 
 
 class PhaseTracker:

@@ -81,7 +81,7 @@ CASES = [
     Case("unknown-strategy", spec(distributed={"strategy": "megatron"}), "spec.distributed.strategy", ("'deepspeed'", "'fsdp'")),
     Case("unknown-sft-format", spec(task="causal-lm", sft={"format": "alpaca"}), "spec.sft.format", ("'messages'",)),
     Case("unknown-quantization", spec(model={"quantization": "2bit"}), "spec.model.quantization", ("'4bit'",)),
-    Case("unknown-format", spec(dataset={"format": "parquet"}), "spec.dataset.format", ("'jsonl'",)),
+    Case("unknown-format", spec(dataset={"format": "xlsx"}), "spec.dataset.format", ("'jsonl'",)),
     Case("unknown-metric", spec(earlyStopping={"metric": "val_auc"}), "spec.earlyStopping.metric", ("'val_accuracy'",)),
     # --- wrong types (the API server does not coerce, so neither do we)
     Case("epochs-string", hp(epochs="three"), "spec.hyperparameters.epochs", ("integer",)),
@@ -169,6 +169,16 @@ CASES = [
          "spec.distributed.strategy", ("ddp",)),
     Case("token-secret-without-name", spec(model={"tokenSecret": {"key": "token"}}), "spec.model.tokenSecret.name", ("required",)),
     Case("text-pair-for-classification", spec(dataset={"textPairField": "positive"}), "spec.dataset.textPairField", ("embedding",)),
+    # --- dataset: the held-out test split and credentials (issue 13)
+    Case("test-source-and-fraction", spec(dataset={"testSource": "/data/test.parquet", "testFraction": 0.1}),
+         "spec.dataset.testFraction", ("not both",)),
+    Case("test-and-validation-fractions-leave-no-training-data",
+         spec(dataset={"testFraction": 0.5, "validationFraction": 0.45}), "spec.dataset.testFraction", ("below 0.95",)),
+    Case("test-fraction-above-half", spec(dataset={"testFraction": 0.6}), "spec.dataset.testFraction",
+         ("less than or equal to 0.5",)),
+    Case("dataset-and-output-credentials-differ",
+         spec(dataset={"credentialsSecret": "data-creds"}, output={"uri": "s3://b/p", "credentialsSecret": "out-creds"}),
+         "spec.dataset.credentialsSecret", ("use one Secret",)),
     # --- output: where the model goes
     Case("output-pvc-and-ephemeral", spec(output={"pvc": "mine", "ephemeral": True}), "spec.output.ephemeral", ("not both",)),
     Case("output-size-with-own-pvc", spec(output={"pvc": "mine", "size": "5Gi"}), "spec.output.size",

@@ -30,5 +30,9 @@ def test_classification_example_succeeds(kube, operator, pod_runner, namespace, 
     assert (st["phase"], st["reason"]) in {("Succeeded", "TrainingCompleted"), ("Succeeded", "EarlyStopped")}, st.get("message")
     assert st["epoch"] >= 1 and st["history"] and st["bestMetric"] is not None
     assert condition(st, "Succeeded")["status"] == "True"
+    # Issue 13: the held-out test of the best checkpoint and the stage timings reach the status (the operator's
+    # podStartSeconds merged into the object whose other keys the trainer wrote).
+    assert 0.0 <= st["testMetrics"]["test_accuracy"] <= 1.0 and st["testExamples"] == 200, st.get("testMetrics")
+    assert st["timings"]["podStartSeconds"] >= 0 and st["timings"]["firstStepTime"] and st["timings"]["dataSeconds"] >= 0
     assert st["reason"] in [e["reason"] for e in events_for(c, namespace, name)]
     c.close()

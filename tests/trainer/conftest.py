@@ -31,3 +31,10 @@ def manifest(tiny_model_dir, tiny_data):
         return make_manifest(tiny_model_dir, tiny_data, **overrides)
 
     return build
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()  # per-split bars would bury a failure's output

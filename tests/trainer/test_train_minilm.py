@@ -46,7 +46,7 @@ def test_minilm_bbc_embedding_raises_recall_at_1(tmp_path):
 
     from finetune_operator.api import validate_manifest
     from finetune_trainer.config import TrainerConfig
-    from finetune_trainer.data import Collator, build_dataset, label_names, split_records
+    from finetune_trainer.data import Collator, prepare
     from finetune_trainer.evaluation import recall_at_k
     from finetune_trainer.models import load_model, load_tokenizer
     from finetune_trainer.steps import embed_pairs
@@ -54,10 +54,9 @@ def test_minilm_bbc_embedding_raises_recall_at_1(tmp_path):
     # Each embedding example is two texts (anchor, positive): half the classification run's examples keeps it quick.
     manifest = bbc_manifest("bbc-embed", "embedding", train_samples=240, learningRate=5e-5)
     spec = TrainerConfig.from_dict(validate_manifest(manifest).trainer_config()).spec
-    train, val = split_records(spec)
-    labels = label_names(train, val)
     tokenizer, source = load_tokenizer(spec)
-    val_set = build_dataset(val, "embedding", tokenizer, 64, labels, seed=43)
+    data = prepare(spec, tokenizer, pvc_mount=None, cache_dir=str(tmp_path / "before-cache"))
+    labels, val_set = data.labels, data.validation
     model = load_model(spec, labels, tokenizer, source).model.eval()
     collate = Collator(tokenizer.pad_token_id, "embedding")
     with torch.no_grad():

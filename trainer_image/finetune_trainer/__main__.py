@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return _refuse(str(err))
     except ValidationError as err:
         return _refuse(f"trainer config {rt.config_path} is not valid for this trainer: {err}")
+    from .timings import START_ENV, process_start_time
+
+    # The container's start, for the trainer's stage timings (torchrun's workers start later than the container).
+    os.environ[START_ENV] = str(process_start_time() or "")
     nnodes, nproc = rt.layout(cfg.spec)
     world = nnodes * nproc
     # Imported after the config check: a refused config costs no torch import.

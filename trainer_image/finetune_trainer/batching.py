@@ -126,6 +126,16 @@ def _agree_min(value: int) -> int:
     return value
 
 
+def _lengths(dataset: Any) -> list[int]:
+    """Token count per example: one Arrow compute over a `datasets.Dataset`'s column (reading each row of a large
+    memory-mapped split through Python would take minutes), else row by row."""
+    if hasattr(dataset, "with_format"):
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
+    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
 def make_probe(engine: Any, dataset: Any, collate: Any, task: str, hp: Any, *, memory: SimulatedMemory | None = None):
     """One full training step on the longest examples at a given batch size, on the model as it trains.
 
@@ -135,7 +145,8 @@ def make_probe(engine: Any, dataset: Any, collate: Any, task: str, hp: Any, *, m
     state as before). memory: fault injection, a simulated limit checked before the forward and before the
     optimizer step, raising torch's own OutOfMemoryError type and text, exactly what a GPU raises.
     """
-    longest = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
+    lengths = _lengths(dataset)
+    longest = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     device = engine.accelerator.device
 
     def probe(batch_size: int) -> None:

@@ -72,7 +72,14 @@ def run(
     run_env = {**os.environ, **local_env(config_path, output_dir, cfg.name, cfg.namespace, world, progress), **(env or {})}
     if Env.METRICS_PORT not in (env or {}):
         run_env.pop(Env.METRICS_PORT, None)  # metrics only when asked: a fixed port would clash between runs
-    return _run_in_process(run_env, progress) if world == 1 else _run_torchrun(run_env, world, result_path)
+    if world == 1:
+        import time
+
+        from .timings import START_ENV
+
+        run_env[START_ENV] = str(time.time())  # trains in this (long-lived) process: its stages start now
+        return _run_in_process(run_env, progress)
+    return _run_torchrun(run_env, world, result_path)
 
 
 def local_env(config_path: str, output_dir: str, name: str, namespace: str, world: int, progress: bool) -> dict[str, str]:

@@ -72,6 +72,22 @@ class TrainerMetrics:
             "finetune_trainer_early_stops", "Runs this trainer ended early (patience or stop request).", LABELS, registry=r
         ).labels(**self._labels)
 
+        self._stage = gauge(
+            "finetune_trainer_stage_seconds",
+            "Seconds each start-up stage took, process start to the first optimizer step (setup, data, modelLoad, firstStep).",
+            ("stage",),
+        )
+        self._test_metric = gauge(
+            "finetune_test_metric", "The best checkpoint's metrics on the held-out test split, evaluated once at the end.",
+            ("metric",),
+        )
+
+    def stage(self, name: str, seconds: float) -> None:
+        self._stage.labels(**self._labels, stage=name).set(seconds)
+
+    def test_metric(self, name: str, value: float) -> None:
+        self._test_metric.labels(**self._labels, metric=name).set(value)
+
     def val_metric(self, name: str, value: float) -> None:
         self._val_metric.labels(**self._labels, metric=name).set(value)
 

@@ -33,7 +33,7 @@ from .batching import (
     step_down,
 )
 from .config import DATA_PVC_MOUNT, Runtime, TrainerConfig
-from .data import Collator, EpochSeededSampler, build_dataset, label_names, split_records
+from .data import Collator, EpochSeededSampler, default_cache_dir, prepare
 from .engine import (
     AccelerateEngine,
     BareModelProbe,
@@ -49,9 +49,9 @@ from .models import load_model, load_tokenizer, save_model
 from .optim import build_optimizer
 from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro
 from .schedules import build_scheduler
-from .sft import build_sft_dataset
 from .signals import TerminationFlag
 from .steps import forward
+from .timings import StageClock
 from .upload import upload_results
 
 log = logging.getLogger("finetune_trainer")
@@ -120,6 +120,10 @@ def configure_logging(job: str, rank: int) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # per-file load/save bars would drown the epoch bars
+    import datasets
+
+    datasets.disable_progress_bars()  # per-split generate/tokenise bars too; the data stage's time is logged once
+    datasets.logging.set_verbosity_error()
 
 
 def resolve_mixed_precision(requested: str, on_gpu: bool) -> str:
@@ -181,19 +185,17 @@ class Trainer:
         return accelerator
 
     def _data(self) -> None:
+        """Read, split and tokenise (datasets' Arrow cache): rank 0 first, so the other ranks read its cache files
+        instead of writing the same ones at once."""
         spec = self.spec
-        train, val = split_records(spec, DATA_PVC_MOUNT if spec.dataset.pvc else None)
-        self.labels = label_names(train, val) if self.task != "causal-lm" else []
         self.tokenizer, self.model_source = load_tokenizer(spec)
-        seed = self.hp.seed or 0
-        maxlen = spec.dataset.max_length
-        if self.task == "causal-lm":
-            self.train_set = build_sft_dataset(train, self.tokenizer, spec, train=True, job=self.job)
-            self.val_set = build_sft_dataset(val, self.tokenizer, spec, train=False, job=self.job)
-        else:
-            self.train_set = build_dataset(train, self.task, self.tokenizer, maxlen, self.labels, seed)
-            self.val_set = build_dataset(val, self.task, self.tokenizer, maxlen, self.labels, seed + 1)
-        self.paired = self.task == "embedding" and all(r.pair is not None for r in train)
+        with self.accelerator.main_process_first():
+            data = prepare(spec, self.tokenizer, pvc_mount=DATA_PVC_MOUNT if spec.dataset.pvc else None,
+                           cache_dir=default_cache_dir(self.output_dir))
+        self.labels = data.labels if self.task != "causal-lm" else []
+        self.train_set, self.val_set, self.test_set = data.train, data.validation, data.test
+        self.data_cached = data.cached
+        self.paired = data.paired
         self.collate = Collator(self.tokenizer.pad_token_id or 0, self.task)
 
     def _loaders(self, per_device: int) -> None:
@@ -206,6 +208,10 @@ class Trainer:
                            generator=torch.Generator().manual_seed(seed))
         val = DataLoader(self.val_set, batch_size=max(per_device, 32), shuffle=False, collate_fn=self.collate)
         self.train_loader, self.val_loader = self.accelerator.prepare(train, val)
+        self.test_loader = None
+        if self.test_set is not None:
+            test = DataLoader(self.test_set, batch_size=max(per_device, 32), shuffle=False, collate_fn=self.collate)
+            self.test_loader = self.accelerator.prepare(test)
 
     # --- run -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -214,9 +220,13 @@ class Trainer:
         configure_logging(self.job, acc.process_index)
         os.makedirs(self.output_dir, exist_ok=True)
         set_seed(self.hp.seed or 0)
+        self.clock = StageClock.from_env()
+        self.clock.mark("setup")
         self._data()
+        self.clock.mark("data")
         loaded = load_model(self.spec, self.labels, self.tokenizer, self.model_source)
         model = loaded.model.to(acc.device)
+        self.clock.mark("modelLoad")
         self.unwrapped_for_save = loaded.model
         self.memory = SimulatedMemory.from_env({**os.environ, "FINETUNE_FAULT_OOM_ABOVE": self.rt.fault_oom_above or ""},
                                                acc.process_index)
@@ -258,6 +268,8 @@ class Trainer:
                                            on_heartbeat=lambda t, _step: self.metrics.last_progress.set(t)).start()
             self.metrics.batch_size.set(plan.per_device)
             self.metrics.gradient_accumulation_steps.set(plan.accumulation)
+            for stage, seconds in self.clock.seconds().items():
+                self.metrics.stage(stage, seconds)
         log.info(
             "training %s on %d process(es): %d train / %d validation examples, batch %d x %d accumulation, %d steps, "
             "strategy %s, precision %s%s%s",
@@ -267,7 +279,7 @@ class Trainer:
             f" (group restart {self.rt.restart_count} of this pod's agent)" if self.rt.restart_count else "",
         )
         self._report({"trainerPhase": "Training", "totalEpochs": self.hp.epochs, "batchSize": plan.per_device,
-                      "gradientAccumulationSteps": plan.accumulation})
+                      "gradientAccumulationSteps": plan.accumulation, "timings": self._timings()})
         self.engine.model.train()  # from_pretrained returns eval mode: dropout would silently be off
         self.term.install()
         try:
@@ -275,6 +287,19 @@ class Trainer:
         finally:
             self.term.uninstall()
         return self._finish(outcome, resumed)
+
+    def _timings(self) -> dict[str, Any]:
+        return {**self.clock.status(), "dataCached": self.data_cached}
+
+    def _first_step(self) -> None:
+        seconds = self.clock.mark("firstStep")
+        if self.is_main:
+            self.metrics.stage("firstStep", seconds)
+            total = sum(self.clock.seconds().values())
+            log.info("first optimizer step done %.1f s after the process started (setup %.1f s, data %.1f s%s, model "
+                     "load %.1f s, first step %.1f s)", total, *(self.clock.seconds()[k] for k in ("setup", "data")),
+                     ", tokenised cache" if self.data_cached else "", self.clock.seconds()["modelLoad"], seconds)
+        self._report({"timings": self._timings()})
 
     def _plan(self, prober: Any) -> BatchPlan:
         """The batch plan: the resumed checkpoint's (read before any probe, so a restarted pod keeps the batch its
@@ -494,6 +519,8 @@ class Trainer:
                     time.sleep(self.fault_slow_step)
                 p.global_step += 1
                 self._tick()
+                if not self.clock.has("firstStep"):
+                    self._first_step()
                 if self.step_log is not None:
                     self.step_log.write(f"{p.global_step}\n")
                 if self.is_main and p.global_step % GAUGE_EVERY_STEPS == 0:
@@ -643,11 +670,42 @@ class Trainer:
         self.last_checkpoint = time.monotonic()
         self._tick()
 
+    def _test(self, outcome: str) -> dict[str, Any] | None:
+        """The best checkpoint, evaluated once on the held-out test split (dataset.testSource / testFraction)."""
+        if self.test_loader is None or outcome == "preempted":
+            return None
+        p = self.progress
+        engine: Any = self.engine
+        # The weights in memory are the best ones only right after the best epoch's end; otherwise read best/.
+        if not (p.best_epoch is not None and p.best_epoch == p.epochs_completed and outcome in ("completed", "early_stopped")):
+            engine = _BestModel(self.accelerator, self._load_best(), self.engine)
+        metrics = evaluate(engine, self.test_loader, self.task, self.hp, num_labels=len(self.labels), paired=self.paired,
+                           on_batch=self._tick)
+        test = {"test_" + k.removeprefix("val_"): v for k, v in metrics.items()}
+        if self.is_main:
+            for name, value in test.items():
+                self.metrics.test_metric(name, value)
+            log.info("test (best checkpoint, epoch %s, %d examples): %s", p.best_epoch, len(self.test_set),
+                     " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        return {"metrics": test, "examples": len(self.test_set), "epoch": p.best_epoch}
+
+    def _load_best(self) -> Any:
+        """best/ as saved (a LoRA run's merged model), loaded like the base model, for evaluation only."""
+        import copy
+
+        best_spec = self.spec.model_copy(update={"model": self.spec.model.model_copy(
+            update={"name": os.path.join(self.output_dir, "best"), "pvc": None, "revision": None}),
+            "lora": self.spec.lora.model_copy(update={"enabled": False})})
+        path = os.path.join(self.output_dir, "best")
+        model = load_model(copy.deepcopy(best_spec), self.labels, self.tokenizer, path).model
+        return model.to(self.accelerator.device).eval()
+
     def _finish(self, outcome: str, resumed: str | None) -> dict[str, Any]:
         acc, p = self.accelerator, self.progress
         if outcome == "stopped" and p.best_epoch is None:
             # Stopped before any epoch ended: the current weights are all there is; keep them as the model.
             self._save_best()
+        test = self._test(outcome)
         step = torch.tensor([p.global_step], device=acc.device)
         rank_steps = acc.gather(step).tolist() if acc.num_processes > 1 else [p.global_step]
         checksum = torch.tensor([self.engine.param_checksum()], device=acc.device, dtype=torch.float64)
@@ -666,12 +724,16 @@ class Trainer:
             "rankParamChecksums": checksums, "rankFirstGradNorms": grad_norms,
             "stopReason": getattr(self, "stop_reason", None), "modelPath": os.path.join(self.output_dir, "best"),
             "resumedAtStep": getattr(self, "resumed_at_step", None), "oomRecoveries": getattr(self, "oom_recoveries", 0),
+            "test": test, "timings": self._timings(),
             "elasticRestarts": self.rt.restart_count,
         }
         if outcome == "preempted":
             self._report({"trainerPhase": "Preempted", "step": p.global_step})
         else:
-            self._report({"trainerPhase": "Finished", "step": p.global_step})
+            final: dict[str, Any] = {"trainerPhase": "Finished", "step": p.global_step}
+            if test is not None:
+                final.update(testMetrics=test["metrics"], testExamples=test["examples"], testEpoch=test["epoch"])
+            self._report(final)
             if outcome in ("early_stopped", "stopped") and self.is_main:
                 self.metrics.early_stops.inc()
             if self.is_main:
@@ -694,6 +756,16 @@ class Trainer:
         t = torch.tensor([mine["local"], mine["total"]], device=acc.device)
         rows = acc.gather(t.unsqueeze(0)).tolist() if acc.num_processes > 1 else [t.tolist()]
         return [{"local": int(a), "total": int(b)} for a, b in rows]
+
+
+class _BestModel:
+    """The evaluation's view of an engine whose model is the reloaded best checkpoint."""
+
+    def __init__(self, accelerator: Accelerator, model: Any, engine: Any):
+        self.accelerator, self.model, self._engine = accelerator, model, engine
+
+    def autocast(self) -> Any:
+        return self._engine.autocast()
 
 
 def train(cfg: TrainerConfig, rt: Runtime, *, progress: bool = False) -> dict[str, Any]:

@@ -42,6 +42,26 @@ class HistoryPoint(ApiModel):
     time: ShortStr | None = None
 
 
+class StageTimings(ApiModel):
+    """How long each stage from `kubectl apply` to the first optimizer step took, in seconds (issue 13). The operator
+    writes podStartSeconds; the trainer's rank 0 the rest, each stage measured from the end of the one before."""
+
+    model_config = LENIENT
+
+    pod_start_seconds: float | None = Field(
+        None, description="FineTuneJob created to the first trainer container running, as the operator saw it "
+        "(children, scheduling, image pull, container start)."
+    )
+    setup_seconds: float | None = Field(None, description="Trainer process start to its data stage (interpreter, imports, process group).")
+    data_seconds: float | None = Field(None, description="Reading, splitting and tokenising the data (or reading the tokenised cache).")
+    data_cached: bool | None = Field(None, description="True when every split came from the tokenised cache (nothing tokenised).")
+    model_load_seconds: float | None = Field(None, description="Loading the base model's weights.")
+    first_step_seconds: float | None = Field(
+        None, description="Model loaded to the first optimizer step done (optimizer, batch plan, resume, the step itself)."
+    )
+    first_step_time: ShortStr | None = Field(None, description="RFC 3339 time the first optimizer step ended.")
+
+
 class RestartRecord(ApiModel):
     """The latest group restart: which pod failed, how, and whether it was charged to spec.backoffLimit."""
 
@@ -101,6 +121,17 @@ class FineTuneJobStatus(ApiModel):
     stop_enforced: bool | None = Field(None, description="True when the operator had to suspend the Job itself.")
     stop_enforced_reason: str | None = Field(None, max_length=1024, description="Why the operator suspended the Job itself, in words.")
     spec_hash: ShortStr | None = Field(None, description="Hash of the spec fields fixed once training started.")
+    test_metrics: dict[str, float] = Field(
+        default_factory=dict, max_length=16,
+        description="The best checkpoint's metrics on the held-out test split (dataset.testSource or testFraction), "
+        "evaluated once at the end: test_loss and the task's metrics (test_accuracy, test_f1, test_perplexity, "
+        "test_recall_at_1). Empty: no test split.",
+    )
+    test_examples: int | None = Field(None, description="Examples in the test split.")
+    test_epoch: int | None = Field(None, description="The epoch whose checkpoint (the best) was tested.")
+    timings: StageTimings | None = Field(None, description="Seconds per stage from apply to the first optimizer step.")
+
+
     restarts: int | None = Field(None, description="Group restarts: times a training pod failed or was disrupted while "
                                  "the job ran, and every rank resumed from the last complete checkpoint.")
     last_restart: RestartRecord | None = Field(None, description="The latest group restart.")

@@ -69,6 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     best_text = f"{best:.4f}" if isinstance(best, int | float) else "-"
     print(f"outcome: {result.get('outcome')}; best {result.get('metric')} {best_text} at epoch {result.get('bestEpoch')}; "
           f"final model: {result.get('modelPath') or args.output}")
+    test = result.get("test")
+    if test:
+        from .render import held_out_line
+
+        print(held_out_line(test))
     return 0
 
 

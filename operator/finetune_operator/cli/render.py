@@ -54,6 +54,12 @@ def status_text(obj: dict[str, Any], width: int = 72, curves: bool = True) -> st
         f"Batch:       {_num(s.get('batchSize'))} per device x {_num(s.get('gradientAccumulationSteps'))} accumulation",
         f"Early stop:  {early_stop_line(obj)}",
     ]
+    if s.get("testMetrics"):
+        test = "   ".join(f"{k.removeprefix('test_')} {_num(v)}" for k, v in sorted(s["testMetrics"].items()))
+        lines.append(f"Test:        {test}   ({_num(s.get('testExamples'))} held-out examples, best checkpoint of "
+                     f"epoch {_num(s.get('testEpoch'))})")
+    if s.get("timings"):
+        lines.append(f"Timings:     {timings_line(s['timings'], meta.get('creationTimestamp'))}")
     if s.get("epochsSaved"):
         lines.append(f"Saved:       {s['epochsSaved']} epoch(s) not run thanks to early stopping")
     if s.get("jobName"):
@@ -68,6 +74,38 @@ def status_text(obj: dict[str, Any], width: int = 72, curves: bool = True) -> st
         lines.append("")
         lines.append(loss_curves(history, width=width) if history else "(no epochs finished yet: no loss curves)")
     return "\n".join(lines)
+
+
+def held_out_line(test: dict[str, Any]) -> str:
+    """result.json's `test` as one line: `held-out test (200 examples, best checkpoint of epoch 2): accuracy 0.93, ...`."""
+    metrics = test.get("metrics") or {}
+    words = ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float))
+    return f"held-out test ({test.get('examples')} examples, best checkpoint of epoch {test.get('epoch')}): {words}"
+
+
+TIMING_STAGES = (("podStartSeconds", "pod start"), ("setupSeconds", "setup"), ("dataSeconds", "data"),
+                 ("modelLoadSeconds", "model load"), ("firstStepSeconds", "first step"))
+
+
+def _seconds_between(start: Any, end: Any) -> float | None:
+    from datetime import datetime
+
+    try:
+        a = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
+        b = datetime.fromisoformat(str(end).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (b - a).total_seconds()
+
+
+def timings_line(t: dict[str, Any], created: str | None = None) -> str:
+    """`pod start 4.1 s, setup 2.0 s, data 1.2 s (cached), ...; apply to first step 9.9 s`."""
+    parts = []
+    for key, label in TIMING_STAGES:
+        if isinstance(t.get(key), int | float):
+            parts.append(f"{label} {t[key]:.1f} s" + (" (cached)" if key == "dataSeconds" and t.get("dataCached") else ""))
+    total = _seconds_between(created, t["firstStepTime"]) if created and t.get("firstStepTime") else None
+    return ", ".join(parts) + (f"; apply to first step {total:.1f} s" if total is not None else "")
 
 
 def loss_curves(history: list[dict[str, Any]], width: int = 72, height: int = 16) -> str:

@@ -240,6 +240,8 @@ class Reconciler:
             answer = patch_status(self.client, namespace, name, patch)
             if answer:
                 self.cache.put_ftj(answer)
+            if (patch.get("timings") or {}).get("podStartSeconds") is not None:
+                metrics.POD_START.observe(patch["timings"]["podStartSeconds"])
         if outcome is not None and outcome.conflicts and patch.get("conditions"):
             events = [*events, _conflict_event(outcome.conflicts)]
         for ev in events:

@@ -278,10 +278,12 @@ def pod_template(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY_CONTEXT,
     }
-    if spec.output.credentials_secret:
-        # Object-store credentials as the trainer's environment (boto/s3fs and gcsfs read their standard variables);
-        # the values never pass through the spec, the ConfigMap or the operator.
-        container["envFrom"] = [{"secretRef": {"name": spec.output.credentials_secret}}]
+    secrets = dict.fromkeys(s for s in (spec.output.credentials_secret, spec.dataset.credentials_secret) if s)
+    if secrets:
+        # Object-store (and hub token) credentials as the trainer's environment (boto/s3fs, gcsfs and huggingface_hub
+        # read their standard variables); the values never pass through the spec, the ConfigMap or the operator.
+        # The API refuses two different Secrets (their keys would collide), so this is one Secret.
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in secrets]
     resources = _resources(job)
     if resources:
         container["resources"] = resources

@@ -69,6 +69,7 @@ class JobInput:
     status: dict[str, Any] = field(default_factory=dict)
     # A sweep's pruner stops its trial through the stop annotation, saying why (issue 14): (reason, message).
     stop_by_sweep: tuple[str, str] | None = None
+    created: str | None = None  # metadata.creationTimestamp: where the apply-to-first-step clock starts
     # What `resolved`/`problems` were validated from (the reconciler's key for reusing them); None: unknown.
     validated_from: Any = field(default=None, compare=False, repr=False)
 
@@ -90,7 +91,7 @@ def job_input(obj: dict[str, Any], validate: bool = True) -> JobInput:
     if annotation and ann.get(STOP_REASON_ANNOTATION) == PRUNED:
         by_sweep = (PRUNED, str(ann.get(STOP_MESSAGE_ANNOTATION) or "pruned by its sweep"))
     return JobInput(name, namespace, meta.get("uid"), meta.get("generation"), resolved, problems, annotation,
-                    dict(obj.get("status") or {}), by_sweep)
+                    dict(obj.get("status") or {}), by_sweep, meta.get("creationTimestamp"))
 
 
 # -- fields fixed after start ------------------------------------------------------------------------------
@@ -648,6 +649,7 @@ def _progress_phase(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: l
     if running or finished or held:  # a finished pod before the Job's Complete condition: still the running job
         if not st.get("startTime"):
             st["startTime"] = rfc3339(p.now)
+        _pod_start_timing(p, running + finished)
         nodes = spec.distributed.nodes
         p.phase(Phase.RUNNING, Reason.JOB_RUNNING, f"{max(len(running) + len(finished), counted)} of {nodes} pod(s) running or done")
         return
@@ -657,6 +659,29 @@ def _progress_phase(p: _Pass, spec: Any, job_obj: dict[str, Any] | None, pods: l
         return
     unschedulable = scheduling_problem(pods)
     p.phase(Phase.PENDING, Reason.JOB_PENDING, unschedulable or f"waiting for the pods of training Job {st['jobName']}")
+
+
+def _container_started(pod: dict[str, Any]) -> datetime | None:
+    """When the pod's first container started running (the kubelet's time), else the pod's startTime."""
+    times = []
+    for kind, state in _container_states(pod):
+        started = parse_time(state.get("startedAt")) if kind in ("running", "terminated") else None
+        if started is not None:
+            times.append(started)
+    return min(times) if times else parse_time((pod.get("status") or {}).get("startTime"))
+
+
+def _pod_start_timing(p: _Pass, pods: list[dict[str, Any]]) -> None:
+    """status.timings.podStartSeconds, once: FineTuneJob created to its first trainer container running. Written as
+    a merge patch of that one key, so the trainer's keys of the same object are never overwritten."""
+    if (p.job.status.get("timings") or {}).get("podStartSeconds") is not None:
+        return
+    created = parse_time(p.job.created)
+    started = [t for t in (_container_started(pod) for pod in pods) if t is not None]
+    if created is None:
+        return
+    first = min(started) if started else p.now
+    p.st["timings"] = {"podStartSeconds": round(max(0.0, (first - created).total_seconds()), 3)}
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
