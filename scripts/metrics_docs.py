@@ -41,6 +41,7 @@ UNITS = {
     "finetune_best_metric": "the early-stopping metric's scale",
     "finetune_trainer_early_stops": "runs",
     "finetune_trainer_last_progress_timestamp_seconds": "seconds since the Unix epoch",
+    "finetune_trainer_stall_timeout_seconds": "seconds (0: no watchdog)",
     "finetune_trainer_stage_seconds": "seconds",
     "finetune_test_metric": "the metric's own scale (accuracy/F1/recall 0-1, perplexity >= 1, loss)",
     "finetune_operator_pod_start_seconds": "seconds",

@@ -116,6 +116,8 @@ class Metric:
     EPOCH = "finetune_trainer_epoch"
     STEP = "finetune_trainer_step"
     LAST_PROGRESS = "finetune_trainer_last_progress_timestamp_seconds"  # the heartbeat: time of the last progress
+    # spec.watchdog.stallTimeoutSeconds as the job has it now: the FineTuneJobStalled alert's per-job threshold
+    STALL_TIMEOUT = "finetune_trainer_stall_timeout_seconds"
     TRAIN_LOSS = "finetune_train_loss"
     VALIDATION_LOSS = "finetune_validation_loss"
     VALIDATION_METRIC = "finetune_validation_metric"  # + label `metric`

@@ -70,6 +70,7 @@ class Reason:
     IMMUTABLE_FIELD = "ImmutableFieldChanged"
     NO_CHANGE_REFUSED = "NoRefusedChange"
     CHILD_NOT_OWNED = "ChildNotOwned"  # an object with a child's name exists and another owner made it
+    OUTPUT_CLAIM_IN_USE = "OutputClaimInUse"  # the retained output claim is an earlier job's of the same name
     EPHEMERAL_OUTPUT = "EphemeralOutput"
     DURABLE_OUTPUT = "DurableOutput"
     # Group restarts (docs/multi-node.md): the Event of each, and the causes in status.lastRestart.reason.

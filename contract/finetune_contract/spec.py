@@ -471,6 +471,12 @@ class OutputSpec(ApiModel):
         "no ownerReference; delete it with `kubectl delete pvc -l finetune.dev/job-name=<job>`). false: it is "
         "garbage-collected with the job. Default true.",
     )
+    reuse_retained_claim: bool = Field(
+        False, description="Use the retained `<job>-output` claim of an earlier FineTuneJob of the same name: this job "
+        "resumes from its checkpoints and writes over its model. Default false: such a claim is left alone and the "
+        "job waits (condition Ready=False, reason OutputClaimInUse) until the claim is deleted or this is set. "
+        "May be set after the job was created.",
+    )
     ephemeral: bool = Field(
         False, description="Write output to an emptyDir instead of a PersistentVolumeClaim: the model, checkpoints and "
         "result.json are lost with the pod (condition OutputEphemeral says so) unless `uri` uploads them. Default false.",

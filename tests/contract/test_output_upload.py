@@ -1,10 +1,11 @@
 """spec.output.uri: at the end of training the trainer uploads the best model and result.json (and, when asked,
 the checkpoints) through fsspec. Checked against a real S3-compatible server (moto's, in this process) with s3fs,
-the same client the trainer image uses; credentials and endpoint come from the environment, as the pod gets
-them from output.credentialsSecret (envFrom)."""
+the same client the trainer image uses, and gs:// against gcp-storage-emulator (also in this process) with gcsfs;
+credentials and endpoint come from the environment, as the pod gets them from output.credentialsSecret (envFrom)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -82,11 +83,73 @@ def test_a_failed_upload_says_where_the_results_still_are(s3fs_client, tmp_path)
     assert "no-such-bucket" not in s3fs_client.ls("")
 
 
-def test_an_object_store_without_its_fsspec_backend_is_a_clear_error(tmp_path):
-    import importlib.util
+@pytest.fixture(scope="module")
+def gcs():
+    """gcp-storage-emulator in this process on a free port: the JSON API gcsfs speaks, in memory."""
+    from gcp_storage_emulator.server import create_server
 
-    # gcsfs is optional (pyproject extra `gcs`), and not in the dev install, so gs:// has no backend here.
-    assert importlib.util.find_spec("gcsfs") is None, "gcsfs is installed: this test would reach Google's servers"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    # What output.credentialsSecret would hold for an emulator (envFrom): its address, no credentials (the emulator
+    # checks none; with a real bucket the Secret names GOOGLE_APPLICATION_CREDENTIALS instead), and gcsfs's JSON-API
+    # filesystem, since the emulator speaks no gRPC (see upload.py).
+    yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "FSSPEC_GS_TOKEN": "anon",
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    server.stop()
+
+
+@pytest.fixture
+def gcsfs_client(gcs, monkeypatch):
+    import fsspec
+    import gcsfs.core
+
+    for k, v in gcs.items():
+        monkeypatch.setenv(k, v)
+    # Never Google's servers: no metadata-server probe, no default credentials from this machine.
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    # GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is read when gcsfs is first imported, which another test may have done: the
+    # JSON-API class is what fsspec resolves gs:// to here, as in a trainer started with that variable.
+    for protocol in ("gs", "gcs"):
+        monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, protocol, gcsfs.core.GCSFileSystem)
+        monkeypatch.setitem(fsspec.config.conf, protocol, {})  # FSSPEC_GS_* as read at upload, undone afterwards
+    return gcsfs.core.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
+
+
+def test_gs_uploads_through_gcsfs(gcsfs_client, tmp_path):
+    gcsfs_client.mkdir("gs-models")
+    out = _results(tmp_path)
+    done = upload_results(SimpleNamespace(uri="gs://gs-models/team/bbc", upload_checkpoints=True), str(out), "bbc")
+    assert done == ["gs://gs-models/team/bbc/best", "gs://gs-models/team/bbc/result.json",
+                    "gs://gs-models/team/bbc/checkpoints"]
+    gcsfs_client.invalidate_cache()
+    assert sorted(gcsfs_client.find("gs-models")) == [
+        "gs-models/team/bbc/best/adapter/adapter_config.json", "gs-models/team/bbc/best/model.safetensors",
+        "gs-models/team/bbc/checkpoints/epoch-1/trainer_state.json", "gs-models/team/bbc/result.json"]
+    assert gcsfs_client.cat("gs-models/team/bbc/best/model.safetensors") == b"\0" * 4096
+    assert json.loads(gcsfs_client.cat("gs-models/team/bbc/result.json")) == {"outcome": "completed"}
+    import fsspec
+
+    # The Secret's FSSPEC_GS_TOKEN arrived after fsspec was imported (as in a process that imported it early):
+    # the upload read it anyway.
+    assert fsspec.config.conf["gs"]["token"] == "anon"
+
+
+def test_gs_without_its_bucket_is_refused_not_created(gcsfs_client, tmp_path):
+    with pytest.raises(UploadError, match=r"bucket no-such-gs-bucket of spec.output.uri gs://no-such-gs-bucket/x does "
+                                          r"not exist"):
+        upload_results(SimpleNamespace(uri="gs://no-such-gs-bucket/x", upload_checkpoints=False),
+                       str(_results(tmp_path)), "bbc")
+    gcsfs_client.invalidate_cache()
+    assert "no-such-gs-bucket" not in [b.rstrip("/") for b in gcsfs_client.ls("")]
+
+
+def test_an_object_store_without_its_fsspec_backend_is_a_clear_error(tmp_path, monkeypatch):
+    # gcsfs is an optional extra of the trainer image (`gcs`): without it, gs:// says which package is missing.
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # import gcsfs now raises ImportError
     with pytest.raises(UploadError, match="gs:// gcsfs"):
         upload_results(SimpleNamespace(uri="gs://bucket/x", upload_checkpoints=False), str(_results(tmp_path)), "bbc")
 

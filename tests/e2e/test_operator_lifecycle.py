@@ -63,6 +63,23 @@ def test_job_runs_to_success_with_children_status_and_events(c, operator, pod_ru
     c.request("DELETE", f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/plain")
     wait_for(lambda: not any(children(c, namespace, "plain").values()), timeout=60, what="garbage collection of the children")
     assert c.get(claim) is not None
+    assert c.get(claim)["metadata"]["annotations"]["finetune.dev/job-uid"] == uid
+
+    # The same name again: a new job (another uid) must not resume the earlier one's checkpoints nor write over
+    # its model. No training Job while the claim is there; the condition and a Warning Event name it and both fixes.
+    create(c, namespace, ftj("plain", env=fake_trainer_env("obey", "0.5"), hyperparameters={"epochs": 1, "batchSize": 8}))
+    ready = wait_for(lambda: (r := condition(status(c, namespace, "plain"), "Ready")).get("reason") == "OutputClaimInUse"
+                     and r, what="Ready=False OutputClaimInUse")
+    assert ready["status"] == "False" and "plain-output" in ready["message"] and "reuseRetainedClaim" in ready["message"]
+    wait_for(lambda: any(e["reason"] == "OutputClaimInUse" for e in events_for(c, namespace, "plain")),
+             what="OutputClaimInUse event")
+    assert not children(c, namespace, "plain").get("Job")
+    assert c.get(claim)["metadata"]["annotations"]["finetune.dev/job-uid"] == uid  # left alone
+    # Deleting the claim is one of the fixes: the job then gets a fresh claim of its own, and its training Job.
+    c.request("DELETE", claim)
+    new_uid = get(c, namespace, "plain")["metadata"]["uid"]
+    wait_for(lambda: children(c, namespace, "plain").get("Job"), timeout=60, what="the training Job after the fix")
+    assert c.get(claim)["metadata"]["annotations"]["finetune.dev/job-uid"] == new_uid != uid
 
 
 def _without_cel(node):

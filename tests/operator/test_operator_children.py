@@ -181,7 +181,8 @@ def test_output_is_a_retained_claim_by_default(settings):
     assert pvc["metadata"]["name"] == "bbc-news-output" == names.output_pvc_name("bbc-news")
     # Retained: no ownerReference, so deleting the FineTuneJob (garbage collection) leaves the model.
     assert "ownerReferences" not in pvc["metadata"]
-    assert pvc["metadata"]["annotations"] == {"finetune.dev/retain": "true"}
+    # The creating job's uid: a re-created job of the same name tells the claim is not its own (plan/output_claim.py).
+    assert pvc["metadata"]["annotations"] == {"finetune.dev/retain": "true", "finetune.dev/job-uid": resolved().uid}
     assert pvc["metadata"]["labels"]["finetune.dev/job-name"] == "bbc-news"  # how `kubectl delete pvc -l` finds it
     assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}}
     volumes = {v["name"]: v for v in _pod(children)["volumes"]}

@@ -140,3 +140,30 @@ def test_a_hung_step_is_failed_as_stalled_at_that_step(manifest, tmp_path, monke
     # SIGTERM ended the hang: a checkpoint at the hung step, so nothing is lost.
     state_dir = tmp_path / "out" / "checkpoints"
     assert any(name.startswith("epoch-1-batch-") for name in os.listdir(state_dir))
+
+
+def test_the_stall_timeout_gauge_follows_the_job_as_the_watchdog_does(manifest):
+    """The FineTuneJobStalled alert compares the heartbeat's age with finetune_trainer_stall_timeout_seconds: the
+    job's spec.watchdog.stallTimeoutSeconds at start, then as each poll of the FineTuneJob finds it (it may be
+    edited after start, and the operator's watchdog reads it on every pass)."""
+    from finetune_trainer.metrics import TrainerMetrics
+    from finetune_trainer.reporting import StatusReporter, stall_timeout_in
+    from finetune_trainer.worker import Trainer
+
+    m = _manifest(manifest)
+    api = RecordingApi(m)
+    trainer = Trainer.__new__(Trainer)  # only what _follow_job reads
+    trainer.metrics = TrainerMetrics("tiny", "default")
+    trainer.spec = type("Spec", (), {"watchdog": type("W", (), {"stall_timeout_seconds": 900})()})()
+    reporter = StatusReporter("tiny", "default", api=api, on_job=trainer._follow_job)
+    gauge = trainer.metrics.registry.get_sample_value
+    labels = {"finetune_job": "tiny", "namespace": "default"}
+    assert reporter._poll_stop()
+    assert gauge("finetune_trainer_stall_timeout_seconds", labels) == STALL_TIMEOUT
+    api.obj["spec"]["watchdog"]["stallTimeoutSeconds"] = 0  # the watchdog switched off: the alert follows
+    reporter._poll_stop()
+    assert gauge("finetune_trainer_stall_timeout_seconds", labels) == 0
+    del api.obj["spec"]["watchdog"]  # not in the object (an older CRD without defaults): the config's value
+    reporter._poll_stop()
+    assert gauge("finetune_trainer_stall_timeout_seconds", labels) == 900
+    assert stall_timeout_in({"spec": {"watchdog": {"stallTimeoutSeconds": True}}}, 7) == 7

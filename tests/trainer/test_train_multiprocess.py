@@ -68,28 +68,43 @@ def torch_extensions_dir() -> str:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_stage_trains_on_two_cpu_processes_with_an_agreed_batch(stage, manifest, tmp_path, torch_extensions_dir):
-    """ZeRO 1-3 through deepspeed.initialize on gloo; batchSize unset, and fault injection lets rank 0 fit
-    16 examples but rank 1 only 8: both must train with the minimum (less the headroom), or the collectives would hang."""
+    """ZeRO 1-3 through deepspeed.initialize on gloo; batchSize unset, and the probe runs on the DeepSpeed engine with
+    a real optimizer step. Fault injection: rank 0 has memory for 16 examples, rank 1 for 8, and the optimizer state
+    takes 4 once a step has run, so forward and backward of 8 fit on rank 1 but its optimizer step does not: a probe
+    without the step (the bare model) would find 8; with it, 4 (12 on rank 0 alone). Both ranks must train with the
+    minimum (less the headroom), or the collectives would hang."""
     m = manifest(hyperparameters={**HP, "epochs": 1}, distributed={"strategy": "deepspeed", "zeroStage": stage})
     m["spec"]["hyperparameters"].pop("batchSize")
-    result = run(m, output_dir=str(tmp_path), processes=2, progress=False, env={"FINETUNE_FAULT_OOM_ABOVE": "16,8"})
+    result = run(m, output_dir=str(tmp_path / "probed"), processes=2, progress=False,
+                 env={"FINETUNE_FAULT_OOM_ABOVE": "16,8", "FINETUNE_FAULT_OPTIMIZER_MEMORY": "4"})
     assert result["strategy"] == "deepspeed" and result["worldSize"] == 2 and result["outcome"] == "completed"
     assert result["zeroStage"] == stage
     plan = result["batchPlan"]
-    # rank 0's view, then the min, then the default 10% headroom (at least one fewer): 7
-    assert plan["automatic"] and plan["localFit"] == 16 and plan["largestFit"] == 8 and result["batchSize"] == 7
-    assert result["globalStep"] == result["totalSteps"] == math.ceil(72 / 2 / 7)
+    # The ranks probe in lockstep (every phase of the step agreed), so each rank's fit is the agreed one: 4, the
+    # limit only rank 1's optimizer step exceeds; then the default 10% headroom (at least one fewer): 3.
+    assert plan["automatic"] and plan["source"] == "searched" and plan["localFit"] == plan["largestFit"] == 4
+    assert result["batchSize"] == 3 and 5 in plan["tried"] and 8 in plan["tried"]
+    assert result["globalStep"] == result["totalSteps"] == math.ceil(72 / 2 / 3)
     assert result["rankSteps"] == [result["globalStep"]] * 2
     # Parameters identical across ranks (under ZeRO-3 each rank gathers the shards before summing).
     assert result["rankParamChecksums"][0] == result["rankParamChecksums"][1] != 0.0
     assert math.isfinite(result["history"][0]["trainLoss"])
-    assert os.path.isdir(tmp_path / "checkpoints" / "epoch-1" / "deepspeed")
+    assert os.path.isdir(tmp_path / "probed" / "checkpoints" / "epoch-1" / "deepspeed")
     # best/ is the whole model even when ZeRO-3 partitioned it: every weight is there, with its full shape.
     from safetensors.torch import load_file
 
     original = load_file(os.path.join(m["spec"]["model"]["name"], "model.safetensors"))
-    best = {k.removeprefix("bert."): v for k, v in load_weights(str(tmp_path)).items()}
+    best = {k.removeprefix("bert."): v for k, v in load_weights(str(tmp_path / "probed")).items()}
     assert all(best[k].shape == v.shape for k, v in original.items() if k in best) and "encoder.layer.1.output.dense.weight" in best
+    if stage == 3:
+        # The probe left no trace: the same batch requested without the knob (no probe at all) trains the same
+        # weights, although the probes ran optimizer steps and three of them failed between backward and step.
+        m["spec"]["hyperparameters"]["batchSize"] = 3
+        plain = run(m, output_dir=str(tmp_path / "plain"), processes=2, progress=False)
+        assert plain["batchPlan"]["probes"] == 0 and plain["globalStep"] == result["globalStep"]
+        assert plain["history"][0]["trainLoss"] == result["history"][0]["trainLoss"]
+        a, b = load_weights(str(tmp_path / "plain")), load_weights(str(tmp_path / "probed"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
     assert os.path.exists(os.path.join(torch_extensions_dir, "deepspeed_shm_comm", "deepspeed_shm_comm.so"))
 
 

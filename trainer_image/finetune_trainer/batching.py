@@ -139,23 +139,29 @@ def _lengths(dataset: Any) -> list[int]:
 def make_probe(engine: Any, dataset: Any, collate: Any, task: str, hp: Any, *, memory: SimulatedMemory | None = None):
     """One full training step on the longest examples at a given batch size, on the model as it trains.
 
-    `engine` is the prepared engine (DDP wrapper, optimizer, precision), so what the step allocates is what
-    training allocates: activations at the training precision, gradients, DDP buckets and, through a real
-    optimizer step, the optimizer state. `engine.probe_step` leaves no trace (weights, gradients and optimizer
-    state as before). memory: fault injection, a simulated limit checked before the forward and before the
-    optimizer step, raising torch's own OutOfMemoryError type and text, exactly what a GPU raises.
+    `engine` is the prepared engine (accelerate's DDP wrapper, or DeepSpeed's ZeRO engine; its optimizer and
+    precision), so what the step allocates is what training allocates: activations at the training precision,
+    gradients, DDP buckets or ZeRO partitions and, through a real optimizer step, the optimizer state.
+    `engine.probe_step` leaves no trace (weights, gradients, optimizer state and step counters as before).
+    memory: fault injection, a simulated limit checked before the forward and before the optimizer step, raising
+    torch's own OutOfMemoryError type and text, exactly what a GPU raises; the engine runs both checks as phases
+    of its step, so under DeepSpeed the ranks agree on them like on a real step's phases.
     """
     lengths = _lengths(dataset)
     longest = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     device = engine.accelerator.device
 
     def probe(batch_size: int) -> None:
+        def loss_fn(model: Any) -> Any:
+            rows = [dataset[longest[i % len(longest)]] for i in range(batch_size)]
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
+            return forward(model, batch, task, hp, train=True)[0]
+
+        before_forward = before_step = None
         if memory is not None:
-            memory.check(batch_size, optimizer_step=False)
-        rows = [dataset[longest[i % len(longest)]] for i in range(batch_size)]
-        batch = {k: v.to(device) for k, v in collate(rows).items()}
-        before_step = (lambda: memory.check(batch_size, optimizer_step=True)) if memory is not None else None
-        engine.probe_step(lambda model: forward(model, batch, task, hp, train=True)[0], before_step=before_step)
+            before_forward = lambda: memory.check(batch_size, optimizer_step=False)  # noqa: E731
+            before_step = lambda: memory.check(batch_size, optimizer_step=True)  # noqa: E731
+        engine.probe_step(loss_fn, before_step=before_step, before_forward=before_forward)
 
     return probe
 

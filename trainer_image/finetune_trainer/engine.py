@@ -36,7 +36,7 @@ class AccelerateEngine:
         self.scheduler = scheduler
         self.accelerator.register_for_checkpointing(scheduler)
 
-    def probe_step(self, loss_fn: Any, before_step: Any | None = None) -> None:
+    def probe_step(self, loss_fn: Any, before_step: Any | None = None, before_forward: Any | None = None) -> None:
         """One real training step that leaves no trace (the batch-size probe).
 
         Forward and backward through the prepared model (DDP wrapper, autocast at the training precision), then
@@ -49,6 +49,8 @@ class AccelerateEngine:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         lrs = [g["lr"] for g in inner.param_groups]
         try:
+            if before_forward is not None:
+                before_forward()
             with self.accelerator.no_sync(self.model):
                 with self.autocast():
                     loss = loss_fn(self.model)
@@ -204,28 +206,14 @@ def deepspeed_config(*, micro_batch: int, accumulation: int, max_grad_norm: floa
     return config
 
 
-class BareModelProbe:
-    """The DeepSpeed path's probe: forward and backward on the model before `deepspeed.initialize`, without an
-    optimizer step, so ZeRO partitions and optimizer state are not counted (see the batch-size notes in the
-    trainer docs; probing through the ZeRO engine needs every rank in lockstep inside its collectives)."""
-
-    def __init__(self, accelerator: Accelerator, model: nn.Module):
-        self.accelerator = accelerator
-        self.model = model
-
-    def probe_step(self, loss_fn: Any, before_step: Any | None = None) -> None:  # noqa: ARG002
-        try:
-            with self.accelerator.autocast():
-                loss = loss_fn(self.model)
-            loss.backward()
-        finally:
-            self.model.zero_grad(set_to_none=True)
-
-
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO 1-3 through `deepspeed.initialize` with a client torch optimizer (works on CPU with gloo)."""
+    """DeepSpeed ZeRO 1-3 through `deepspeed.initialize` with a client torch optimizer (works on CPU with gloo).
 
-    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any, config: dict[str, Any]):
+    Built before the batch size is known (the probe runs on this engine, issue 11): the micro batch and the
+    accumulation are set afterwards with `configure_batch`, and the schedule (which needs the step count)
+    with `attach_scheduler`."""
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler: Any | None, config: dict[str, Any]):
         # The first DeepSpeed run compiles its shm communication op; keep the build cache between runs.
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
         import deepspeed
@@ -238,6 +226,87 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
         self._boundary = True
+
+    def configure_batch(self, micro_batch: int, accumulation: int) -> None:
+        """The batch plan the probe chose (DeepSpeed's own setters: the micro batch, then the accumulation)."""
+        engine = self.model
+        engine.set_train_micro_batch_size(micro_batch)
+        engine.set_train_batch_size(micro_batch * accumulation * engine.dp_world_size)
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """DeepSpeed steps `lr_scheduler` on each boundary and saves/loads it with its checkpoints; the schedule is
+        built on the client optimizer, whose param groups the ZeRO optimizer steps (it wraps, not copies, them)."""
+        self.model.lr_scheduler = self.scheduler = scheduler
+
+    def probe_step(self, loss_fn: Any, before_step: Any | None = None, before_forward: Any | None = None) -> None:
+        """One real training step through the ZeRO engine that leaves no trace (the batch-size probe).
+
+        Forward, backward (ZeRO's gradient partitioning and reduction, the bf16/fp16 casts of the training
+        precision) and a real optimizer step with every learning rate at 0 (it allocates AdamW's moments on this
+        rank's partition; the fp32 master weights and the bf16 copies do not move), then the optimizer state, the
+        gradients and the engine's step counters are put back, so training starts as if no probe had run.
+
+        ZeRO runs collectives inside these phases, so a rank must not leave the others waiting in one: every phase
+        ends with an all-reduce of "did it fit here", and when any rank ran out of memory every rank raises it, so
+        all ranks probe the same sizes in the same order and the search ends alike everywhere.
+        """
+        engine = self.model
+        basic = engine.basic_optimizer
+        lrs = [g["lr"] for g in basic.param_groups]
+        counters = (engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps)
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        scaler_state = dict(vars(scaler)) if scaler is not None else None  # fp16's dynamic scale (GPU only)
+        engine.set_gradient_accumulation_boundary(True)  # one micro batch is a whole step
+        loss: list[torch.Tensor] = []
+        try:
+            self._agreed(before_forward)
+            self._agreed(lambda: loss.append(loss_fn(engine)))
+            self._agreed(lambda: engine.backward(loss[0]))
+            self._agreed(before_step)
+            for g in basic.param_groups:
+                g["lr"] = 0.0
+            self._agreed(engine.step)
+        finally:
+            loss.clear()
+            for g, lr in zip(basic.param_groups, lrs, strict=True):
+                g["lr"] = lr
+            basic.state.clear()  # AdamW allocates it lazily at the first step: empty is the state before any step
+            if hasattr(engine.optimizer, "_hp_optimizer_states_linked"):
+                engine.optimizer._hp_optimizer_states_linked = False  # relinked to the new state at the first step
+            engine.optimizer.zero_grad(set_to_none=True)
+            engine.zero_grad()
+            engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps = counters
+            if scaler_state is not None:
+                vars(scaler).update(scaler_state)
+            engine._is_gradient_accumulation_boundary = None  # back to DeepSpeed's own micro-step count
+
+    def _agreed(self, phase: Any | None) -> None:
+        """Run one probe phase on every rank, then agree on its outcome (see probe_step)."""
+        from .batch_size import is_out_of_memory
+
+        error: BaseException | None = None
+        if phase is not None:
+            try:
+                phase()
+            except Exception as err:  # judged below, after the ranks have agreed
+                error = err
+        world = self.accelerator.num_processes
+        if world == 1:
+            if error is not None:
+                raise error
+            return
+        oom = error is not None and is_out_of_memory(error)
+        flags = torch.tensor([float(oom), float(error is not None and not oom)], device=self.accelerator.device)
+        torch.distributed.all_reduce(flags)
+        if error is not None and not oom:
+            raise error
+        if flags[1] > 0:
+            raise RuntimeError("another rank failed in the batch-size probe (its log names the error)")
+        if error is not None:
+            raise error
+        if flags[0] > 0:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory on another rank in the batch-size probe (every rank steps down together)")
 
     def accumulate(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

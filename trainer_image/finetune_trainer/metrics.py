@@ -67,6 +67,11 @@ class TrainerMetrics:
             "finetune_trainer_last_progress_timestamp_seconds",
             "Unix time of the trainer's last heartbeat, sent only while steps, evaluation batches or checkpoint saves advance.",
         ).labels(**self._labels)
+        self.stall_timeout = gauge(
+            "finetune_trainer_stall_timeout_seconds",
+            "The job's spec.watchdog.stallTimeoutSeconds as it is now (0: no watchdog): the operator's watchdog fails the "
+            "job when the last heartbeat is older than this, and the FineTuneJobStalled alert compares with it too.",
+        ).labels(**self._labels)
         self.best_metric = gauge("finetune_best_metric", "Best value of the early-stopping metric so far.").labels(**self._labels)
         self.early_stops = Counter(
             "finetune_trainer_early_stops", "Runs this trainer ended early (patience or stop request).", LABELS, registry=r

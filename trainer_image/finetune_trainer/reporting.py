@@ -61,6 +61,13 @@ def _load_api(kubeconfig: str | None = None) -> Any | None:
     return client.CustomObjectsApi(client.ApiClient(configuration))
 
 
+def stall_timeout_in(obj: dict[str, Any], default: float) -> float:
+    """spec.watchdog.stallTimeoutSeconds of the FineTuneJob as it is now (it may change after start; the operator's
+    watchdog reads it on every pass, so the gauge the alert compares with follows it too)."""
+    value = ((obj.get("spec") or {}).get("watchdog") or {}).get("stallTimeoutSeconds")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else default
+
+
 def stop_requested_in(obj: dict[str, Any]) -> str | None:
     """Why the FineTuneJob asks the trainer to stop (None: it does not)."""
     if (obj.get("spec") or {}).get("stop") is True:
@@ -85,10 +92,12 @@ class StatusReporter:
         kubeconfig: str | None = None,
         heartbeat_seconds: float = 30.0,
         on_heartbeat: Any | None = None,
+        on_job: Any | None = None,
     ):
         self.job = job
         self.heartbeat_seconds = max(0.05, heartbeat_seconds)
         self.on_heartbeat = on_heartbeat  # called from this thread with (unix time, step) at each heartbeat
+        self.on_job = on_job  # called from this thread with the FineTuneJob at each successful poll
         self._ticks = 0  # progress events published by the loop (steps, evaluation batches, saves)
         self._step = 0
         self._ticks_sent = 0
@@ -208,6 +217,8 @@ class StatusReporter:
             self.reachable = False
             return False
         self.reachable = True
+        if self.on_job is not None:
+            self.on_job(obj or {})
         reason = stop_requested_in(obj or {})
         if reason:
             self._request_stop(reason)

@@ -2,8 +2,12 @@
 
 s3:// goes through s3fs (botocore's credential chain: the AWS_* variables of spec.output.credentialsSecret,
 `AWS_ENDPOINT_URL` for S3-compatible stores, or the pod's IAM role); gs:// through gcsfs (optional: install it
-into the image; credentials from GOOGLE_APPLICATION_CREDENTIALS or workload identity). fsspec also reads
-`FSSPEC_<PROTOCOL>_<OPTION>` variables, e.g. FSSPEC_S3_ENDPOINT_URL.
+into the image; credentials from GOOGLE_APPLICATION_CREDENTIALS, e.g. a Secret key of that name whose value is
+the path of another key's file under /var/run/secrets/finetune/output, or workload identity;
+`STORAGE_EMULATOR_HOST` for a GCS emulator, with `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`: gcsfs's default
+filesystem asks a gRPC endpoint for the bucket's layout first, which an emulator does not serve, and retries for
+minutes). fsspec also reads `FSSPEC_<PROTOCOL>_<OPTION>` variables, e.g.
+FSSPEC_S3_ENDPOINT_URL or FSSPEC_GS_TOKEN, read again at upload time like the rest of the environment.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ def upload_results(output: Any, output_dir: str, job: str = "") -> list[str]:
     base = uri.rstrip("/")
     names = [Paths.BEST_MODEL, Paths.RESULT] + ([Paths.CHECKPOINTS] if getattr(output, "upload_checkpoints", False) else [])
     try:
-        # A fresh instance: credentials and endpoint come from this process's environment now, not a cached client.
+        # A fresh instance: credentials and endpoint come from this process's environment now, not a cached client
+        # (nor fsspec's FSSPEC_* configuration as it was when something first imported fsspec).
+        fsspec.config.set_conf_env(fsspec.config.conf)
         fs, _ = fsspec.core.url_to_fs(base, skip_instance_cache=True)
     except (ImportError, ValueError) as err:
         raise UploadError(f"spec.output.uri {uri}: no filesystem for it ({err}); s3:// needs s3fs, gs:// gcsfs") from None

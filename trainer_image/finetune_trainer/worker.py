@@ -36,7 +36,6 @@ from .config import DATA_PVC_MOUNT, Runtime, TrainerConfig
 from .data import Collator, EpochSeededSampler, default_cache_dir, prepare
 from .engine import (
     AccelerateEngine,
-    BareModelProbe,
     DeepSpeedEngine,
     deepspeed_config,
     enable_fsdp_on_cpu,
@@ -47,7 +46,7 @@ from .evaluation import MAIN_METRIC, evaluate
 from .metrics import TrainerMetrics
 from .models import load_model, load_tokenizer, save_model
 from .optim import build_optimizer
-from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro
+from .reporting import StatusReporter, now_rfc3339, now_rfc3339_micro, stall_timeout_in
 from .schedules import build_scheduler
 from .signals import TerminationFlag
 from .steps import forward
@@ -235,10 +234,15 @@ class Trainer:
         if self.fsdp is not None:
             log.info("job %s: FSDP shards %s blocks", self.job, fsdp_wrap_blocks(self.fsdp, model) or "no")
         if self.deepspeed:
-            plan = self._plan(BareModelProbe(acc, model))
+            # The engine first (a provisional micro batch; DeepSpeed only checks it against the accumulation and the
+            # world size), so the probe runs through ZeRO at the training precision; the plan is set on it afterwards.
+            config = deepspeed_config(micro_batch=self.hp.batch_size or 1, accumulation=self.hp.gradient_accumulation_steps or 1,
+                                      max_grad_norm=max_norm, zero_stage=self.spec.distributed.zero_stage or 2,
+                                      mixed_precision=self.mixed_precision)
+            self.engine: Any = DeepSpeedEngine(acc, model, optimizer, None, config)
         else:
-            self.engine: Any = AccelerateEngine(acc, model, optimizer, None, max_norm)
-            plan = self._plan(self.engine)  # on the prepared model, with its optimizer (issue 11)
+            self.engine = AccelerateEngine(acc, model, optimizer, None, max_norm)
+        plan = self._plan(self.engine)  # on the prepared model, with its optimizer (issue 11)
         self.plan = plan
         set_seed(self.hp.seed or 0)  # probes consumed randomness; training starts from the seed either way
         self._loaders(plan.per_device)
@@ -247,12 +251,10 @@ class Trainer:
         self.total_steps = steps_per_epoch * self.hp.epochs
         scheduler = build_scheduler(optimizer, self.hp, self.total_steps)
         if self.deepspeed:
-            config = deepspeed_config(micro_batch=plan.per_device, accumulation=plan.accumulation, max_grad_norm=max_norm,
-                                      zero_stage=self.spec.distributed.zero_stage or 2, mixed_precision=self.mixed_precision)
-            self.engine = DeepSpeedEngine(acc, model, optimizer, scheduler, config)
+            self.engine.configure_batch(plan.per_device, plan.accumulation)
         else:
             acc.gradient_accumulation_steps = plan.accumulation
-            self.engine.attach_scheduler(scheduler)
+        self.engine.attach_scheduler(scheduler)
         # Mixup's draws: its state is checkpointed with the other RNGs, so a resumed run draws what it would have.
         self.mix_generator = torch.Generator().manual_seed((self.hp.seed or 0) + 7)
         self.progress = Progress()
@@ -260,12 +262,14 @@ class Trainer:
         self.metrics = TrainerMetrics(self.job, self.namespace)
         self.reporter: StatusReporter | None = None
         if self.is_main:
+            self.metrics.stall_timeout.set(self.spec.watchdog.stall_timeout_seconds)  # before the first poll updates it
             if self.rt.metrics_port is not None:
                 self.metrics.serve(self.rt.metrics_port)
             self.reporter = StatusReporter(self.job, self.namespace, enabled=self.rt.status_enabled,
                                            poll_seconds=self.rt.stop_poll_seconds, stop_file=self.rt.stop_file,
                                            kubeconfig=self.rt.kubeconfig, heartbeat_seconds=self.spec.watchdog.heartbeat_seconds,
-                                           on_heartbeat=lambda t, _step: self.metrics.last_progress.set(t)).start()
+                                           on_heartbeat=lambda t, _step: self.metrics.last_progress.set(t),
+                                           on_job=self._follow_job).start()
             self.metrics.batch_size.set(plan.per_device)
             self.metrics.gradient_accumulation_steps.set(plan.accumulation)
             for stage, seconds in self.clock.seconds().items():
@@ -287,6 +291,10 @@ class Trainer:
         finally:
             self.term.uninstall()
         return self._finish(outcome, resumed)
+
+    def _follow_job(self, obj: dict[str, Any]) -> None:
+        """The FineTuneJob as the reporter last read it: a stall timeout changed after start reaches the alert's gauge."""
+        self.metrics.stall_timeout.set(stall_timeout_in(obj, self.spec.watchdog.stall_timeout_seconds))
 
     def _timings(self) -> dict[str, Any]:
         return {**self.clock.status(), "dataCached": self.data_cached}

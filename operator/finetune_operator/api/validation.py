@@ -232,6 +232,7 @@ MUTABLE_AFTER_START: dict[str, str] = {
     "stop": "requests a graceful stop, which the trainer and the operator both honour",
     "earlyStopping.stopGracePeriodSeconds": "the operator enforces it; the trainer does not read it",
     "watchdog.stallTimeoutSeconds": "the operator's stall watchdog reads it on every pass",
+    "output.reuseRetainedClaim": "the operator reads it before it creates the training Job (an earlier job's claim waits for it)",
 }
 
 

@@ -28,9 +28,10 @@ from ..kube.client import ApiError, KubeClient, collection_path
 from ..kube.events import post_event
 from ..kube.status import patch_status
 from ..plan import names
-from ..plan.children import desired_children
+from ..plan.children import creates_output_pvc, desired_children
 from ..plan.conditions import find, parse_time, set_condition
-from ..plan.status import JobInput, is_terminal, job_input, observe, spec_change_refused, status_patch
+from ..plan.output_claim import Verdict, check_claim, refusal_message
+from ..plan.status import Event, JobInput, is_terminal, job_input, observe, spec_change_refused, status_patch
 from ..settings import Settings
 from .workqueue import WorkQueue
 
@@ -210,6 +211,7 @@ class Reconciler:
         new, events = observe(job, status, job_obj, pods, now)
 
         outcome = None
+        claim_refusal: str | None = None
         if job.resolved is not None:
             wanted = self._desired(job, bool(new.get("stopEnforced")))
             if spec_change_refused(new):
@@ -219,6 +221,10 @@ class Reconciler:
                 for w in wanted:
                     w["spec"] = {**w["spec"], "parallelism": (job_obj.get("spec") or {}).get("parallelism",
                                                                                            w["spec"]["parallelism"])}
+            claim_refusal = self._claim_refusal(job, owned, ftj) if job_obj is None else None
+            if claim_refusal is not None:
+                # An earlier job's output: no pod may mount it, and the claim is not touched (not even its metadata).
+                wanted = [w for w in wanted if w["kind"] not in ("Job", "PersistentVolumeClaim")]
             started = diff.job_started(job_obj, len(pods), status)
             plans = self.applier.plans(key, wanted, job.uid, started)
             if status.get("phase") and any(p.action is diff.Action.CREATE for p in plans) and not self._still_there(key, job):
@@ -234,6 +240,10 @@ class Reconciler:
                     f"{what} exists and is not owned by this FineTuneJob: the operator does not touch it; delete or "
                     "rename it, or rename the FineTuneJob", now, job.generation)
                 _keep_transition_time(status, new, Condition.READY)
+            if claim_refusal is not None:
+                new["conditions"] = set_condition(new["conditions"], Condition.READY, False, Reason.OUTPUT_CLAIM_IN_USE,
+                                                  claim_refusal, now, job.generation)
+                _keep_transition_time(status, new, Condition.READY)
 
         patch = status_patch(status, new)
         if patch:
@@ -244,6 +254,8 @@ class Reconciler:
                 metrics.POD_START.observe(patch["timings"]["podStartSeconds"])
         if outcome is not None and outcome.conflicts and patch.get("conditions"):
             events = [*events, _conflict_event(outcome.conflicts)]
+        if claim_refusal is not None and patch.get("conditions"):
+            events = [*events, Event("Warning", Reason.OUTPUT_CLAIM_IN_USE, claim_refusal)]
         for ev in events:
             post_event(self.client, ftj, ev.type, ev.reason, ev.message)
             self._count(ev.reason)
@@ -267,9 +279,23 @@ class Reconciler:
             visit = 0.0
         if new.get("reason") == Reason.INVALID_SPEC:
             return Result("invalid", visit)
-        if outcome is not None and outcome.conflicts:
+        if (outcome is not None and outcome.conflicts) or claim_refusal is not None:
             return Result("conflict", visit)
         return Result("changed" if (wrote or patch) else "ok", visit)
+
+    def _claim_refusal(self, job: JobInput, owned: dict[Any, dict[str, Any]], ftj: dict[str, Any]) -> str | None:
+        """The message when the job's retained output claim is an earlier job's and reuse was not asked for."""
+        if job.resolved is None or not creates_output_pvc(job.resolved):
+            return None
+        claim_name = names.output_pvc_name(job.name)
+        claim = owned.get(("PersistentVolumeClaim", claim_name))
+        check = check_claim(claim, job.uid, (ftj.get("metadata") or {}).get("creationTimestamp"),
+                            reuse=job.resolved.spec.output.reuse_retained_claim)
+        if check.verdict is Verdict.ADOPTED:
+            log.info("job %s/%s: reusing the retained output claim %s of an earlier job (%s), as "
+                     "spec.output.reuseRetainedClaim asks", job.namespace, job.name, claim_name, check.earlier_uid,
+                     extra={"job": job.name, "namespace": job.namespace, "action": "adopt-claim"})
+        return refusal_message(claim_name, job.namespace, job.name, check) if check.refused else None
 
     def _still_there(self, key: Key, job: JobInput) -> bool:
         """A live read of the FineTuneJob before re-creating a child it had (its status says a pass ran): when

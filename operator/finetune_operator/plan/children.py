@@ -19,6 +19,7 @@ from ..api import constants as c
 from ..api.validation import ResolvedJob
 from ..settings import Settings
 from . import names
+from .output_claim import JOB_UID_ANNOTATION
 
 # Order matters only for readability of `kubectl get`: RBAC before the pods that use it, Job last.
 KIND_ORDER = ("ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap", "Service", "Job")
@@ -81,12 +82,16 @@ def output_claim_name(job: ResolvedJob) -> str | None:
 
 def output_pvc(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
     """The job's output claim. Retained (the default): no ownerReference, so garbage collection leaves it when the
-    FineTuneJob is deleted and a re-created job of the same name resumes from its checkpoints."""
+    FineTuneJob is deleted; stamped with the job's uid, so a re-created job of the same name resumes from its
+    checkpoints only when it asks to (plan/output_claim.py)."""
     out = job.spec.output
     meta = _meta(job, names.output_pvc_name(job.name), "output")
+    annotations = {JOB_UID_ANNOTATION: job.uid} if job.uid else {}  # whose output it holds (plan/output_claim.py)
     if out.retain:
         del meta["ownerReferences"]
-        meta["annotations"] = {RETAIN_ANNOTATION: "true"}
+        annotations[RETAIN_ANNOTATION] = "true"
+    if annotations:
+        meta["annotations"] = annotations
     spec: dict[str, Any] = {
         # Every node's rank 0 writes shards and checkpoints there, so more than one node needs ReadWriteMany.
         "accessModes": ["ReadWriteMany" if job.spec.distributed.nodes > 1 else "ReadWriteOnce"],
