@@ -91,7 +91,10 @@ async def bare_client(kube: AsyncKube, n: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
-async def with_operator(kube: AsyncKube, n: int, concurrency: int, poll: float = 0.05) -> float:
+async def with_operator(kube: AsyncKube, n: int, concurrency: int, poll: float = 0.5) -> float:
+    # Polled every 0.5 s (at most 0.5 s added to a run of many seconds): every poll LISTs all N FineTuneJobs,
+    # and at 20 polls a second with N=1000 that listing alone kept the emulation's CPU busy, slowing the
+    # operator's requests (and not the bare client's).
     ns = await make_namespace(kube, "bench-op")
     started = time.perf_counter()
     await bounded(concurrency, [kube.request("POST", FTJ_PATH.format(ns=ns), body=manifest(f"job-{i:04d}", ns)) for i in range(n)])
@@ -137,11 +140,14 @@ def emulator(workdir: Path):
 
 
 @contextlib.contextmanager
-def operator_process(kubeconfig: Path, workdir: Path, name: str = "operator", **extra: str):
+def operator_process(kubeconfig: Path, workdir: Path, name: str = "operator", profile: bool = False, **extra: str):
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FTO_METRICS_PORT": "0", "FTO_HEALTH_PORT": "0",
            "FTO_LOG_FORMAT": "json", "PYTHONPATH": str(REPO / "operator"), **extra}
     log = (workdir / f"{name}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "finetune_operator"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    # --profile: CPU time of every thread (bench/profile_operator.py), read with pstats.
+    command = [str(REPO / "bench" / "profile_operator.py"), str(workdir / f"{name}.prof")] if profile else \
+        ["-m", "finetune_operator"]
+    proc = subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         time.sleep(3)  # kopf's start-up (discovery, first list) is not part of the throughput
         yield proc
@@ -151,17 +157,24 @@ def operator_process(kubeconfig: Path, workdir: Path, name: str = "operator", **
 
 
 STEADY_TOKEN = "bench-steady-operator"
+CREATE_TOKEN = "bench-create-operator"
 
 
-def token_kubeconfig(kubeconfig: Path, out: Path) -> Path:
-    """The emulation's kubeconfig with the steady-state operator's own token (its audit log names callers)."""
+def token_kubeconfig(kubeconfig: Path, out: Path, token: str = STEADY_TOKEN) -> Path:
+    """The emulation's kubeconfig with an operator's own token (its audit log names callers)."""
     import yaml
 
     config = yaml.safe_load(kubeconfig.read_text())
     for user in config["users"]:
-        user["user"] = {"token": STEADY_TOKEN}
+        user["user"] = {"token": token}
     out.write_text(yaml.safe_dump(config))
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def create_jobs(kube: AsyncKube, ns: str, n: int, concurrency: int, suspend: bool) -> None:
@@ -228,6 +241,20 @@ def audit_count(kubeconfig: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if f'"token": "{STEADY_TOKEN}"' in line)
 
 
+def audit_writes(kubeconfig: Path, token: str) -> dict[str, int]:
+    """The writes the emulation served for `token`, by "verb resource"."""
+    import collections
+    import json
+
+    counts: collections.Counter[str] = collections.Counter()
+    for line in (kubeconfig.parent / "audit.jsonl").read_text().splitlines():
+        if f'"token": "{token}"' in line:
+            entry = json.loads(line)
+            if entry["verb"] not in ("get", "list", "watch"):
+                counts[f"{entry['verb']} {entry['resource']}"] += 1
+    return dict(counts)
+
+
 async def apply_crd(kube: AsyncKube) -> None:
     import yaml
 
@@ -243,6 +270,8 @@ def main() -> None:
     parser.add_argument("--kubeconfig", type=Path, help="a real cluster; default: start the test API emulation")
     parser.add_argument("--window", type=float, default=60.0, help="steady-state window, seconds (default 60)")
     parser.add_argument("--no-steady", action="store_true", help="only the creation ratio")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the creating operator (CPU time, every thread) into BENCH_WORKDIR/operator.prof")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workdir = Path(os.environ.get("BENCH_WORKDIR") or tmp)  # BENCH_WORKDIR keeps the operators' logs
@@ -256,10 +285,18 @@ def main() -> None:
                 await kube.close()
 
         asyncio.run(run(apply_crd))
-        bare = asyncio.run(run(bare_client, args.n, args.concurrency))
-        with operator_process(kubeconfig, workdir) as proc:
+        emulated = args.kubeconfig is None
+        op_config = token_kubeconfig(kubeconfig, workdir / "create-kubeconfig.yaml", CREATE_TOKEN) if emulated else kubeconfig
+        with operator_process(op_config, workdir, profile=args.profile) as proc:
+            cpu_before = cpu_seconds(proc.pid)
             op = asyncio.run(run(with_operator, args.n, args.concurrency))
+            cpu = cpu_seconds(proc.pid) - cpu_before
             memory = rss_mib(proc.pid)
+        writes = audit_writes(kubeconfig, CREATE_TOKEN) if emulated else None
+        # The bare client after the operator (which is stopped by then): its objects carry the labels the
+        # operator watches, so created first they would be listed and looked at by the operator (~1,400 extra
+        # events at N=200) while it is being timed.
+        bare = asyncio.run(run(bare_client, args.n, args.concurrency))
         steady = None if args.no_steady else steady_state(args, kubeconfig, workdir, run)
         where = "real API server" if args.kubeconfig else "test API emulation"
         print(f"server: {where}; N={args.n}; concurrency={args.concurrency}")
@@ -271,6 +308,11 @@ def main() -> None:
         print(f"bare client: {bare:.2f} s ({args.n / bare:.1f} six-object sets/s)")
         print(f"operator: {op:.2f} s ({args.n / op:.1f} jobs/s with children and status)")
         print(f"operator memory at N={args.n}: {memory:.0f} MiB RSS")
+        # What a real server would expose: the operator's own cost per job, whatever the server's speed.
+        print(f"operator CPU while creating: {cpu:.1f} s, {1000 * cpu / args.n:.1f} ms per job")
+        if writes is not None:
+            print(f"operator writes per job: {sum(writes.values()) / args.n:.2f} "
+                  f"({', '.join(f'{k} {v / args.n:.2f}' for k, v in sorted(writes.items()))})")
         print(f"ratio operator/bare: {op / bare:.2f}")
 
 

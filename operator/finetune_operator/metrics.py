@@ -48,21 +48,24 @@ class PhaseTracker:
 
     def __init__(self) -> None:
         self._phases: dict[tuple[str, str], str] = {}
+        self._counts: dict[str, int] = dict.fromkeys(Phase.ALL, 0)
         self._lock = threading.Lock()
         for phase in Phase.ALL:
             JOBS.labels(phase=phase).set(0)
 
     def set(self, key: tuple[str, str], phase: str | None) -> None:
+        # Counted incrementally: every pass calls this, and recounting all jobs made a pass O(jobs).
         with self._lock:
-            if phase is None:
-                self._phases.pop(key, None)
-            else:
+            old = self._phases.pop(key, None) if phase is None else self._phases.get(key)
+            if old == phase:
+                return
+            if phase is not None:
                 self._phases[key] = phase
-            counts = dict.fromkeys(Phase.ALL, 0)
-            for p in self._phases.values():
-                counts[p] = counts.get(p, 0) + 1
-            for p, n in counts.items():
-                JOBS.labels(phase=p).set(n)
+                self._counts[phase] = self._counts.get(phase, 0) + 1
+                JOBS.labels(phase=phase).set(self._counts[phase])
+            if old is not None:
+                self._counts[old] -= 1
+                JOBS.labels(phase=old).set(self._counts[old])
 
 
 PHASES = PhaseTracker()

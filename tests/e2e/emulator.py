@@ -508,9 +508,21 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
           resourceVersion at or below `compactedAt` (default: the current one) gets 200 and an ERROR event
           410 Expired, as from the real server; watches from newer versions (after a re-list) are served.
         `POST /_e2e/faults/drop-watches` ends every open watch stream, like a load balancer cutting
-        connections. `GET /_e2e/faults` lists the faults with their hits; `DELETE` clears them."""
+        connections; with {"expire": true} it also compacts the whole event history, as etcd compaction
+        does: a watch resumed from any resourceVersion served so far gets 410 Gone ("too old resource
+        version") and must re-list, and the events in between (deletions included) are never sent.
+        `GET /_e2e/faults` lists the faults with their hits; `DELETE` clears them."""
         if raw.method == "POST" and raw.path.rstrip("/").endswith("/drop-watches"):
-            return aiohttp.web.json_response({"dropped": self.drop_watches()})
+            expire = bool(json.loads(await raw.read() or b"{}").get("expire"))
+            dropped = self.drop_watches()
+            if expire:
+                # No await since the drop: a watch request arriving from now on sees the compacted history.
+                # One revision is spent so that a listing taken now (at the new revision) can be watched from.
+                self.rv += 1
+                for key in self.specs:
+                    self._events[key].clear()
+                    self._log_floor[key] = self.rv
+            return aiohttp.web.json_response({"dropped": dropped, "expired": expire})
         if raw.method == "POST":
             fault = json.loads(await raw.read() or b"{}")
             if fault.get("delay") is None:

@@ -7,6 +7,7 @@ started `OperatorProcess`; tests may `kill()` (SIGKILL) and `start()` it again, 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -213,3 +214,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     proc = item.funcargs.get("operator") if hasattr(item, "funcargs") else None
     if isinstance(proc, OperatorProcess) and report.failed and report.when == "call":
         report.sections.append(("operator log", proc.logs()[-6000:]))
+
+
+@pytest.fixture
+def quiet_namespace(api):
+    """A second namespace, for jobs that must not share `namespace` with a running one (no pod runner there)."""
+    name = f"e2e-quiet-{secrets.token_hex(3)}"
+    api.core.create_namespace({"metadata": {"name": name}})
+    yield name
+    api.core.delete_namespace(name)

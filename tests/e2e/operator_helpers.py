@@ -77,6 +77,22 @@ def children(c: KubeClient, ns: str, job: str | None = None) -> dict[str, list[d
     return {kind: items(c, path.format(ns=ns), selector) for kind, path in CHILD_PATHS.items()}
 
 
+def running_pending_suspended(c: KubeClient, namespace: str, quiet_namespace: str, fake_trainer_env: Any,
+                              wait_for: Any, *, epochs: int, seconds_per_epoch: float, with_children: bool = False) -> None:
+    """The three kinds of live job the drift and steady-state tests check: "running" in `namespace` (a fake
+    trainer reporting a flat loss for `epochs` epochs, no early stop), "pending" and "suspended" in
+    `quiet_namespace`; returns once each shows its phase (and, `with_children`, has one of every child)."""
+    create(c, namespace, ftj("running", env=fake_trainer_env("obey", ",".join(["0.5"] * epochs), seconds_per_epoch),
+                             hyperparameters={"epochs": epochs, "batchSize": 8}, earlyStopping={"enabled": False}))
+    create(c, quiet_namespace, ftj("pending", hyperparameters={"epochs": 1, "batchSize": 8}))
+    create(c, quiet_namespace, ftj("suspended", suspend=True, hyperparameters={"epochs": 1, "batchSize": 8}))
+    for ns, name, phase in ((namespace, "running", "Running"), (quiet_namespace, "pending", "Pending"),
+                            (quiet_namespace, "suspended", "Suspended")):
+        wait_for(lambda ns=ns, n=name, p=phase: status(c, ns, n).get("phase") == p, timeout=60, what=f"{name} {phase}")
+        if with_children:
+            wait_for(lambda ns=ns, n=name: all(len(v) == 1 for v in children(c, ns, n).values()), what=f"{name} children")
+
+
 # -- the emulation's audit log and fault injection (tests that need them skip on a real cluster) ----------
 
 def token_kubeconfig(kubeconfig: Path, token: str, out: Path) -> Path:
@@ -102,12 +118,14 @@ def writes(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in entries if e["verb"] not in ("watch", "list", "get")]
 
 
-def faults(url: str, body: dict[str, Any] | None = None, action: str = "") -> dict[str, Any]:
-    """The emulation's fault injection (`/_e2e/faults`, see emulator.py): add one, or run an action."""
+def faults(url: str, body: dict[str, Any] | None = None, action: str = "", method: str | None = None) -> dict[str, Any]:
+    """The emulation's fault injection (`/_e2e/faults`, see emulator.py): add one, run an action, or (DELETE)
+    clear the injected failures."""
     import json
     import urllib.request
 
-    req = urllib.request.Request(f"{url}/_e2e/faults{'/' + action if action else ''}", method="POST" if body is not None or action else "GET",
+    method = method or ("POST" if body is not None or action else "GET")
+    req = urllib.request.Request(f"{url}/_e2e/faults{'/' + action if action else ''}", method=method,
                                  data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())

@@ -281,6 +281,29 @@ def test_watch_resumes_from_resource_version_and_follows_selectors(api, namespac
     assert events() == [("ADDED", "w1")]  # no resourceVersion: the current state
 
 
+def test_expired_history_answers_410_gone_and_a_fresh_listing_can_be_watched(api, kube, namespace):
+    if not kube.emulated:
+        pytest.skip("compacts the emulation's event history")
+    from .operator_helpers import faults
+
+    api.custom.create_namespaced_custom_object(G, V, namespace, P, ftj("old"))
+    rv = api.custom.list_namespaced_custom_object(G, V, namespace, P)["metadata"]["resourceVersion"]
+    assert faults(kube.url, {"expire": True}, action="drop-watches")["expired"] is True
+    cfg = api.client.configuration
+    headers = {a["key"]: a["value"] for a in cfg.auth_settings().values() if a.get("in") == "header"}
+
+    def watch(since: str) -> list[dict]:
+        url = f"{cfg.host}/apis/{G}/{V}/namespaces/{namespace}/{P}?" + urlencode(
+            {"watch": "true", "timeoutSeconds": "1", "resourceVersion": since})
+        response = api.client.rest_client.pool_manager.request("GET", url, headers=headers)
+        return [json.loads(line) for line in response.data.decode().splitlines() if line.strip()]
+
+    (gone,) = watch(rv)  # the real server: an ERROR event with a 410 Status, then the stream ends
+    assert gone["type"] == "ERROR" and gone["object"]["code"] == 410 and gone["object"]["reason"] == "Expired"
+    fresh = api.custom.list_namespaced_custom_object(G, V, namespace, P)["metadata"]["resourceVersion"]
+    assert [e for e in watch(fresh) if e["type"] != "BOOKMARK"] == []  # no 410 loop for a fresh listing
+
+
 def test_discovery_serves_the_operator_resources(api):
     client = dynamic.DynamicClient(api.client)
     ftjs = client.resources.get(api_version=c.API_VERSION, kind=c.KIND)

@@ -9,7 +9,6 @@ runner serves (their Jobs get no pods).
 from __future__ import annotations
 
 import os
-import secrets
 from collections import Counter
 
 import pytest
@@ -19,9 +18,8 @@ from .operator_helpers import (
     CHILD_PATHS,
     audit,
     children,
-    create,
-    ftj,
     kube_client,
+    running_pending_suspended,
     status,
     token_kubeconfig,
     writes,
@@ -57,14 +55,6 @@ def op(kube, tmp_path):
     proc = OperatorProcess(token_kubeconfig(kube.kubeconfig, TOKEN, tmp_path / "op-kubeconfig.yaml"), tmp_path / "op").start()
     yield proc
     proc.stop()
-
-
-@pytest.fixture
-def quiet_namespace(api):
-    name = f"e2e-quiet-{secrets.token_hex(3)}"
-    api.core.create_namespace({"metadata": {"name": name}})
-    yield name
-    api.core.delete_namespace(name)
 
 
 def _repairs(before: int, kube, ns: str) -> Counter:
@@ -109,14 +99,8 @@ def test_every_child_of_pending_running_and_suspended_jobs_comes_back(kube, op, 
                                                                      fake_trainer_env, wait_for):
     c = kube_client(kube.kubeconfig)
     try:
-        create(c, namespace, ftj("running", env=fake_trainer_env("obey", ",".join(["0.5"] * 60), 0.5),
-                                 hyperparameters={"epochs": 60, "batchSize": 8}, earlyStopping={"enabled": False}))
-        create(c, quiet_namespace, ftj("pending", hyperparameters={"epochs": 1, "batchSize": 8}))
-        create(c, quiet_namespace, ftj("suspended", suspend=True, hyperparameters={"epochs": 1, "batchSize": 8}))
-        for ns, name, phase in ((namespace, "running", "Running"), (quiet_namespace, "pending", "Pending"),
-                                (quiet_namespace, "suspended", "Suspended")):
-            wait_for(lambda ns=ns, n=name, p=phase: status(c, ns, n).get("phase") == p, timeout=60, what=f"{name} {phase}")
-            wait_for(lambda ns=ns, n=name: all(len(v) == 1 for v in children(c, ns, n).values()), what=f"{name} children")
+        running_pending_suspended(c, namespace, quiet_namespace, fake_trainer_env, wait_for, epochs=60,
+                                  seconds_per_epoch=0.5, with_children=True)
 
         for action in ("edit", "delete"):
             _check(c, kube, wait_for, quiet_namespace, "pending", KINDS, action)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 
 import pytest
 
@@ -23,6 +22,7 @@ from .operator_helpers import (
     ftj,
     kube_client,
     patch,
+    running_pending_suspended,
     status,
     token_kubeconfig,
 )
@@ -44,26 +44,13 @@ def _start(kube, tmp_path, token: str, **env: str) -> OperatorProcess:
     return OperatorProcess(token_kubeconfig(kube.kubeconfig, token, tmp_path / f"{token}.yaml"), tmp_path / token, **env).start()
 
 
-@pytest.fixture
-def quiet_namespace(api):
-    name = f"e2e-quiet-{secrets.token_hex(3)}"
-    api.core.create_namespace({"metadata": {"name": name}})
-    yield name
-    api.core.delete_namespace(name)
-
-
 def test_a_steady_state_makes_no_request(kube, pod_runner, namespace, quiet_namespace, fake_trainer_env, wait_for, tmp_path):
     token = "operator-steady"
     op = _start(kube, tmp_path, token)
     c = kube_client(kube.kubeconfig)
     try:
-        create(c, namespace, ftj("running", env=fake_trainer_env("obey", ",".join(["0.5"] * 50), 0.3),
-                                 hyperparameters={"epochs": 50, "batchSize": 8}, earlyStopping={"enabled": False}))
-        create(c, quiet_namespace, ftj("pending", hyperparameters={"epochs": 1, "batchSize": 8}))
-        create(c, quiet_namespace, ftj("suspended", suspend=True, hyperparameters={"epochs": 1, "batchSize": 8}))
-        for ns, name, phase in ((namespace, "running", "Running"), (quiet_namespace, "pending", "Pending"),
-                                (quiet_namespace, "suspended", "Suspended")):
-            wait_for(lambda ns=ns, n=name, p=phase: status(c, ns, n).get("phase") == p, timeout=60, what=f"{name} {phase}")
+        running_pending_suspended(c, namespace, quiet_namespace, fake_trainer_env, wait_for, epochs=50,
+                                  seconds_per_epoch=0.3)
 
         def epochs_later(k: int) -> None:
             start = status(c, namespace, "running").get("epoch") or 0

@@ -93,3 +93,107 @@ def test_pods_are_kept_without_their_spec_and_nothing_keeps_kubectls_copy():
     assert "spec" not in stored and stored["status"] == {"phase": "Running"}
     assert stored["metadata"]["annotations"] == {"a": "b"}
     assert pod["spec"] and "kubectl.kubernetes.io/last-applied-configuration" in pod["metadata"]["annotations"]
+
+
+# -- a fresh listing replaces what the cache holds (client-go's Replace) -------------------------------------
+
+def _cm(name: str, rv: str, ns: str = "ns", job: str = "j") -> dict:
+    return {"kind": "ConfigMap", "metadata": {"name": name, "namespace": ns, "uid": name, "resourceVersion": rv,
+                                              "labels": {**LABELS, "finetune.dev/job-name": job}}}
+
+
+def test_a_listing_drops_what_it_lacks_and_keeps_what_is_newer():
+    cache = Cache()
+    cache.put_child("ConfigMap", _cm("a", "5"))
+    cache.put_child("ConfigMap", _cm("b", "6", job="k"))
+    cache.put_child("ConfigMap", _cm("c", "12"))  # our own write, answered after the listing below
+    cache.put_child("ConfigMap", _cm("d", "4", ns="other"))
+    cache.put_child("Service", {"kind": "Service", "metadata": {"name": "s", "namespace": "ns", "resourceVersion": "3",
+                                                                "labels": LABELS}})
+    touched = cache.replace("ConfigMap", "ns", {("ns", "a")}, "10")
+    assert touched == {("ns", "k")}  # b is gone; c is newer than the listing; d is outside its namespace
+    assert set(cache.owned(("ns", "j"))) == {("ConfigMap", "a"), ("ConfigMap", "c"), ("Service", "s")}
+    assert cache.owned(("ns", "k")) == {}
+    assert cache.replace("ConfigMap", None, set(), "20") == {("ns", "j"), ("other", "j")}  # cluster-wide
+    assert set(cache.owned(("ns", "j"))) == {("Service", "s")}
+
+
+def test_a_listing_of_finetunejobs_drops_the_deleted_ones():
+    cache = Cache()
+    for name in ("x", "y"):
+        cache.put_ftj({"metadata": {"name": name, "namespace": "ns", "resourceVersion": "3"}})
+    assert cache.replace("FineTuneJob", None, {("ns", "x")}, "9") == {("ns", "y")}
+    assert cache.ftj_keys() == [("ns", "x")]
+
+
+def test_listings_are_recognised_by_path_and_chunks_are_joined():
+    from finetune_operator.handlers.relist import Relists
+    from finetune_operator.handlers.workqueue import WorkQueue
+    from finetune_operator.kube.children import WATCHED
+
+    cache, queue = Cache(), WorkQueue()
+    relists = Relists(cache, queue, {"FineTuneJob": ("finetune.dev/v1alpha1", "finetunejobs"), **WATCHED})
+    assert relists.target("/api/v1/configmaps") == ("ConfigMap", None)
+    assert relists.target("/api/v1/namespaces/ns/configmaps") == ("ConfigMap", "ns")
+    assert relists.target("/apis/batch/v1/namespaces/ns/jobs") == ("Job", "ns")
+    assert relists.target("/apis/finetune.dev/v1alpha1/finetunejobs") == ("FineTuneJob", None)
+    assert relists.target("/api/v1/namespaces/ns/configmaps/one") is None  # a single object
+    assert relists.target("/api/v1/namespaces/ns/pods/p/status") is None
+    assert relists.target("/api/v1/namespaces") is None
+    assert relists.target("/api/v1/secrets") is None  # not watched
+
+    for name in ("a", "b", "c"):
+        cache.put_child("ConfigMap", _cm(name, "5"))
+    item = {"metadata": {"name": "a", "namespace": "ns"}}
+    relists.listed("ConfigMap", None, False, {"metadata": {"resourceVersion": "9", "continue": "t1"}, "items": [item]})
+    assert len(cache.owned(("ns", "j"))) == 3  # an incomplete listing decides nothing
+    relists.listed("ConfigMap", None, True, {"metadata": {"resourceVersion": "9"},
+                                             "items": [{"metadata": {"name": "b", "namespace": "ns"}}]})
+    assert set(cache.owned(("ns", "j"))) == {("ConfigMap", "a"), ("ConfigMap", "b")}
+    assert queue.get(timeout=0) == ("ns", "j")  # the job gets a pass: its ConfigMap comes back
+
+
+# -- what a pass reuses instead of recomputing -------------------------------------------------------------
+
+def test_a_status_change_reuses_the_validated_spec_and_a_spec_change_does_not():
+    from finetune_operator.handlers.reconcile import job_input_reusing
+
+    obj = manifest()
+    obj["metadata"].update(uid="u1", resourceVersion="1", generation=1)
+    first = job_input_reusing(obj, None)
+    assert first.resolved is not None
+    later = {**obj, "metadata": {**obj["metadata"], "resourceVersion": "2"}, "status": {"phase": "Pending"}}
+    second = job_input_reusing(later, first)
+    assert second.resolved is first.resolved and second.status == {"phase": "Pending"}  # not validated again
+    edited = {**later, "spec": {**later["spec"], "hyperparameters": {"epochs": 7}}}
+    third = job_input_reusing(edited, second)
+    assert third.resolved is not first.resolved and third.resolved.spec.hyperparameters.epochs == 7
+    broken = {**later, "spec": {**later["spec"], "hyperparameters": {"epochs": 0}}}
+    fourth = job_input_reusing(broken, third)
+    assert fourth.resolved is None and fourth.problems
+    assert job_input_reusing({**broken, "status": {"phase": "Failed"}}, fourth).problems == fourth.problems
+
+
+def test_a_resolved_job_computes_its_config_and_fixed_values_once():
+    from finetune_operator.api.validation import validate_manifest
+
+    job = validate_manifest(manifest())
+    assert job.config_json is job.config_json and job.fixed_values is job.fixed_values
+
+
+def test_the_phase_gauge_follows_each_job_incrementally():
+    from finetune_operator.metrics import JOBS, PhaseTracker
+
+    def gauge(phase: str) -> float:
+        return JOBS.labels(phase=phase).collect()[0].samples[0].value  # type: ignore[no-any-return]
+
+    tracker = PhaseTracker()
+    tracker.set(("ns", "a"), "Pending")
+    tracker.set(("ns", "b"), "Pending")
+    tracker.set(("ns", "a"), "Pending")  # unchanged
+    assert (gauge("Pending"), gauge("Running")) == (2, 0)
+    tracker.set(("ns", "a"), "Running")
+    assert (gauge("Pending"), gauge("Running")) == (1, 1)
+    tracker.set(("ns", "b"), None)
+    tracker.set(("ns", "zz"), None)  # a job never seen
+    assert (gauge("Pending"), gauge("Running")) == (0, 1)

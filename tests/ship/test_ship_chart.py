@@ -200,6 +200,29 @@ def test_operator_env_follows_the_contract():
     assert env["FTO_TRAINER_IMAGE"].endswith(":0.1.0")
 
 
+def _operator_env(values: dict | None = None) -> dict[str, str]:
+    dep = of_kind(render(values), "Deployment")[0]
+    return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_api_client_values_reach_the_operator_and_its_settings():
+    from finetune_operator.settings import Settings, from_env
+
+    env = _operator_env()
+    defaults = from_env({k: v for k, v in env.items() if k.startswith("FTO_")})
+    d = Settings()
+    assert (defaults.api_qps, defaults.api_burst, defaults.api_retries, defaults.api_pool_size,
+            defaults.apply_concurrency, defaults.retry_base_seconds, defaults.retry_max_seconds) == (
+        d.api_qps, d.api_burst, d.api_retries, d.api_pool_size, d.apply_concurrency, d.retry_base_seconds,
+        d.retry_max_seconds)  # the chart's defaults are the operator's
+    env = _operator_env({"api": {"qps": 50.5, "burst": 3000000, "retries": 9, "poolSize": 4, "applyConcurrency": 2,
+                                 "retryBaseSeconds": 0.25, "retryMaxSeconds": 60}})
+    s = from_env({k: v for k, v in env.items() if k.startswith("FTO_")})
+    assert (s.api_qps, s.api_burst, s.api_retries, s.api_pool_size, s.apply_concurrency, s.retry_base_seconds,
+            s.retry_max_seconds) == (50.5, 3000000, 9, 4, 2, 0.25, 60.0)  # large integers not in exponent form
+    assert not s.extra
+
+
 def test_one_replica_is_standalone_and_never_overlaps():
     dep = of_kind(render(), "Deployment")[0]
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -250,6 +273,12 @@ def test_dashboard_configmap_holds_valid_json():
         {"prometheusRule": {"stallMinutes": 0}},
         {"replicas": 2},  # a typo of replicaCount
         {"extraEnv": [{"name": "FTO_LOG_FORMAT", "value": "text"}]},  # would shadow a chart-managed setting
+        {"extraEnv": [{"name": "FTO_API_QPS", "value": "5"}]},  # set through api.qps
+        {"api": {"qps": -1}},
+        {"api": {"burst": 0}},
+        {"api": {"retries": 1.5}},
+        {"api": {"retryBaseSeconds": 0}},
+        {"api": {"rateLimit": 5}},  # not a value of the chart
     ],
     ids=lambda v: yaml.safe_dump(v, default_flow_style=True).strip(),
 )

@@ -7,6 +7,7 @@ what is allowed>", so a user fixes a manifest in one round.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -51,6 +52,19 @@ class ResolvedJob:
         """What the trainer reads (the ConfigMap's config.json and `finetune run`): finetune_contract.config's
         TrainerConfig, with this contract's schemaVersion."""
         return trainer_config(self.name, self.namespace, self.spec)
+
+    # Computed once per resolved job and kept with it (cached_property writes the instance's __dict__, which a
+    # frozen dataclass allows): every reconcile pass of a job compares them, and building them through pydantic
+    # was most of a pass's CPU (profile of bench/operator_throughput.py --profile). Both are read-only.
+    @functools.cached_property
+    def config_json(self) -> str:
+        """trainer_config() as the ConfigMap's text (sorted keys, so its hash is stable)."""
+        return json.dumps(self.trainer_config(), sort_keys=True, indent=2)
+
+    @functools.cached_property
+    def fixed_values(self) -> dict[str, Any]:
+        """immutable_values() of the spec as the user wrote it (what a refused change compares)."""
+        return immutable_values(self.user_spec or self.spec)
 
 
 def _model_for(path: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
@@ -232,36 +246,35 @@ def _alias(model: type[BaseModel], name: str) -> str:
 def immutable_groups() -> list[str]:
     """Spec paths (camelCase, under `spec.`) compared after start: each top-level field, and for object-valued
     ones each of their fields (so a refusal names `hyperparameters.learningRate`, not `hyperparameters`)."""
-    groups: list[str] = []
+    return [path for path, _, _ in _groups()]
+
+
+@functools.cache
+def _groups() -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """(group path, the attribute names leading to it, its default as canonical JSON) per fixed group. Fixed
+    by the types, so computed once: every reconcile pass that checks for refused changes walks them."""
+    out = []
     for name, field in FineTuneJobSpec.model_fields.items():
         top = _alias(FineTuneJobSpec, name)
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            groups += [f"{top}.{_alias(ann, sub)}" for sub in ann.model_fields]
+            out += [(f"{top}.{_alias(ann, sub)}", (name, sub), _canonical(_as_json(
+                ann.model_fields[sub].get_default(call_default_factory=True)))) for sub in ann.model_fields]
         else:
-            groups.append(top)
-    return [g for g in groups if g not in MUTABLE_AFTER_START]
+            out.append((top, (name,), _canonical(_as_json(field.get_default(call_default_factory=True)))))
+    return tuple(g for g in out if g[0] not in MUTABLE_AFTER_START)
 
 
-def _value(spec: BaseModel, path: str) -> tuple[Any, Any]:
-    """(value as JSON, the field's default as JSON) of a group path."""
-    obj: Any = spec
-    parts = path.split(".")
-    for part in parts[:-1]:
-        obj = getattr(obj, next(n for n, f in type(obj).model_fields.items() if (f.alias or n) == part))
-    model = type(obj)
-    name = next(n for n, f in model.model_fields.items() if (f.alias or n) == parts[-1])
-    field = model.model_fields[name]
+def _as_json(x: Any) -> Any:
+    if isinstance(x, BaseModel):
+        return x.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if isinstance(x, list):
+        return [_as_json(i) for i in x]
+    return x.value if hasattr(x, "value") and not isinstance(x, int | float | str) else x
 
-    def as_json(x: Any) -> Any:
-        if isinstance(x, BaseModel):
-            return x.model_dump(mode="json", by_alias=True, exclude_none=True)
-        if isinstance(x, list):
-            return [as_json(i) for i in x]
-        return x.value if hasattr(x, "value") and not isinstance(x, int | float | str) else x
 
-    default = field.get_default(call_default_factory=True)
-    return as_json(getattr(obj, name)), as_json(default)
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def immutable_values(spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -270,9 +283,12 @@ def immutable_values(spec: FineTuneJobSpec) -> dict[str, Any]:
     Defaults are left out so that an operator upgrade that adds a field (with a default) does not make every
     running job look changed."""
     out = {}
-    for path in immutable_groups():
-        value, default = _value(spec, path)
-        if json.dumps(value, sort_keys=True, default=str) != json.dumps(default, sort_keys=True, default=str):
+    for path, attrs, default in _groups():
+        obj: Any = spec
+        for attr in attrs:
+            obj = getattr(obj, attr)
+        value = _as_json(obj)
+        if _canonical(value) != default:
             out[path] = value
     return out
 

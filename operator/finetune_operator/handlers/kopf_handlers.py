@@ -25,6 +25,7 @@ from ..api import constants as c
 from ..kube.children import WATCHED
 from ..settings import Settings
 from .reconcile import Reconciler
+from .relist import Relists
 
 log = logging.getLogger("finetune_operator")
 CHILD_LABELS = {c.Label.MANAGED_BY: c.FIELD_MANAGER}
@@ -61,9 +62,8 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     kopf_settings.watching.client_timeout = settings.watch_server_timeout_seconds + 30
     kopf_settings.watching.connect_timeout = settings.api_connect_timeout_seconds
     kopf_settings.watching.reconnect_backoff = 1.0
-    # Known gap (client-go's informers close it with Replace): after 410 Gone kopf re-lists without telling
-    # handlers which cached objects vanished meanwhile, so a child deleted during such an outage stays in
-    # the cache until its job's next event; the resumed watch (the usual case) replays the DELETED events.
+    # After 410 Gone kopf re-lists without telling handlers which cached objects vanished meanwhile;
+    # handlers/relist.py sees each listing on our HTTP session and drops them (client-go's Replace).
     # Only our children and pods are streamed: the label selector is sent to the server.
     for api_version, plural in WATCHED.values():
         kopf_settings.watching.label_selectors[_selector_key(api_version, plural)] = CHILD_SELECTOR
@@ -84,6 +84,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: Settings) -> None:
     cache, queue = reconciler.cache, reconciler.queue
+    relists = Relists(cache, queue, {c.KIND: (c.API_VERSION, c.PLURAL), **WATCHED})
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -99,6 +100,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
             connector=aiohttp.TCPConnector(limit=settings.api_pool_size, ssl=info.as_ssl_context()),
             headers=info.as_http_headers(),
             auth=info.as_aiohttp_basic_auth(),
+            trace_configs=[relists.trace_config()],  # listings replace the cache (handlers/relist.py)
         )
         return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace, aiohttp_session=session)
 

@@ -9,6 +9,7 @@ concurrently. Passes of one job never overlap (the work queue guarantees it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -82,7 +83,7 @@ class Reconciler:
         self.cache = cache or Cache()
         self.queue = queue or WorkQueue(settings.retry_base_seconds, settings.retry_max_seconds)
         self.applier = Applier(client, self.cache, settings.apply_concurrency)
-        self._inputs: dict[Key, tuple[str | None, JobInput]] = {}  # parsed spec per resourceVersion
+        self._inputs: dict[Key, JobInput] = {}  # the last parsed input per job (its spec is reused)
         self._guard = threading.Lock()
         self._workers: list[threading.Thread] = []
 
@@ -172,15 +173,11 @@ class Reconciler:
         metrics.PHASES.set(key, None)
 
     def _input(self, key: Key, ftj: dict[str, Any]) -> JobInput:
-        """job_input (spec validation) once per resourceVersion: most passes are triggered by children."""
-        rv = (ftj.get("metadata") or {}).get("resourceVersion")
+        """job_input, with the spec validated once per spec: most passes are triggered by children or by
+        status writes (ours and the trainer's), which leave the parsed spec as it was."""
+        parsed = job_input_reusing(ftj, self._inputs.get(key))
         with self._guard:
-            cached = self._inputs.get(key)
-        if cached is not None and cached[0] == rv and rv is not None:
-            return cached[1]
-        parsed = job_input(ftj)
-        with self._guard:
-            self._inputs[key] = (rv, parsed)
+            self._inputs[key] = parsed
         return parsed
 
     def _desired(self, job: JobInput, enforced: bool) -> list[dict[str, Any]]:
@@ -325,6 +322,23 @@ class Reconciler:
             metrics.STALLED.inc()
         elif reason == Reason.STOP_ENFORCED:
             metrics.ENFORCED.inc()
+
+
+def _validated_part(obj: dict[str, Any]) -> tuple[Any, ...]:
+    """What validate_manifest reads: everything but the status and the metadata it ignores."""
+    meta = obj.get("metadata") or {}
+    return (sorted(k for k in obj if k != "status"), obj.get("apiVersion"), obj.get("kind"), meta.get("name"), meta.get("namespace"),
+            meta.get("uid"), obj.get("spec"))
+
+
+def job_input_reusing(obj: dict[str, Any], previous: JobInput | None) -> JobInput:
+    """job_input(obj), reusing `previous`'s validated spec when what validation reads is unchanged (the same
+    object, spec and all): validating through pydantic costs milliseconds, the comparison microseconds."""
+    if previous is not None and previous.validated_from is not None and previous.validated_from == _validated_part(obj):
+        fresh = job_input(obj, validate=False)
+        return dataclasses.replace(fresh, resolved=previous.resolved, problems=previous.problems,
+                                   validated_from=previous.validated_from)
+    return dataclasses.replace(job_input(obj), validated_from=_validated_part(obj))
 
 
 def _keep_transition_time(status: dict[str, Any], new: dict[str, Any], type_: str) -> None:

@@ -153,6 +153,45 @@ class Cache:
                     self._owned.pop(job, None)
         return job
 
+    # -- a fresh listing (client-go's Replace) ---------------------------------------------------------
+
+    def replace(self, kind: str, namespace: str | None, present: set[tuple[str, str]],
+                list_rv: str | None) -> set[JobKey]:
+        """A complete LIST of `kind` (in `namespace`, or everywhere when None) answered at `list_rv`: what the
+        cache holds of that kind and scope but the listing lacks was deleted while no watch was open (a
+        watch that ended with 410 Gone resumes by re-listing, and the DELETED events in between are never
+        sent). Those are dropped, like client-go's Replace does; the keys of the jobs concerned are returned
+        so they get a pass (a deleted child comes back, a deleted FineTuneJob is forgotten). What is newer
+        than the listing (our own write, stored after the server answered the list) stays.
+        `present`: the (namespace, name) of every listed object. `kind` "FineTuneJob" replaces the
+        FineTuneJobs themselves."""
+        try:
+            floor = int(list_rv) if list_rv is not None else None
+        except ValueError:
+            floor = None
+
+        def gone(ns: str, name: str, stored: _Stored) -> bool:
+            if namespace is not None and ns != namespace or (ns, name) in present:
+                return False
+            return floor is None or stored.rv is None or stored.rv <= floor
+
+        touched: set[JobKey] = set()
+        with self._lock:
+            if kind == "FineTuneJob":
+                for key, stored in list(self._ftjs.items()):
+                    if gone(key[0], key[1], stored):
+                        del self._ftjs[key]
+                        touched.add(key)
+                return touched
+            for job, owned in list(self._owned.items()):
+                for (k, name), stored in list(owned.items()):
+                    if k == kind and gone(job[0], name, stored):
+                        del owned[(k, name)]
+                        touched.add(job)
+                if not owned:
+                    del self._owned[job]
+        return touched
+
     def owned(self, job: JobKey) -> dict[ChildKey, dict[str, Any]]:
         """A snapshot: freshly decoded objects the caller may keep."""
         with self._lock:

@@ -11,7 +11,6 @@ result.json; with spec.output.retain (the default) it has no ownerReference, so 
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from finetune_contract.config import EXIT_NOT_RETRYABLE, Env, Paths
@@ -105,7 +104,7 @@ def output_pvc(job: ResolvedJob, settings: Settings) -> dict[str, Any]:
 
 
 def config_json(job: ResolvedJob) -> str:
-    return json.dumps(job.trainer_config(), sort_keys=True, indent=2)
+    return job.config_json  # kept with the resolved job: every pass builds the ConfigMap and the pod template
 
 
 def config_hash(job: ResolvedJob) -> str:

@@ -72,15 +72,21 @@ class JobInput:
     # A sweep's pruner stops its trial through the stop annotation, saying why (issue 14): (reason, message).
     stop_by_sweep: tuple[str, str] | None = None
     created: str | None = None  # metadata.creationTimestamp: where the apply-to-first-step clock starts
+    # What `resolved`/`problems` were validated from (the reconciler's key for reusing them); None: unknown.
+    validated_from: Any = field(default=None, compare=False, repr=False)
 
 
-def job_input(obj: dict[str, Any]) -> JobInput:
+def job_input(obj: dict[str, Any], validate: bool = True) -> JobInput:
+    """The pass's view of a FineTuneJob; `validate=False` leaves resolved/problems empty (the caller fills
+    them from an earlier validation of the same spec)."""
     meta = obj.get("metadata") or {}
     name, namespace = meta.get("name", ""), meta.get("namespace") or "default"
-    try:
-        resolved, problems = validate_manifest(obj), ()
-    except InvalidFineTuneJob as err:
-        resolved, problems = None, tuple(err.problems)
+    resolved, problems = None, ()
+    if validate:
+        try:
+            resolved = validate_manifest(obj)
+        except InvalidFineTuneJob as err:
+            problems = tuple(err.problems)
     annotation = str((meta.get("annotations") or {}).get(c.Annotation.STOP, "")).lower() == "true"
     ann = meta.get("annotations") or {}
     by_sweep = None
@@ -108,13 +114,18 @@ def _user_spec(job: ResolvedJob | Any) -> Any:
     return getattr(job, "user_spec", None) or getattr(job, "spec", job)
 
 
+def _fixed_values(job: ResolvedJob | Any) -> dict[str, Any]:
+    # A resolved job keeps its values (every pass compares them); a bare spec (tests, old callers) computes them.
+    return job.fixed_values if isinstance(job, ResolvedJob) else immutable_values(_user_spec(job))
+
+
 def spec_fingerprint(job: ResolvedJob | Any) -> str:
     """status.specHash: `v2/<hash of every fixed field>/<token per field>`, over the spec as the user wrote it.
 
     Each token is 3 hex of the field's path + 2 of its value, for the fields that differ from their default, so a
     refusal names the changed fields, and a field a newer operator adds (with its default) changes nothing. The
     hash decides; the tokens only name. They are dropped when the whole would exceed the CRD's maxLength."""
-    values = immutable_values(_user_spec(job))
+    values = _fixed_values(job)
     whole = _digest(sorted(values.items()), 12)
     tokens = "".join(sorted(_token(k, v) for k, v in values.items()))
     fingerprint = f"{FINGERPRINT_PREFIX}{whole}/{tokens}"
@@ -139,7 +150,7 @@ def changed_immutable_fields(old: str, job: ResolvedJob | Any) -> list[str]:
             return [f"spec.{k}" for k in LEGACY_IMMUTABLE_FIELDS]
         return [f"spec.{k}" for k, d in zip(LEGACY_IMMUTABLE_FIELDS, parts, strict=True) if d != _legacy_digest(resolved, k)]
     _, whole, tokens = (old.split("/", 2) + ["", ""])[:3]
-    values = immutable_values(_user_spec(job))
+    values = _fixed_values(job)
     if whole == _digest(sorted(values.items()), 12):
         return []
     old_tokens = {tokens[i:i + 5] for i in range(0, len(tokens) - 4, 5)}
