@@ -9,7 +9,12 @@ from datetime import timedelta
 from ftj_builders import manifest
 from test_operator_status import T0, batch_job, pod, run, running
 
-from finetune_contract.config import EXIT_INCOMPATIBLE_CONFIG, EXIT_WORLD_MISMATCH
+from finetune_contract.config import (
+    EXIT_DATASET_UNREADABLE,
+    EXIT_DISK_FULL,
+    EXIT_INCOMPATIBLE_CONFIG,
+    EXIT_WORLD_MISMATCH,
+)
 from finetune_operator.api import validate_manifest
 from finetune_operator.api.constants import Phase, Reason
 from finetune_operator.plan import children
@@ -43,7 +48,8 @@ def test_job_fails_fast_on_config_errors_and_ignores_disruptions():
     assert spec["template"]["spec"]["restartPolicy"] == "Never" and spec["podReplacementPolicy"] == "Failed"
     fail_job, ignore = spec["podFailurePolicy"]["rules"]
     assert fail_job == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                               "values": [EXIT_WORLD_MISMATCH, EXIT_INCOMPATIBLE_CONFIG]}}
+                                                               "values": [EXIT_WORLD_MISMATCH, EXIT_INCOMPATIBLE_CONFIG,
+                                                                          EXIT_DISK_FULL, EXIT_DATASET_UNREADABLE]}}
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert spec["template"]["spec"]["containers"][0]["name"] == "trainer"
     env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0]["env"]}

@@ -30,7 +30,7 @@ def served(sent: dict) -> dict:
         obj["spec"]["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": "child-uid"}}
         obj["spec"]["template"]["metadata"]["labels"]["controller-uid"] = "child-uid"
         obj["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
-        obj["spec"]["podReplacementPolicy"] = "TerminatingOrFailed"
+        obj["spec"].setdefault("podReplacementPolicy", "TerminatingOrFailed")  # the API server keeps what we send
         obj["status"] = {"active": 0}
     if obj["kind"] == "Service":
         obj["spec"]["type"] = "ClusterIP"

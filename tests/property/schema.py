@@ -107,6 +107,7 @@ KUBERNETES_STRINGS: dict[str, str] = {
     "spec.output.size": STORAGE_SIZE,
     "spec.output.storageClassName": DNS_SUBDOMAIN,
     "spec.output.credentialsSecret": DNS_SUBDOMAIN,
+    "spec.dataset.credentialsSecret": DNS_SUBDOMAIN,
     "spec.output.uri": OBJECT_STORE_URI,
     "spec.model.tokenSecret.name": DNS_SUBDOMAIN,
     "spec.model.tokenSecret.key": SECRET_KEY,

@@ -40,6 +40,8 @@ def test_every_kubernetes_string_is_classified():
         cur[parts[-1]] = marker
         if parts[:1] == ["dataset"] and parts[-1] == "textPairField":
             manifest["spec"]["task"] = "embedding"
+        if parts[:1] == ["sft"]:
+            manifest["spec"]["task"] = "causal-lm"  # sft applies only to causal-lm (a rule)
         try:
             job = p.validate_manifest(manifest)
         except InvalidFineTuneJob as err:

@@ -52,10 +52,10 @@ def test_an_unreadable_dataset_fails_with_the_path_and_the_reason(manifest, tmp_
         # chmod 000 stops everyone but root (tests here may run as root): a directory where the declared jsonl
         # file should be cannot be read by anyone.
         data.mkdir()
-        expected = "is not a file of the declared format: IsADirectoryError"
+        expected = "is not a file of the declared format"
     else:
         data.write_text('{"text": "fine", "label": "a"}\n{"text": "torn\n')
-        expected = "is corrupt or not in the declared format: JSONDecodeError"
+        expected = "is corrupt or not in the declared format"
     m = manifest(hyperparameters=HP)
     m["spec"]["dataset"].update(source=str(data), format="jsonl")
     with pytest.raises(failures.DatasetUnreadable) as info:

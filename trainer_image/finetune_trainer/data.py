@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .failures import SOURCE_NOTE
 from .paths import resolve_path
 
 log = logging.getLogger("finetune_trainer")
@@ -328,8 +329,14 @@ def load_splits(spec: Any, *, pvc_mount: str | None = None, cache_dir: str) -> S
     seed = spec.hyperparameters.seed or 0
 
     def read(source: str, split: str, split_field: str) -> Source:
-        got = read_source(source, ds, split, split_field, pvc_mount=pvc_mount, cache_dir=cache_dir)
-        got.rows = map_columns(got.rows, ds, task, source, spec)
+        try:
+            got = read_source(source, ds, split, split_field, pvc_mount=pvc_mount, cache_dir=cache_dir)
+            got.rows = map_columns(got.rows, ds, task, source, spec)
+        except Exception as err:
+            # Which of source / validationSource / testSource failed: datasets' own errors rarely say
+            # (finetune_trainer.failures.culprit reads this note for the DatasetUnreadable message).
+            err.add_note(f"{SOURCE_NOTE}{split_field}={source}")
+            raise
         return got
 
     main = read(ds.source, ds.split, "split")

@@ -113,12 +113,21 @@ try:  # datasets wraps a reader's error (a torn JSON line, a bad parquet footer)
 except ImportError:  # pragma: no cover - the trainer image has datasets
     DatasetGenerationError = OSError  # type: ignore[misc, assignment]
 
+# data.load_splits notes on an error which source it was reading (an exception note, PEP 678)
+SOURCE_NOTE = "finetune dataset source: "
+
 DATA_ERRORS = (OSError, ValueError, UnicodeDecodeError, csv.Error, KeyError, TypeError, DatasetGenerationError)
 
 
 def culprit(ds: Any, err: BaseException) -> tuple[str, str]:
     """(spec field, source) of the dataset source an error is about: the loader's messages and file errors name
     the source (or a path inside it), so the most specific source mentioned wins; else dataset.source."""
+    fields = {"split": "dataset.source", "validationSplit": "dataset.validationSource", "testSplit": "dataset.testSource"}
+    for e in _chain(err):  # data.load_splits notes which source it was reading
+        for note in getattr(e, "__notes__", None) or []:
+            if note.startswith(SOURCE_NOTE):
+                key, _, source = note[len(SOURCE_NOTE):].partition("=")
+                return fields.get(key, "dataset.source"), source
     text = " ".join(f"{e} {getattr(e, 'filename', '') or ''}" for e in _chain(err))
     for field, source in (("dataset.validationSource", ds.validation_source), ("dataset.testSource", ds.test_source)):
         if source and source in text:
@@ -131,12 +140,14 @@ def dataset_unreadable(err: BaseException, field: str, source: str, job: str) ->
     root = err
     for inner in _chain(err):  # the reader's own error says more than datasets' wrapper around it
         root = inner
-    if isinstance(root, FileNotFoundError) or "does not exist" in str(err):
+    if isinstance(root, IsADirectoryError | NotADirectoryError) or (
+            os.path.isdir(source) and isinstance(root, FileNotFoundError)):
+        # datasets answers a directory where a file should be with "Unable to find": the path exists, though
+        why = "is not a file of the declared format"
+    elif isinstance(root, FileNotFoundError) or "does not exist" in str(err):
         why = "does not exist"
     elif isinstance(root, PermissionError):
         why = "permission denied (the trainer runs as a non-root user: make the files readable by it)"
-    elif isinstance(root, IsADirectoryError | NotADirectoryError):
-        why = "is not a file of the declared format"
     elif isinstance(root, OSError):
         why = f"cannot be read ({os.strerror(root.errno) if root.errno else type(err).__name__})"
     else:

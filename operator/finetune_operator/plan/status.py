@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from finetune_contract.config import FailureReason
+from finetune_contract.config import EXIT_NOT_RETRYABLE, FailureReason
 
 from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
@@ -324,7 +324,8 @@ def _account_restarts(p: _Pass, spec: Any, pods: list[dict[str, Any]]) -> bool:
         if (pod.get("metadata") or {}).get("deletionTimestamp") or _pod_name(pod) in seen:
             continue
         record = pod_failure(pod, spec)
-        if record is not None:
+        # An exit code no restart can fix fails the Job at once (its podFailurePolicy): an outcome, not a restart.
+        if record is not None and record.get("exitCode") not in EXIT_NOT_RETRYABLE:
             new.append(record)
     if not new:
         return False
