@@ -23,6 +23,7 @@ TRAINER_FIELDS = {
     "epoch", "totalEpochs", "step", "trainLoss", "valLoss", "valMetric", "valMetricName", "learningRate",
     "samplesPerSecond", "batchSize", "gradientAccumulationSteps", "bestEpoch", "bestMetric", "history",
     "lastHeartbeatTime", "trainerPhase", "trainerStopTime", "trainerStopReason", "trainerStopMessage", "trainerStopEpoch",
+    "timings", "resumedFrom", "checkpointWarning", "testMetrics", "testExamples", "testEpoch",
 }
 HISTORY_POINT = {"epoch", "trainLoss", "valLoss", "valMetric", "learningRate", "time"}
 OPERATOR_STATUS = {
