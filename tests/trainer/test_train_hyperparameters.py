@@ -59,7 +59,23 @@ def test_dropout_override_reaches_the_model(manifest, tmp_path):
     assert off["history"][0]["trainLoss"] != pytest.approx(high["history"][0]["trainLoss"], rel=1e-6)
 
 
-def test_mixed_precision_bf16_runs_and_fp16_falls_back_on_cpu(manifest, tmp_path):
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_full_precision(tmp_path):
+    from finetune_trainer import worker
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not worker.cpu_has_native_bf16(str(cpuinfo))
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert worker.cpu_has_native_bf16(str(cpuinfo))
+    assert worker.resolve_mixed_precision("bf16", on_gpu=False, native_bf16=False) == "no"
+    assert worker.resolve_mixed_precision("bf16", on_gpu=False, native_bf16=True) == "bf16"
+    assert worker.resolve_mixed_precision("bf16", on_gpu=True, native_bf16=False) == "bf16"
+
+
+def test_mixed_precision_bf16_runs_and_fp16_falls_back_on_cpu(manifest, tmp_path, monkeypatch):
+    from finetune_trainer import worker
+
+    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: True)  # bf16 autocast itself, on any CPU
     full, _ = train(manifest, tmp_path, "full", mixedPrecision="no")
     bf16, _ = train(manifest, tmp_path, "bf16", mixedPrecision="bf16")
     fp16, _ = train(manifest, tmp_path, "fp16", mixedPrecision="fp16")

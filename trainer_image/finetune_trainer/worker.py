@@ -135,9 +135,25 @@ def configure_logging(job: str, rank: int) -> None:
     datasets.logging.set_verbosity_error()
 
 
-def resolve_mixed_precision(requested: str, on_gpu: bool) -> str:
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (x86 avx512_bf16/amx_bf16, Arm bf16). Without it torch emulates bf16
+    autocast: measured on a 2-core AMD EPYC without avx512_bf16, a MiniLM step (batch 16 x 64 tokens) took ~20 s in
+    bf16 against ~2.7 s in fp32. An unreadable cpuinfo (not Linux) keeps what was asked."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_mixed_precision(requested: str, on_gpu: bool, native_bf16: bool | None = None) -> str:
     if requested == "fp16" and not on_gpu:
         log.warning("mixedPrecision fp16 is not supported on CPU; training in full precision (use bf16 on CPU)")
+        return "no"
+    if requested == "bf16" and not on_gpu and not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+        log.warning("mixedPrecision bf16: this CPU has no native bf16 (avx512_bf16/amx_bf16), where emulated bf16 "
+                    "is several times slower than full precision; training in full precision")
         return "no"
     return requested
 
