@@ -53,6 +53,7 @@ _FIX = ("store it in a Secret and reference it with secretEnv (NAME: {name: <sec
 SECRET_VALUE_MESSAGE = f"env holds a value shaped like a token or private key (hf_..., AKIA..., ghp_..., xox...-, -----BEGIN ... PRIVATE KEY): {_FIX}"
 SECRET_NAME_MESSAGE = f"the name says credential (*TOKEN*, *SECRET*, *PASSWORD*, *KEY*) and the value is in clear text: {_FIX}"
 BOTH_ENV_MESSAGE = "set in both env and secretEnv: keep it in one (a credential in secretEnv)"
+TOKEN_SECRET_MESSAGE = "HF_TOKEN is set by model.tokenSecret: remove it here or there"
 
 
 def credential_problems(spec: Any) -> list[tuple[str, str]]:
@@ -66,7 +67,7 @@ def credential_problems(spec: Any) -> list[tuple[str, str]]:
     out = [(f".env.{k}", SECRET_NAME_MESSAGE) for k, v in sorted(spec.env.items()) if v and re.search(SECRET_NAME, k)]
     out += [(f".secretEnv.{k}", BOTH_ENV_MESSAGE) for k in sorted(set(spec.env) & set(spec.secret_env))]
     if spec.model.token_secret is not None and "HF_TOKEN" in spec.secret_env:
-        out.append((".secretEnv.HF_TOKEN", "HF_TOKEN is set by model.tokenSecret: remove it here or there"))
+        out.append((".secretEnv.HF_TOKEN", TOKEN_SECRET_MESSAGE))
     return out
 
 

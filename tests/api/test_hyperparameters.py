@@ -96,6 +96,8 @@ SETTINGS: list[tuple[str, Any, dict[str, Any]]] = [
     ("distributed.processesPerNode", 4, {}),
     ("distributed.strategy", "deepspeed", {}),
     ("distributed.zeroStage", 3, {"distributed": {"strategy": "deepspeed"}}),
+    ("distributed.processGroupTimeoutSeconds", 60, {}),
+    ("distributed.maxRestarts", 3, {}),
 ]
 DEFAULT = config(job())
 

@@ -18,6 +18,7 @@ from typing import Any
 from hypothesis import assume
 from hypothesis import strategies as st
 
+from finetune_contract.rules import BOTH_ENV_MESSAGE, SECRET_NAME_MESSAGE, TOKEN_SECRET_MESSAGE
 from finetune_operator.api import InvalidFineTuneJob
 from finetune_operator.api.rules import NAME_MAX_LENGTH, RULES
 from finetune_operator.api.validation import parse_spec
@@ -194,6 +195,9 @@ def _drop_path(spec: dict[str, Any], dotted: str) -> bool:
 _ALSO_DROP = {".betas": (".eps",), ".focalGamma": (".focalAlpha",), ".margin": (".miner",)}
 
 
+CREDENTIAL_MESSAGES = {SECRET_NAME_MESSAGE, BOTH_ENV_MESSAGE, TOKEN_SECRET_MESSAGE}  # credential_problems' messages
+
+
 def repaired(spec: dict[str, Any]) -> dict[str, Any] | None:
     """The spec with every field a cross-field rule rejects removed; None if it cannot be repaired."""
     spec = copy.deepcopy(spec)
@@ -203,7 +207,12 @@ def repaired(spec: dict[str, Any]) -> dict[str, Any] | None:
             return spec
         except InvalidFineTuneJob as err:
             changed = False
+            # The operator-only credential checks (a clear-text credential, a variable in both env and
+            # secretEnv) are cross-field rules too: drop the offending variable.
             for p in err.problems:
+                if p.message in CREDENTIAL_MESSAGES:
+                    changed |= _drop_path({"spec": spec}, p.path)
+                    continue
                 rule = next((r for r in RULES if p.path.endswith(r.field) and p.message == r.message), None)
                 if rule is None:
                     return spec  # not a cross-field rule: leave it for the layers to judge (and disagree on)
@@ -386,7 +395,7 @@ def rule_violators() -> dict[str, dict[str, Any]]:
         for path, message in python_problems(case.manifest).items():
             if message in {r.message for r in RULES} and message not in out:
                 fragment = {k: v for k, v in case.manifest["spec"].items() if BASE["spec"].get(k) != v}
-                out[message] = {"fragment": fragment, "path": path}
+                out[message] = {"fragment": fragment, "path": path, "spec": case.manifest["spec"]}
     return out
 
 
@@ -402,7 +411,8 @@ def _merge(base: Any, patch: Any) -> Any:
 @st.composite
 def rule_mutation(draw: st.DrawFn, manifest: dict[str, Any]) -> tuple[dict[str, Any], Expectation]:
     """Break one cross-field rule on top of a random valid manifest (or, if the random context happens to
-    satisfy the rule anyway, on top of that manifest's model and dataset only)."""
+    satisfy the rule anyway, on top of that manifest's model and dataset only; if even those do, for example
+    a dataset with validationSource for a rule about fractions, the violating case's own spec)."""
     violators = rule_violators()
     rule = draw(st.sampled_from(RULES))
     v = violators[rule.message]
@@ -410,6 +420,8 @@ def rule_mutation(draw: st.DrawFn, manifest: dict[str, Any]) -> tuple[dict[str, 
     merged = _merge(manifest["spec"], v["fragment"])
     if not _breaks(merged, rule.message, v["path"]):
         merged = _merge({k: manifest["spec"][k] for k in ("model", "dataset")}, v["fragment"])
+    if not _breaks(merged, rule.message, v["path"]):
+        merged = copy.deepcopy(v["spec"])
     manifest["spec"] = merged
     return manifest, Expectation("cross-field-rule", v["path"], ("cel",), rule.cel[:80])
 

@@ -10,6 +10,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from finetune_contract.rules import SECRET_NAME
 from finetune_contract.spec import FineTuneJobSpec
 from finetune_operator.plan import names
 from finetune_operator.plan.children import desired_children
@@ -43,6 +44,8 @@ def hostile_manifests(draw) -> dict:
     spec["env"] = draw(st.dictionaries(s.ENV_NAMES, hostile(), min_size=1, max_size=4))
     for name in spec.get("secretEnv") or {}:  # a variable in both env and secretEnv is refused (a valid rule)
         spec["env"].pop(name, None)
+    for name in [n for n in spec["env"] if re.search(SECRET_NAME, n)]:  # a clear-text credential is refused too
+        del spec["env"][name]
     spec["output"] = {**(spec.get("output") or {}), "path": "/out/" + draw(hostile(1000))}
     return manifest
 
