@@ -798,8 +798,9 @@ class Trainer:
         if self.reporter is not None:
             self.reporter.close()
         acc.wait_for_everyone()
+        best = f"{p.best_metric:.4f}" if isinstance(p.best_metric, float) else p.best_metric
         log.info("%s after %d epochs (step %d); best %s=%s at epoch %s", outcome, p.epochs_completed, p.global_step,
-                 es_metric, p.best_metric, p.best_epoch)
+                 es_metric, best, p.best_epoch)
         return result
 
 
