@@ -35,7 +35,7 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "operator")]
 from e2e.kubeconfig import AsyncKube  # noqa: E402
 from e2e.operator_fixture import OperatorProcess  # noqa: E402
 from e2e.pod_runner import PodRunner  # noqa: E402
-from operator_throughput import apply_crd, emulator  # noqa: E402
+from operator_throughput import apply_crd, emulator, with_kube  # noqa: E402
 
 FTJ_PATH = "/apis/finetune.dev/v1alpha1/namespaces/{ns}/finetunejobs"
 STAGES = (("podStartSeconds", "pod start"), ("setupSeconds", "setup"), ("dataSeconds", "data + tokenise"),
@@ -92,14 +92,7 @@ def main() -> None:
             await apply_crd(kube)
             await kube.request("POST", "/api/v1/namespaces", body={"metadata": {"name": ns}})
 
-        async def run(fn, *a):
-            kube = AsyncKube(kubeconfig)
-            try:
-                return await fn(kube, *a)
-            finally:
-                await kube.close()
-
-        asyncio.run(run(setup))
+        asyncio.run(with_kube(kubeconfig, setup))
         # The pods inherit this environment: one OpenMP thread per pod, as the e2e fixtures run them (two threads on
         # shared cores made steps ~10x slower there).
         os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -108,8 +101,8 @@ def main() -> None:
         runner = PodRunner(kubeconfig, workdir / "pods", namespace=ns).start()
         stack.callback(runner.stop)
         cache = workdir / "datasets-cache"
-        cold = asyncio.run(run(one_job, ns, "bbc-cold", cache, args.timeout))
-        warm = asyncio.run(run(one_job, ns, "bbc-warm", cache, args.timeout))
+        cold = asyncio.run(with_kube(kubeconfig, one_job, ns, "bbc-cold", cache, args.timeout))
+        warm = asyncio.run(with_kube(kubeconfig, one_job, ns, "bbc-warm", cache, args.timeout))
         print(describe("cold", cold))
         print(describe("warm", warm))
         for key, words in STAGES:

@@ -31,9 +31,7 @@ sys.path.insert(0, str(ROOT / "tests" / "trainer"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from e2e.pod_runner import kill_tree  # noqa: E402
-from tiny_models import build_tiny_bert, make_manifest, write_tiny_data  # noqa: E402
-
-from finetune_operator.api import validate_manifest  # noqa: E402
+from tiny_models import build_tiny_bert, make_manifest, trainer_env, write_tiny_data  # noqa: E402
 
 TOLERANCE = 1e-4
 TORCH_DEFAULT_PG_TIMEOUT_SECONDS = 1800.0  # torch.distributed's default_pg_timeout (gloo; NCCL's is 10 minutes)
@@ -62,20 +60,11 @@ class Pods:
 
     def __init__(self, manifest: dict, out: Path):
         self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        config = out / "config.json"
-        config.write_text(json.dumps(validate_manifest(manifest).trainer_config()))
         self.step_log = out / "steps.log"
         self.port = free_port()
-        self.env = {
-            **os.environ, "FINETUNE_CONFIG": str(config), "FINETUNE_OUTPUT_DIR": str(out),
-            "FINETUNE_JOB_NAME": "bench-group-restart", "FINETUNE_RDZV_ID": f"bench-{self.port}",
-            "FINETUNE_STATUS": "off", "FINETUNE_NNODES": "2", "FINETUNE_NPROC_PER_NODE": "1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port), "FINETUNE_METRICS_LINGER_SECONDS": "0",
-            "FINETUNE_STEP_LOG": str(self.step_log), "OMP_NUM_THREADS": "1",
-        }
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "FINETUNE_METRICS_PORT", "FINETUNE_WORLD_SIZE"):
-            self.env.pop(key, None)
+        self.env = trainer_env(manifest, out, "bench-group-restart", FINETUNE_RDZV_ID=f"bench-{self.port}",
+                               FINETUNE_NNODES="2", FINETUNE_NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(self.port))
 
     def start(self, index: int) -> subprocess.Popen:
         log = open(self.out / f"pod-{index}.log", "a")  # noqa: SIM115

@@ -263,6 +263,15 @@ async def apply_crd(kube: AsyncKube) -> None:
         await kube.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=crd)
 
 
+async def with_kube(kubeconfig: Path, fn, *args):
+    """`fn(kube, *args)` with a client of its own, closed afterwards (each asyncio.run needs its own session)."""
+    kube = AsyncKube(kubeconfig)
+    try:
+        return await fn(kube, *args)
+    finally:
+        await kube.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20, help="FineTuneJobs to apply (keep small against the emulation)")
@@ -277,27 +286,20 @@ def main() -> None:
         workdir = Path(os.environ.get("BENCH_WORKDIR") or tmp)  # BENCH_WORKDIR keeps the operators' logs
         kubeconfig = args.kubeconfig or stack.enter_context(emulator(workdir))
 
-        async def run(fn, *a):
-            kube = AsyncKube(kubeconfig)
-            try:
-                return await fn(kube, *a)
-            finally:
-                await kube.close()
-
-        asyncio.run(run(apply_crd))
+        asyncio.run(with_kube(kubeconfig, apply_crd))
         emulated = args.kubeconfig is None
         op_config = token_kubeconfig(kubeconfig, workdir / "create-kubeconfig.yaml", CREATE_TOKEN) if emulated else kubeconfig
         with operator_process(op_config, workdir, profile=args.profile) as proc:
             cpu_before = cpu_seconds(proc.pid)
-            op = asyncio.run(run(with_operator, args.n, args.concurrency))
+            op = asyncio.run(with_kube(kubeconfig, with_operator, args.n, args.concurrency))
             cpu = cpu_seconds(proc.pid) - cpu_before
             memory = rss_mib(proc.pid)
         writes = audit_writes(kubeconfig, CREATE_TOKEN) if emulated else None
         # The bare client after the operator (which is stopped by then): its objects carry the labels the
         # operator watches, so created first they would be listed and looked at by the operator (~1,400 extra
         # events at N=200) while it is being timed.
-        bare = asyncio.run(run(bare_client, args.n, args.concurrency))
-        steady = None if args.no_steady else steady_state(args, kubeconfig, workdir, run)
+        bare = asyncio.run(with_kube(kubeconfig, bare_client, args.n, args.concurrency))
+        steady = None if args.no_steady else steady_state(args, kubeconfig, workdir)
         where = "real API server" if args.kubeconfig else "test API emulation"
         print(f"server: {where}; N={args.n}; concurrency={args.concurrency}")
         if steady is not None:
@@ -316,17 +318,17 @@ def main() -> None:
         print(f"ratio operator/bare: {op / bare:.2f}")
 
 
-def steady_state(args, kubeconfig: Path, workdir: Path, run) -> tuple[float, float, float, str]:
+def steady_state(args, kubeconfig: Path, workdir: Path) -> tuple[float, float, float, str]:
     """(requests counted in the window, window seconds, operator RSS MiB, who counted)."""
     emulated = args.kubeconfig is None
-    ns = asyncio.run(run(make_namespace, "bench-steady"))
+    ns = asyncio.run(with_kube(kubeconfig, make_namespace, "bench-steady"))
     op_config = kubeconfig if not emulated else token_kubeconfig(kubeconfig, workdir / "steady-kubeconfig.yaml")
     with operator_process(op_config, workdir, "steady-operator", FTO_NAMESPACES=ns) as proc:
         started = time.perf_counter()
-        asyncio.run(run(create_jobs, ns, args.n, args.concurrency, False))
-        jobs = asyncio.run(run(wait_for_jobs, ns, args.n))
-        asyncio.run(run(run_pods, ns, jobs, args.concurrency))
-        asyncio.run(run(wait_for_phase, ns, args.n, "Running"))
+        asyncio.run(with_kube(kubeconfig, create_jobs, ns, args.n, args.concurrency, False))
+        jobs = asyncio.run(with_kube(kubeconfig, wait_for_jobs, ns, args.n))
+        asyncio.run(with_kube(kubeconfig, run_pods, ns, jobs, args.concurrency))
+        asyncio.run(with_kube(kubeconfig, wait_for_phase, ns, args.n, "Running"))
         print(f"steady state: {args.n} jobs Running after {time.perf_counter() - started:.1f} s", file=sys.stderr)
         time.sleep(5)  # the passes triggered by the last status writes finish
 

@@ -29,9 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "trainer"))
 
-from tiny_models import build_tiny_bert, make_manifest, write_tiny_data  # noqa: E402
+from tiny_models import build_tiny_bert, make_manifest, trainer_env, write_tiny_data  # noqa: E402
 
-from finetune_operator.api import validate_manifest  # noqa: E402
 from finetune_trainer import checkpoints as ckpt  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -52,17 +51,9 @@ class Trainer:
 
     def __init__(self, manifest: dict, out: Path):
         self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        config = out / "config.json"
-        config.write_text(json.dumps(validate_manifest(manifest).trainer_config()))
         self.step_log = out / "steps.log"
-        self.env = {
-            **os.environ, "FINETUNE_CONFIG": str(config), "FINETUNE_OUTPUT_DIR": str(out), "FINETUNE_JOB_NAME": "bench-resume",
-            "FINETUNE_STATUS": "off", "FINETUNE_WORLD_SIZE": "1", "FINETUNE_NNODES": "1", "FINETUNE_NPROC_PER_NODE": "1",
-            "FINETUNE_METRICS_LINGER_SECONDS": "0", "FINETUNE_STEP_LOG": str(self.step_log), "OMP_NUM_THREADS": "1",
-        }
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "FINETUNE_METRICS_PORT"):
-            self.env.pop(key, None)
+        self.env = trainer_env(manifest, out, "bench-resume", FINETUNE_WORLD_SIZE="1", FINETUNE_NNODES="1",
+                               FINETUNE_NPROC_PER_NODE="1")
 
     def start(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "finetune_trainer.worker"], env=self.env,

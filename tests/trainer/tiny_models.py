@@ -22,12 +22,14 @@ COMMON = ["the", "a", "of", "and", "to", "in", "is", "was", "on", "for", "with",
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def texts(n: int, seed: int) -> list[dict[str, str]]:
+def texts(n: int, seed: int, signal: float = 0.4) -> list[dict[str, str]]:
+    """`n` labelled texts; each word is one of its topic's words with probability `signal` (0.4: a task a tiny
+    model learns in a few epochs but not in one)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = list(TOPICS)[i % len(TOPICS)]
-        words = [rng.choice(TOPICS[label]) if rng.random() < 0.4 else rng.choice(COMMON) for _ in range(rng.randint(6, 14))]
+        words = [rng.choice(TOPICS[label]) if rng.random() < signal else rng.choice(COMMON) for _ in range(rng.randint(6, 14))]
         rows.append({"text": " ".join(words), "label": label})
     return rows
 
@@ -70,9 +72,9 @@ def build_tiny_gpt2(root: Path, tokenizer_dir: str) -> str:
     return str(model_dir)
 
 
-def write_tiny_data(path: Path, n: int = 96, seed: int = 1) -> str:
+def write_tiny_data(path: Path, n: int = 96, seed: int = 1, signal: float = 0.4) -> str:
     with open(path, "w") as f:
-        for row in texts(n, seed=seed):
+        for row in texts(n, seed=seed, signal=signal):
             f.write(json.dumps(row) + "\n")
     return str(path)
 
@@ -155,3 +157,24 @@ def chat_rows(n: int, seed: int, system: bool = True) -> list[dict[str, Any]]:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         rows.append({"messages": msgs})
     return rows
+
+
+def trainer_env(manifest: dict[str, Any], out: Path, job: str, **extra: str) -> dict[str, str]:
+    """The environment of a trainer process run outside a pod on `out` (what the pod's env would give it):
+    config.json written there from the manifest, no status API, every optimizer step appended to out/steps.log,
+    one OpenMP thread; `extra` adds or overrides variables. Launcher variables inherited from a parent run
+    are dropped."""
+    from finetune_operator.api import validate_manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.json"
+    config.write_text(json.dumps(validate_manifest(manifest).trainer_config()))
+    env = {
+        **os.environ, "FINETUNE_CONFIG": str(config), "FINETUNE_OUTPUT_DIR": str(out), "FINETUNE_JOB_NAME": job,
+        "FINETUNE_STATUS": "off", "FINETUNE_METRICS_LINGER_SECONDS": "0", "FINETUNE_STEP_LOG": str(out / "steps.log"),
+        "OMP_NUM_THREADS": "1",
+    }
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "FINETUNE_METRICS_PORT", "FINETUNE_WORLD_SIZE"):
+        env.pop(key, None)
+    return {**env, **extra}
+

@@ -113,26 +113,13 @@ class Reconciler:
         return jobs
 
     def start(self, workers: int) -> None:
-        for i in range(workers):
-            t = threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
-            t.start()
-            self._workers.append(t)
+        self._workers += self.queue.start_workers(self.process, workers, "reconcile")
 
     def close(self) -> None:
         self.queue.shutdown()
         for t in self._workers:
             t.join(timeout=5)
         self.applier.close()
-
-    def _work(self) -> None:
-        while True:
-            key = self.queue.get()
-            if key is None:
-                return
-            try:
-                self.process(key)  # type: ignore[arg-type]
-            finally:
-                self.queue.done(key)
 
     def process(self, key: Key) -> str:
         """One pass with its bookkeeping: metrics, logs, backoff on failure, the next clock visit."""

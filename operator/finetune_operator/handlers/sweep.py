@@ -45,24 +45,12 @@ class SweepReconciler:
 
     def start(self) -> None:
         # One worker: sweeps are few and a pass is cheap; passes of one sweep never overlap either way.
-        t = threading.Thread(target=self._work, name="sweep-reconcile", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._threads += self.queue.start_workers(self.process, 1, "sweep-reconcile")
 
     def close(self) -> None:
         self.queue.shutdown()
         for t in self._threads:
             t.join(timeout=5)
-
-    def _work(self) -> None:
-        while True:
-            key = self.queue.get()
-            if key is None:
-                return
-            try:
-                self.process(key)  # type: ignore[arg-type]
-            finally:
-                self.queue.done(key)
 
     def process(self, key: JobKey) -> str:
         namespace, name = key

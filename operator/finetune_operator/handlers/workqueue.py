@@ -127,3 +127,23 @@ class WorkQueue:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def drain(self, process: Callable[[Hashable], object]) -> None:
+        """A worker's loop: process each key handed out, until shutdown (client-go's processNextWorkItem)."""
+        while True:
+            key = self.get()
+            if key is None:
+                return
+            try:
+                process(key)
+            finally:
+                self.done(key)
+
+    def start_workers(self, process: Callable[[Hashable], object], count: int, name: str) -> list[threading.Thread]:
+        """`count` daemon threads draining the queue; passes of one key never overlap (see the module doc)."""
+        threads = [threading.Thread(target=self.drain, args=(process,), name=f"{name}-{i}", daemon=True)
+                   for i in range(count)]
+        for t in threads:
+            t.start()
+        return threads
+
