@@ -4,6 +4,7 @@ in status (restarts, lastRestart, RepeatedFailure), all pure."""
 from __future__ import annotations
 
 import copy
+import json
 from datetime import timedelta
 
 from ftj_builders import manifest
@@ -71,6 +72,25 @@ def test_launcher_uses_an_elastic_rendezvous_hosted_by_node_zero():
     assert args["--rdzv-conf"] == "is_host=0,read_timeout=90,join_timeout=600"
     host = torchrun_command(Runtime.from_env({**env, "JOB_COMPLETION_INDEX": "0"}), 2, 1, DistributedSpec())
     assert "is_host=1,read_timeout=180," in host[host.index("--rdzv-conf") + 1]
+    # One pod: no peer pod to wait for, so a dead rank fails the pod (backoffLimit) instead of restarting in place.
+    one = torchrun_command(Runtime.from_env({**env, "JOB_COMPLETION_INDEX": "0"}), 1, 4, DistributedSpec(maxRestarts=4))
+    assert one[one.index("--max-restarts") + 1] == "0"
+
+
+def test_a_rank_failure_message_names_the_rank_the_cause_and_fits_the_operator_s_300_characters(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from finetune_trainer.failures import rank_failure_message
+
+    error_file = tmp_path / "error.json"
+    error_file.write_text(json.dumps({"message": {"message": "RuntimeError: " + "x" * 500,
+                                                  "extraInfo": {"py_callstack": "...", "timestamp": "1"}}}))
+    raised = ProcessFailure(local_rank=3, pid=42, exitcode=1, error_file=str(error_file))
+    text = rank_failure_message(7, raised, [5, 7])
+    assert text.startswith("rank 7 (local rank 3, pid 42) failed first, with exit code 1: RuntimeError: xxx")
+    assert "ranks 5 failed after it" in text and len(text) <= 300
+    killed = ProcessFailure(local_rank=0, pid=9, exitcode=-9, error_file=str(tmp_path / "none"))
+    assert "with signal SIGKILL: Signal 9 (SIGKILL) received by PID 9" in rank_failure_message(0, killed, [0])
 
 
 def test_a_lost_pod_is_one_restart_with_its_rank_and_cause_counted_once():

@@ -3,9 +3,10 @@ starts on a workstation.
 
 It reads the config first (refusing, with both versions named, one whose schemaVersion it cannot read, and
 warning once about fields of a newer operator it ignores). World size 1 then trains in this process.
-Otherwise it becomes torchrun (exec, so SIGTERM from the kubelet reaches torchrun, which forwards it to every
-worker) with the node layout from the environment and an elastic rendezvous (group restart, docs/multi-node.md), and each worker checks that the world it joined is the
-one the job asked for.
+Otherwise it runs torchrun's elastic agent in this process (so SIGTERM from the kubelet reaches it, and it forwards
+it to every worker) with the node layout from the environment and an elastic rendezvous (group restart,
+docs/multi-node.md); each worker checks that the world it joined is the one the job asked for, and a rank that
+fails ends the pod with that rank's exit code and a termination message naming it (run_torchrun).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 
 from pydantic import ValidationError
 
-from finetune_contract.config import EXIT_INCOMPATIBLE_CONFIG, Env
+from finetune_contract.config import EXIT_INCOMPATIBLE_CONFIG, EXIT_NOT_RETRYABLE, Env
 from finetune_contract.spec import DistributedSpec
 
 from .config import IncompatibleConfig, Runtime, TrainerConfig
@@ -43,15 +44,50 @@ def torchrun_command(rt: Runtime, nnodes: int, nproc: int, distributed: Distribu
     """
     d = distributed or DistributedSpec()
     timeout = d.process_group_timeout_seconds
+    # In-place restarts only where a peer pod can be lost and replaced: in a one-pod job a dead rank is a failure of
+    # the pod (named in its termination message, retried through the Job's backoffLimit from the last checkpoint).
+    restarts = d.max_restarts if nnodes > 1 else 0
     conf = f"is_host={1 if rt.node_rank == 0 else 0},read_timeout={timeout},join_timeout={max(RDZV_JOIN_TIMEOUT_SECONDS, timeout)}"
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{rt.master_addr}:{rt.master_port}",
         "--rdzv-id", rt.rdzv_id or rt.job_name or "finetune", "--rdzv-conf", conf,
-        "--max-restarts", str(d.max_restarts),
+        "--max-restarts", str(restarts),
         "-m", "finetune_trainer.worker",
     ]
+
+
+def run_torchrun(command: list[str]) -> int:
+    """Run torchrun's elastic agent in this process (what exec'ing it did: SIGTERM from the kubelet reaches the agent,
+    which forwards it to every worker), and exit the way the pod should.
+
+    torchrun itself exits 1 whatever its workers' codes, which hid two things: which rank died (torch elastic stops
+    the others at once, so no collective hangs, but the reason stayed in the log) and the worker's own exit code,
+    which the Job's podFailurePolicy reads (full disk, unreadable dataset: fail the Job at once). Here the first
+    failed rank's exit code becomes the pod's, and its rank, pid and error go into the termination message (the
+    pod's status, then the FineTuneJob's) unless the worker wrote one of its own (failures.FatalError).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from . import failures
+
+    assert command[1:3] == ["-m", "torch.distributed.run"], command
+    try:
+        run(parse_args(command[3:]))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # a signal: the shell's 128+N
+        message = failures.rank_failure_message(rank, failure, sorted(err.failures))
+        print(json.dumps({"level": "error", "rank": rank, "exitCode": code, "message": message}), file=sys.stderr)
+        if code not in EXIT_NOT_RETRYABLE:  # those wrote their own message (reason and fix)
+            failures.write_termination_text(message)
+        return code
+    except SignalException as err:  # SIGTERM/SIGINT: the workers got it too and have saved what they could
+        return 128 + int(err.sigval)
+    return 0
 
 
 def _refuse(message: str) -> int:
@@ -92,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
            # after read_timeout, seen here). Without sharing, every round's rank 0 publishes a fresh worker store
            # at its own address (socket.getfqdn(): the pod's name on the headless Service).
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    os.execve(sys.executable, torchrun_command(rt, nnodes, nproc, cfg.spec.distributed), env)
-    return 0  # not reached
+    os.environ.update(env)
+    return run_torchrun(torchrun_command(rt, nnodes, nproc, cfg.spec.distributed))
 
 
 def cli() -> None:

@@ -160,9 +160,32 @@ def dataset_unreadable(err: BaseException, field: str, source: str, job: str) ->
 
 
 def write_termination_message(err: FatalError) -> None:
+    write_termination_text(err.termination_message())
+
+
+def write_termination_text(text: str) -> None:
     path = os.environ.get(TERMINATION_MESSAGE_ENV) or DEFAULT_TERMINATION_MESSAGE_PATH
     try:
         with open(path, "w", encoding="utf-8") as f:
-            f.write(err.termination_message()[:TERMINATION_MESSAGE_LIMIT])
+            f.write(text[:TERMINATION_MESSAGE_LIMIT])
     except OSError:
         pass  # outside a pod (no /dev/termination-log): the log line carries the same message
+
+
+RANK_ERROR_CHARS = 160  # the operator shows a termination message's last 300 characters: keep the rank in them
+
+
+def rank_failure_message(rank: int, failure: Any, failed_ranks: list[int]) -> str:
+    """One line for a torch elastic ProcessFailure: which rank, how it ended, its error (the exception a worker's
+    `record` wrapper wrote, or the signal), and that the other ranks were stopped with it."""
+    error = failure.message
+    if isinstance(error, dict):  # the error file's {"message": ..., "extraInfo": {...}}
+        error = error.get("message") or ""
+    error = " ".join(str(error or "").split())
+    if len(error) > RANK_ERROR_CHARS:
+        error = error[: RANK_ERROR_CHARS - 3] + "..."
+    how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+    others = [r for r in failed_ranks if r != rank]
+    also = f"; ranks {', '.join(map(str, others))} failed after it" if others else ""
+    return (f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) failed first, with {how}: {error}"
+            f"{also}; every other rank of the pod was stopped")

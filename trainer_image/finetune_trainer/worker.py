@@ -19,6 +19,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
+from finetune_contract.config import EXIT_PREEMPTED  # 128 + SIGTERM: its checkpoint lets the next pod resume
 from finetune_contract.early_stopping import Settings, decide, metric_value
 
 from . import checkpoints as ckpt
@@ -56,7 +57,6 @@ from .upload import upload_results
 
 log = logging.getLogger("finetune_trainer")
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: the pod was asked to go; its checkpoint lets the next pod resume
 HISTORY_LIMIT = 200
 LOSS_METRICS = ("val_loss", "train_loss")
 GAUGE_EVERY_STEPS = 5  # step, loss, learning-rate and throughput gauges between epochs (cheap: rank 0 sets floats)
@@ -69,6 +69,8 @@ STEP_LOG_ENV = "FINETUNE_STEP_LOG"
 FAULT_HANG_AT_STEP_ENV = "FINETUNE_FAULT_HANG_AT_STEP"
 # Fault injection: every optimizer step takes this many seconds longer (a long epoch on a tiny model).
 FAULT_SLOW_STEP_ENV = "FINETUNE_FAULT_SLOW_STEP_SECONDS"
+# Fault injection: "RANK:STEP": the process of that global rank raises at that optimizer step (a bug in one rank).
+FAULT_RANK_FAILS_ENV = "FINETUNE_FAULT_RANK_FAILS_AT_STEP"
 
 
 class WorldMismatch(RuntimeError):
@@ -458,6 +460,8 @@ class Trainer:
         self.fault_hang_step = int(os.environ.get(FAULT_HANG_AT_STEP_ENV, "0") or 0)
         self.fault_oom_step = int(os.environ.get(FAULT_OOM_AT_STEP_ENV, "0") or 0)
         self.fault_slow_step = float(os.environ.get(FAULT_SLOW_STEP_ENV, "0") or 0)
+        rank_fails = (os.environ.get(FAULT_RANK_FAILS_ENV) or "").partition(":")
+        self.fault_rank_fails = (int(rank_fails[0]), int(rank_fails[2])) if rank_fails[2] else None
         self.fault_oom_batch: int | None = None  # the batch that stopped fitting at fault_oom_step
         step_log = os.environ.get(STEP_LOG_ENV) if self.is_main else None
         self.step_log = open(step_log, "a", buffering=1, encoding="utf-8") if step_log else None  # noqa: SIM115
@@ -548,6 +552,9 @@ class Trainer:
             for batch in loader:
                 if self.fault_hang_step and p.global_step == self.fault_hang_step:
                     self._hang()
+                if self.fault_rank_fails == (acc.process_index, p.global_step):
+                    raise RuntimeError(f"fault injection ({FAULT_RANK_FAILS_ENV}): rank {acc.process_index} fails "
+                                       f"at step {p.global_step}")
                 with engine.accumulate():
                     self._fault_oom(stepping=False)
                     with engine.autocast():
@@ -868,4 +875,8 @@ def exit_process(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # Under torchrun, an uncaught exception is written to the agent's error file (TORCHELASTIC_ERROR_FILE), which
+    # the launcher (__main__.run_torchrun) puts, with the rank, into the pod's termination message.
+    exit_process(record(main)())

@@ -1,0 +1,66 @@
+"""A rank that fails inside a multi-process pod ends the pod promptly, named, with the worker's own exit code.
+
+The container's entry point (`python -m finetune_trainer`, as the pod runs it) on one "pod" of two gloo
+processes: torch elastic stops the surviving rank at once (no collective left waiting for the dead one: the
+process group timeout here is 10 minutes, the run must end long before), the pod's exit code is the failed
+rank's, and the termination message (what the kubelet copies into the pod's status and the operator into the
+FineTuneJob's) names the rank and its error. A full disk on one rank's save exits 4, so the Job's
+podFailurePolicy (FailJob on 2-5) fails the job at once instead of retrying through backoffLimit.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import trainer_env
+
+from finetune_contract.config import EXIT_DISK_FULL, FailureReason
+
+pytestmark = pytest.mark.slow
+ENDS_WITHIN = 300  # seconds: far below the 600 s process group timeout a hung collective would wait for
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pod(manifest: dict, out: Path, **fault: str) -> tuple[int, str, str]:
+    port = _port()
+    env = trainer_env(manifest, out, "rank-failure", FINETUNE_NNODES="1", FINETUNE_NPROC_PER_NODE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FINETUNE_RDZV_ID=f"rank-failure-{port}",
+                      JOB_COMPLETION_INDEX="0", FINETUNE_TERMINATION_MESSAGE_PATH=str(out / "termination-log"),
+                      **fault)
+    proc = subprocess.run([sys.executable, "-m", "finetune_trainer"], env=env, capture_output=True, text=True,
+                          timeout=ENDS_WITHIN)
+    message = (out / "termination-log").read_text() if (out / "termination-log").exists() else ""
+    return proc.returncode, message, proc.stderr
+
+
+def _manifest(manifest) -> dict:
+    return manifest(distributed={"processesPerNode": 2, "processGroupTimeoutSeconds": 600},
+                    hyperparameters={"epochs": 2, "batchSize": 4, "learningRate": 1e-3, "seed": 3, "mixedPrecision": "no"},
+                    earlyStopping={"enabled": False})
+
+
+def test_a_failing_rank_ends_the_pod_with_its_rank_and_error_named(manifest, tmp_path):
+    code, message, stderr = _pod(_manifest(manifest), tmp_path, FINETUNE_FAULT_RANK_FAILS_AT_STEP="1:2")
+    assert code == 1, stderr[-3000:]
+    assert message.startswith("rank 1 (local rank 1, pid "), message
+    assert "RuntimeError: fault injection (FINETUNE_FAULT_RANK_FAILS_AT_STEP): rank 1 fails at step 2" in message
+    assert "every other rank of the pod was stopped" in message
+    assert len(message) <= 300  # the operator shows the last 300 characters of a pod's message
+    assert '"rank": 1' in stderr  # and one structured log line says the same
+
+
+def test_a_full_disk_on_a_rank_fails_the_pod_with_exit_code_4(manifest, tmp_path):
+    code, message, stderr = _pod(_manifest(manifest), tmp_path, FINETUNE_FAULT_DISK_FULL="1")
+    assert code == EXIT_DISK_FULL, stderr[-3000:]
+    parsed = json.loads(message)  # the worker's own message (reason and fix) is kept
+    assert parsed["reason"] == FailureReason.DISK_FULL and "checkpoint" in parsed["message"]
