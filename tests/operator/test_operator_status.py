@@ -141,6 +141,24 @@ def test_backoff_limit_and_deadline():
     assert st["reason"] == Reason.DEADLINE and "spec.activeDeadlineSeconds (60 s)" in st["message"]
 
 
+def test_a_failed_rank_named_by_the_launcher_is_named_in_status():
+    from finetune_trainer.failures import rank_failure_message
+
+    class Failure:  # torch elastic's ProcessFailure, as the launcher reads it
+        local_rank, pid, exitcode, message = 1, 812, 1, {"message": "RuntimeError: CUDA error: an illegal memory access"}
+
+        def signal_name(self) -> str:
+            return "N/A"
+
+    text = rank_failure_message(3, Failure(), [3])
+    crashed = pod("Failed", state={"terminated": {"reason": "Error", "exitCode": 1, "message": text}})
+    obj = manifest()
+    st, _ = run(obj, running(obj), batch_job(("Failed", "BackoffLimitExceeded")), [crashed])
+    assert st["reason"] == Reason.BACKOFF_LIMIT
+    assert "exited with code 1: rank 3 (local rank 1, pid 812) failed first" in st["message"]
+    assert "illegal memory access" in st["message"]
+
+
 def test_image_pull_backoff_is_reported_while_pending():
     obj = manifest(image="registry.example/typo:1")
     st, _ = run(obj, {})
