@@ -8,11 +8,13 @@ import json
 import threading
 
 import pytest
+import yaml
 from kubernetes import client as k8s
 
 from finetune_operator.handlers.workqueue import WorkQueue, backoff_delay
 from finetune_operator.kube.client import (
     ApiError,
+    Connection,
     KubeClient,
     RetryPolicy,
     TokenBucket,
@@ -73,6 +75,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _answer(self) -> None:
         server: _Server = self.server  # type: ignore[assignment]
         server.seen.append(self.command)
+        server.auth = [*getattr(server, "auth", []), self.headers.get("Authorization")]
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
@@ -166,3 +169,55 @@ def test_work_queue_delays_and_backoff():
     q.done("a")
     clock.now += 10
     assert q.get(0) is None  # the later schedule was folded into the earlier one
+
+
+def _kubeconfig(path, server_url: str, token: str):
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": server_url}}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    return path
+
+
+def test_the_operator_s_connection_comes_from_kopf_s_kubeconfig_login_and_a_401_reloads_it(server, tmp_path, monkeypatch):
+    from finetune_operator.kube.client import load_configuration
+
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    config = _kubeconfig(tmp_path / "kubeconfig", url, "first")
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    client = KubeClient(load_configuration(4), timeout=5, sleep=lambda s: None)
+    assert isinstance(client.connection, Connection) and client.connection.host == url
+    assert client.get("/api/v1/namespaces/a/configmaps/x")["metadata"]["name"] == "x"
+    _kubeconfig(config, url, "second")  # the token rotates; the server refuses the old one once
+    server.answers = [(401, {})]
+    assert client.get("/api/v1/namespaces/a/configmaps/x")["metadata"]["name"] == "x"
+    assert server.auth == ["Bearer first", "Bearer first", "Bearer second"]
+    server.answers = [(401, {})]  # a second 401 within a minute is the server's verdict, not a rotation
+    with pytest.raises(ApiError, match="401"):
+        client.get("/api/v1/namespaces/a/configmaps/x")
+
+
+def test_a_kubeconfig_user_without_a_token_or_certificate_is_refused_with_the_fix(tmp_path, monkeypatch):
+    from finetune_operator.kube.client import load_configuration
+
+    config = _kubeconfig(tmp_path / "kubeconfig", "https://example.invalid", "")
+    data = yaml.safe_load(config.read_text())
+    data["users"][0]["user"] = {"exec": {"command": "aws", "args": ["eks", "get-token"], "apiVersion": "client.authentication.k8s.io/v1"}}
+    config.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    with pytest.raises(RuntimeError, match="exec plugin or auth provider"):
+        load_configuration(4)
+
+
+def test_the_operator_process_never_imports_the_kubernetes_package():
+    """kopf would import it (767 generated model modules, ~70 MiB) only to recognise its model objects."""
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune_operator.__main__; "
+            "print(sorted(k for k in sys.modules if k.startswith('kubernetes') and sys.modules[k] is not None))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+

@@ -1,9 +1,12 @@
-"""A thin synchronous REST client on top of the official `kubernetes` package's transport.
+"""A thin synchronous REST client: plain dicts over a bounded urllib3 pool. Every call has a timeout.
 
-Why not the typed APIs: kubernetes 37's generated models validate every response strictly and
-cost a model round-trip per call; the reconciler works on plain dicts (what the pure plan
-produces), so we use the package only for what it is good at here: kubeconfig / in-cluster
-credentials, TLS, token refresh and a bounded urllib3 pool. Every call has a timeout.
+Why not the `kubernetes` package's typed APIs: its generated models validate every response strictly and
+cost a model round-trip per call, and merely importing it costs ~70 MiB and ~1.5 s (767 model modules), more
+than the rest of the operator together. The reconciler works on plain dicts (what the pure plan produces), so
+the operator takes its credentials where kopf's watches take theirs (`load_configuration`: kopf's own
+service-account and kubeconfig logins, the same `ConnectionInfo` its aiohttp session is built from) and never
+imports the package; a rotated service-account token is re-read on 401. Tests and tools that already hold a
+`kubernetes` Configuration (exec plugins, OIDC refresh) pass it instead (`Connection.from_configuration`).
 
 Like client-go's rest client (what controller-runtime uses), every call goes through a client-side
 token-bucket rate limit (QPS/burst) and is retried when the server says so: 429 with `Retry-After`
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,8 +26,6 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import urllib3
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 
 from ..api.constants import FIELD_MANAGER
 
@@ -64,14 +64,54 @@ class ApiError(Exception):
         return self.status == 429 or self.status >= 500
 
 
-def load_configuration(pool_size: int) -> k8s.Configuration:
-    cfg = k8s.Configuration()
-    if os.environ.get("KUBECONFIG") or os.path.exists(os.path.expanduser("~/.kube/config")):
-        k8s_config.load_kube_config(client_configuration=cfg)
-    else:
-        k8s_config.load_incluster_config(client_configuration=cfg)
-    cfg.connection_pool_maxsize = pool_size
-    return cfg
+@dataclass
+class Connection:
+    """Where the API server is and how to authenticate: a urllib3 pool (TLS, client certificates) and the
+    headers of each call. `reload` re-reads the credentials (a projected service-account token rotates)."""
+
+    host: str
+    pool: urllib3.PoolManager
+    headers: Callable[[], dict[str, str]]
+    reload: Callable[[], Connection] | None = None
+
+    @classmethod
+    def from_kopf(cls, info: Any, pool_size: int, reload: Callable[[], Connection] | None = None) -> Connection:
+        """From a kopf ConnectionInfo (kopf.login_with_service_account / login_with_kubeconfig)."""
+        context = info.as_ssl_context() if str(info.server).startswith("https") else None
+        pool = urllib3.PoolManager(num_pools=4, maxsize=pool_size, ssl_context=context, retries=False)
+        headers = dict(info.as_http_headers())
+        return cls(str(info.server).rstrip("/"), pool, lambda: headers, reload)
+
+    @classmethod
+    def from_configuration(cls, cfg: Any) -> Connection:
+        """From a `kubernetes` package Configuration (its exec/OIDC token refresh hook stays in effect)."""
+        from kubernetes import client as k8s
+
+        cfg.retries = False  # urllib3 would retry 429/503 itself, sleeping Retry-After unseen; our loop retries
+        api = k8s.ApiClient(cfg)
+
+        def headers() -> dict[str, str]:
+            # The bearer token (refreshed by the configuration's hook); client certificates are in the pool.
+            return {a["key"]: a["value"] for a in cfg.auth_settings().values() if a.get("in") == "header" and a.get("value")}
+
+        return cls(cfg.host.rstrip("/"), api.rest_client.pool_manager, headers)
+
+
+def load_configuration(pool_size: int) -> Connection:
+    """The operator's connection, found as kopf finds its own: the pod's service account, else the kubeconfig
+    (KUBECONFIG or ~/.kube/config: token, client certificate or basic auth). Users with only an exec plugin or
+    an auth provider (cloud logins on a workstation) get a clear error: kopf's watches could not log in either."""
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None:
+        raise RuntimeError("no Kubernetes credentials: not in a pod with a service account, and no kubeconfig "
+                           "(set KUBECONFIG)")
+    if not (info.token or info.username or info.certificate_path or info.certificate_data):
+        raise RuntimeError(f"the kubeconfig's user for {info.server} has no token, client certificate or password "
+                           "(an exec plugin or auth provider?): give the operator a token, e.g. a service account's")
+    return Connection.from_kopf(info, pool_size, reload=lambda: load_configuration(pool_size))
 
 
 class TokenBucket:
@@ -133,21 +173,24 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class KubeClient:
-    def __init__(self, cfg: k8s.Configuration, timeout: float = 10.0, connect_timeout: float = 5.0, *,
+    def __init__(self, connection: Connection | Any, timeout: float = 10.0, connect_timeout: float = 5.0, *,
                  qps: float = 0.0, burst: int = 1, retry: RetryPolicy | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
-        # urllib3 would otherwise retry 429/503 itself (sleeping Retry-After inside the call, unseen and
-        # uncapped) and repeat failed connections; our retry loop below is the only one.
-        cfg.retries = False
-        self.api = k8s.ApiClient(cfg)
+                 sleep: Callable[[float], None] = time.sleep, pool_size: int | None = None):
+        """`connection`: a Connection, or a `kubernetes` Configuration (tests, tools)."""
+        if not isinstance(connection, Connection):
+            pool_size = pool_size or int(getattr(connection, "connection_pool_maxsize", 0) or 4)
+            connection = Connection.from_configuration(connection)
+        self.connection = connection
         # At most as many calls in flight as pooled connections: urllib3 would open (and then discard) an
         # extra connection per call beyond the pool, a TCP (and TLS) handshake each time.
-        self._in_flight = threading.BoundedSemaphore(max(1, int(cfg.connection_pool_maxsize or 4)))
+        size = pool_size or int(connection.pool.connection_pool_kw.get("maxsize") or 4)
+        self._in_flight = threading.BoundedSemaphore(max(1, size))
         self.timeout = (connect_timeout, timeout)
         self.limiter = TokenBucket(qps, burst, sleep=sleep)
         self.retry = retry or RetryPolicy()
         self.sleep = sleep
         self.calls = 0  # requests sent, retries included (for tests and the benchmark)
+        self._reloaded = 0.0
 
     def request(
         self,
@@ -165,6 +208,8 @@ class KubeClient:
             try:
                 return self._once(method, path, body, query, content_type)
             except ApiError as err:
+                if err.status == 401 and self._reload():
+                    continue  # a rotated token: the same call with the new one (not counted as a retry)
                 if not err.retriable or attempt >= self.retry.attempts:
                     raise
                 delay = retry_delay(self.retry, attempt, err.retry_after)
@@ -182,17 +227,15 @@ class KubeClient:
         params = dict(query or {})
         if method in ("POST", "PATCH", "PUT"):
             params.setdefault("fieldManager", FIELD_MANAGER)
-        url = self.api.configuration.host.rstrip("/") + path + ("?" + urlencode(params) if params else "")
-        headers = {"Accept": "application/json", "Content-Type": content_type, **self._auth_headers()}
-        # We serialise the body ourselves and talk to the client's urllib3 pool directly: the generated
-        # ApiClient's request helpers changed shape between kubernetes 36 and 37 (param_serialize), and
-        # they serialise only JSON content types, not server-side apply's YAML (of which JSON is a subset).
+        conn = self.connection
+        url = conn.host + path + ("?" + urlencode(params) if params else "")
+        headers = {"Accept": "application/json", "Content-Type": content_type, **conn.headers()}
         data_out = body if body is None or isinstance(body, bytes) else (
             body.encode() if isinstance(body, str) else json.dumps(body).encode())
         self.limiter.acquire()
         self.calls += 1
         with self._in_flight:
-            response = self.api.rest_client.pool_manager.request(
+            response = conn.pool.request(
                 method, url, body=data_out, headers=headers, retries=False, preload_content=True,
                 timeout=urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1]))
             data = response.data
@@ -201,14 +244,19 @@ class KubeClient:
                            parse_retry_after((response.headers or {}).get("Retry-After")))
         return json.loads(data) if data else None
 
-    def _auth_headers(self) -> dict[str, str]:
-        """The bearer token (refreshed by the configuration's hook for exec/OIDC credentials); client
-        certificates are handled by the pool itself."""
-        headers: dict[str, str] = {}
-        for auth in self.api.configuration.auth_settings().values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"]] = auth["value"]
-        return headers
+    def _reload(self) -> bool:
+        """Re-read the credentials after a 401, at most once a minute (a wrong token stays a 401)."""
+        if self.connection.reload is None or time.monotonic() - self._reloaded < 60:
+            return False
+        self._reloaded = time.monotonic()
+        try:
+            fresh = self.connection.reload()
+        except Exception as err:  # noqa: BLE001 - the 401 is the error to report
+            log.warning("could not re-read the API credentials after a 401: %s", err)
+            return False
+        old, self.connection = self.connection, fresh
+        old.pool.clear()
+        return True
 
     def get(self, path: str, query: dict[str, str] | None = None) -> dict[str, Any] | None:
         """GET, or None when the object does not exist."""
@@ -220,7 +268,7 @@ class KubeClient:
             raise
 
     def close(self) -> None:
-        self.api.close()
+        self.connection.pool.clear()
 
 
 def collection_path(api_version: str, plural: str, namespace: str | None) -> str:
