@@ -105,7 +105,11 @@ def _run_in_process(run_env: dict[str, str], progress: bool) -> dict[str, Any]:
     rt = Runtime.from_env(run_env)
     cfg = TrainerConfig.load(rt.config_path)
     worker.reset_accelerate_state()
-    saved = {k: os.environ.get(k) for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU")}
+    from .timings import START_ENV
+
+    saved = {k: os.environ.get(k) for k in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", START_ENV)}
+    if run_env.get(START_ENV):
+        os.environ[START_ENV] = run_env[START_ENV]  # the stage clock reads it here: this run's start, not the process's
     try:
         result = worker.train(cfg, rt, progress=progress)
     finally:
