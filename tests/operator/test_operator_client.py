@@ -211,13 +211,14 @@ def test_a_kubeconfig_user_without_a_token_or_certificate_is_refused_with_the_fi
         load_configuration(4)
 
 
-def test_the_operator_process_never_imports_the_kubernetes_package():
-    """kopf would import it (767 generated model modules, ~70 MiB) only to recognise its model objects."""
+def test_the_operator_process_never_imports_the_kubernetes_package_and_optuna_only_for_sweeps():
+    """kopf would import kubernetes (767 generated model modules, ~70 MiB) only to recognise its model objects;
+    optuna (~17 MiB) is imported by the first sweep pass."""
     import subprocess
     import sys
 
     code = ("import sys, finetune_operator.__main__; "
-            "print(sorted(k for k in sys.modules if k.startswith('kubernetes') and sys.modules[k] is not None))")
+            "print(sorted(k for k in sys.modules if k.startswith(('kubernetes', 'optuna')) and sys.modules[k] is not None))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
