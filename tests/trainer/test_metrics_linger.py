@@ -40,6 +40,7 @@ def test_waits_for_the_next_scrape_then_returns():
     scraper = threading.Timer(0.3, lambda: seen.append(_scrape(port)))
     scraper.start()
     assert m.linger(30) is True
+    scraper.join(5)  # linger returns once the answer is written; the client may still be reading it
     assert 'finetune_trainer_epoch{finetune_job="j",namespace="ns"} 7.0' in seen[0]
 
 
@@ -53,3 +54,26 @@ def test_a_scraper_that_went_away_bounds_the_wait():
     start = time.monotonic()
     assert m.linger(30) is False
     assert time.monotonic() - start < 5  # about two scrape intervals, not the 30 s maximum
+
+
+def test_a_scrape_counts_only_once_its_answer_is_written(monkeypatch):
+    """The clock ticks after the body went out, not when the registry was collected: the process exits as
+    soon as linger() returns, and an answer still being produced would be lost with it."""
+    m = TrainerMetrics("j", "ns")
+    port = _free_port()
+    m.serve(port, addr="127.0.0.1")
+    original = m.registry.collect
+    collected = threading.Event()
+
+    def slow_collect():
+        yield from original()
+        collected.set()
+        time.sleep(0.5)  # the answer is collected but not yet written
+
+    monkeypatch.setattr(m.registry, "collect", slow_collect)
+    scraper = threading.Thread(target=_scrape, args=(port,))
+    scraper.start()
+    assert collected.wait(5)
+    assert not m.scrapes.times  # collected, not delivered: no tick yet
+    scraper.join(5)
+    assert len(m.scrapes.times) == 1

@@ -4,27 +4,38 @@ Prometheus renames a scraped `job` label to `exported_job` because it sets its o
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections import deque
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 LABELS = ("finetune_job", "namespace")
 
 
-class ScrapeClock(Collector):
-    """Remembers when the registry was collected, i.e. when Prometheus scraped us; exports nothing."""
+class ScrapeClock:
+    """Remembers when a scrape's answer had been written out. Not when the registry was collected: the
+    process exits as soon as linger() returns, and a scrape that was collected but not yet sent is lost
+    with it (a CI run caught exactly that)."""
 
     def __init__(self) -> None:
         self.times: deque[float] = deque(maxlen=8)
 
-    def collect(self):
-        self.times.append(time.monotonic())
-        return []
+    def wrap(self, app):
+        """A WSGI app that ticks the clock once the body of a successful /metrics answer is written:
+        wsgiref calls the body's close() after its last write, and only then."""
+        clock = self
 
-    def describe(self):
-        return []  # no metric families of its own (also keeps register() from collecting)
+        class _Body(list):
+            def close(self) -> None:
+                clock.times.append(time.monotonic())
+
+        def scraped(environ, start_response):
+            return _Body(app(environ, start_response))
+
+        return scraped
 
     def wait_for_scrape_after(self, mark: float, max_seconds: float, poll: float = 0.1) -> bool:
         """Block until a scrape after `mark`, if anyone scrapes us at all: without a scraper there is nothing
@@ -51,7 +62,6 @@ class TrainerMetrics:
 
         self._labels = {"finetune_job": job, "namespace": namespace}
         self.scrapes = ScrapeClock()
-        r.register(self.scrapes)
         self.epoch = gauge("finetune_trainer_epoch", "Epochs completed.").labels(**self._labels)
         self.step = gauge("finetune_trainer_step", "Optimizer steps completed.").labels(**self._labels)
         self.train_loss = gauge("finetune_train_loss", "Mean training loss of the last epoch (running mean during it).").labels(**self._labels)
@@ -97,7 +107,10 @@ class TrainerMetrics:
         self._val_metric.labels(**self._labels, metric=name).set(value)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+        """prometheus_client's start_http_server, with the scrape clock around its WSGI app."""
+        app = self.scrapes.wrap(make_wsgi_app(self.registry))
+        httpd = make_server(addr, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
         self.served = True
 
     served = False
@@ -107,3 +120,8 @@ class TrainerMetrics:
         a pod that is gone cannot be scraped: without this the last epoch and the early-stop counter are
         usually lost)."""
         return self.served and self.scrapes.wait_for_scrape_after(time.monotonic(), max_seconds)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        """One log line per scrape would drown the trainer's own log."""
