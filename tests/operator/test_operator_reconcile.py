@@ -65,6 +65,34 @@ def test_first_pass_creates_everything_then_passes_send_nothing():
         assert api.calls == []
 
 
+def test_a_creating_pass_observes_its_own_answers_instead_of_queueing_another_pass():
+    """The status written by the creating pass is the one a second pass would write (the Job is there, no pods
+    yet), one Event says what was made, and nothing is queued at once: one pass per new job, not two."""
+    api = FakeApi()
+    r = Reconciler(api, Settings(resync_seconds=10))  # type: ignore[arg-type]
+    obj = manifest()
+    obj["metadata"]["resourceVersion"] = "1"
+    api.ftj = obj
+    r.cache.put_ftj(obj)
+    events = []
+    real = api.request
+
+    def recording(method, path, *, body=None, **kw):
+        if path.endswith("/events"):
+            events.append((body["reason"], body["message"]))
+        return real(method, path, body=body, **kw)
+
+    api.request = recording
+    assert r.process(KEY) == "changed"
+    st = r.cache.ftj(KEY)["status"]
+    assert (st["phase"], st["reason"]) == ("Pending", "PodsPending")
+    assert [reason for reason, _ in events] == ["ChildrenCreated"]
+    assert "created ServiceAccount" in events[0][1] and "training Job bbc-news-train" in events[0][1]
+    assert len(r.queue) == 0  # no immediate revisit
+    api.calls.clear()
+    assert r.process(KEY) == "ok" and api.calls == []
+
+
 def test_a_deleted_child_comes_back_with_one_create():
     r, api = reconciler()
     r.process(KEY)

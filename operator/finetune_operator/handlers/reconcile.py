@@ -167,6 +167,17 @@ class Reconciler:
             self._inputs[key] = parsed
         return parsed
 
+    def _observed(self, key: Key, job: JobInput) -> tuple[dict[Any, dict[str, Any]], dict[str, Any] | None,
+                                                         list[dict[str, Any]]]:
+        """The job's children from the cache: all of them, its Job (only if owned by this job) and its pods."""
+        owned = self.cache.owned(key)
+        if job.resolved is None:
+            return owned, None, []
+        job_obj = owned.get(("Job", names.batch_job_name(key[1])))
+        if job_obj is not None and not diff.owned_by(job_obj, job.uid):
+            job_obj = None  # a Job of an earlier FineTuneJob with this name, or someone else's
+        return owned, job_obj, [o for (kind, _), o in sorted(owned.items()) if kind == "Pod"]
+
     def _desired(self, job: JobInput, enforced: bool) -> list[dict[str, Any]]:
         # Built again each pass (~1 ms) rather than kept per job: the copies of 1,000 jobs' pod templates
         # cost more memory than the passes cost CPU (passes are rare once jobs run).
@@ -187,20 +198,15 @@ class Reconciler:
             metrics.PHASES.set(key, status.get("phase"))
             return Result("ok")
 
-        owned = self.cache.owned(key)
-        job_obj = None
-        pods: list[dict[str, Any]] = []
-        if job.resolved is not None:
-            job_obj = owned.get(("Job", names.batch_job_name(name)))
-            if job_obj is not None and not diff.owned_by(job_obj, job.uid):
-                job_obj = None  # a Job of an earlier FineTuneJob with this name, or someone else's
-            pods = [o for (kind, _), o in sorted(owned.items()) if kind == "Pod"]
+        owned, job_obj, pods = self._observed(key, job)
         new, events = observe(job, status, job_obj, pods, now)
 
         outcome = None
         claim_refusal: str | None = None
+        again = False  # what decided the children changed when they were observed again: one more pass
         if job.resolved is not None:
-            wanted = self._desired(job, bool(new.get("stopEnforced")))
+            enforced = bool(new.get("stopEnforced"))
+            wanted = self._desired(job, enforced)
             if spec_change_refused(new):
                 # The running job keeps its children: only the Job's mutable fields follow (suspend, our stops),
                 # with the node count it was started with.
@@ -220,6 +226,21 @@ class Reconciler:
             outcome = self.applier.run(key, plans, job.uid)
             if outcome.errors:
                 raise PassFailed("; ".join(str(e) for e in outcome.errors[:3]))
+            if outcome.wrote:
+                # Observe again what the API answered (the cache holds the answers), so this pass's status is the
+                # one a second pass would write: a new Job's suspend, a re-created Job. Once, not one more pass
+                # per written job: that was half the operator's passes while creating jobs.
+                owned, job_obj, pods = self._observed(key, job)
+                new, events = observe(job, status, job_obj, pods, now)
+                again = bool(new.get("stopEnforced")) != enforced
+                pending = [e for e in events if new.get("phase") == Phase.PENDING and e.reason == new.get("reason")]
+                if "Job" in outcome.created and pending:
+                    # One Event says what the operator made and what the job waits for (`kubectl describe`), in
+                    # place of the Pending phase's own (one write per new job, not two). A job created suspended
+                    # keeps its JobSuspended Event alone.
+                    events = [Event("Normal", Reason.CREATED,
+                                    f"{_words(outcome)}training Job {new.get('jobName')}; {new.get('message')}"),
+                              *(e for e in events if e not in pending)]
             if outcome.conflicts:
                 what = ", ".join(outcome.conflicts)
                 new["conditions"] = set_condition(
@@ -260,9 +281,9 @@ class Reconciler:
                             "phase": new.get("phase"), "reason": new.get("reason")})
         merged = {**status, **{k: v for k, v in new.items() if v is not None}}
         visit = next_visit(job, merged, now, self.settings.resync_seconds)
-        if outcome is not None and (outcome.found or outcome.wrote):
-            # What we observed changed under this pass (children written, or found that were not cached yet):
-            # one more pass sees it (the watch echoes of our own writes trigger none: the cache had them).
+        if again or (outcome is not None and outcome.found):
+            # Children found that were not cached yet (a 409 on create): one more pass compares them. Written ones
+            # were observed again above, and the watch echoes of our own writes trigger nothing (the cache had them).
             visit = 0.0
         if new.get("reason") == Reason.INVALID_SPEC:
             return Result("invalid", visit)
