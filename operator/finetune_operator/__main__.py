@@ -21,6 +21,7 @@ from .handlers.sweep import SweepReconciler  # noqa: E402
 from .handlers.sweep import register as register_sweeps  # noqa: E402
 from .kube.client import ApiError, KubeClient, RetryPolicy, load_configuration  # noqa: E402
 from .kube.peering import check_peering  # noqa: E402
+from .memory import MemoryTrimmer  # noqa: E402
 from .settings import from_env  # noqa: E402
 
 
@@ -53,6 +54,9 @@ def main() -> None:
     sweeps = SweepReconciler(client, settings)
     register_sweeps(registry, sweeps)
     sweeps.start()
+    trimmer = MemoryTrimmer(lambda: reconciler.passes + sweeps.passes, settings.memory_trim_seconds)
+    if settings.memory_trim_seconds > 0:
+        trimmer.start()
     log.info("starting finetune-operator: %s, metrics port %s, health port %s",
              "cluster-wide" if settings.clusterwide else f"namespaces {','.join(settings.namespaces)}",
              settings.metrics_port, settings.health_port)
@@ -67,6 +71,7 @@ def main() -> None:
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
         )
     finally:
+        trimmer.close()
         sweeps.close()
         reconciler.close()
         client.close()

@@ -57,6 +57,11 @@ class Settings:
     read the watch cache and send nothing unless something is due. Jobs without a clock (pending,
     suspended, finished) are visited only on events. Default 10; tests lower it."""
 
+    memory_trim_seconds: float = 30.0
+    """FTO_MEMORY_TRIM_SECONDS: every this many seconds in which reconcile passes ran, return the memory they freed
+    to the operating system (one garbage collection and glibc's malloc_trim; finetune_operator/memory.py).
+    0 turns it off. Default 30."""
+
     api_timeout_seconds: float = 10.0
     """FTO_API_TIMEOUT_SECONDS: read timeout of every API call the operator makes itself (seconds).
     Default 10: a reconcile must never hang on a slow API server."""
@@ -124,7 +129,7 @@ class Settings:
 
 _KNOWN = {
     "FTO_NAMESPACES", "FTO_TRAINER_IMAGE", "FTO_IMAGE_PULL_POLICY", "FTO_LOG_FORMAT", "FTO_LOG_LEVEL",
-    "FTO_METRICS_PORT", "FTO_HEALTH_PORT", "FTO_PEERING", "FTO_PEERING_PRIORITY", "FTO_PEERING_LIFETIME_SECONDS", "FTO_RESYNC_SECONDS", "FTO_API_TIMEOUT_SECONDS",
+    "FTO_METRICS_PORT", "FTO_HEALTH_PORT", "FTO_PEERING", "FTO_PEERING_PRIORITY", "FTO_PEERING_LIFETIME_SECONDS", "FTO_RESYNC_SECONDS", "FTO_MEMORY_TRIM_SECONDS", "FTO_API_TIMEOUT_SECONDS",
     "FTO_API_CONNECT_TIMEOUT_SECONDS", "FTO_API_POOL_SIZE", "FTO_WORKERS", "FTO_WATCH_SERVER_TIMEOUT_SECONDS",
     "FTO_APPLY_CONCURRENCY", "FTO_API_QPS", "FTO_API_BURST", "FTO_API_RETRIES", "FTO_RETRY_BASE_SECONDS",
     "FTO_RETRY_MAX_SECONDS",
@@ -168,6 +173,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         peering_priority=num("FTO_PEERING_PRIORITY", _hostname_priority(env), int),
         peering_lifetime_seconds=max(2, num("FTO_PEERING_LIFETIME_SECONDS", d.peering_lifetime_seconds, int)),
         resync_seconds=max(0.2, num("FTO_RESYNC_SECONDS", d.resync_seconds)),
+        memory_trim_seconds=num("FTO_MEMORY_TRIM_SECONDS", d.memory_trim_seconds),
         api_timeout_seconds=max(0.5, num("FTO_API_TIMEOUT_SECONDS", d.api_timeout_seconds)),
         api_connect_timeout_seconds=max(0.5, num("FTO_API_CONNECT_TIMEOUT_SECONDS", d.api_connect_timeout_seconds)),
         api_pool_size=max(1, num("FTO_API_POOL_SIZE", d.api_pool_size, int)),

@@ -112,6 +112,8 @@ class Reconciler:
             self.queue.add(key)
         return jobs
 
+    passes = 0
+
     def start(self, workers: int) -> None:
         self._workers += self.queue.start_workers(self.process, workers, "reconcile")
 
@@ -125,6 +127,7 @@ class Reconciler:
         """One pass with its bookkeeping: metrics, logs, backoff on failure, the next clock visit."""
         namespace, name = key
         started = time.perf_counter()
+        self.passes += 1  # read by memory.MemoryTrimmer (a rough counter: an increment lost to a race is harmless)
         try:
             outcome = self._pass(key)
         except (ApiError, PassFailed) as err:

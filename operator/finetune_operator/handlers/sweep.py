@@ -52,8 +52,11 @@ class SweepReconciler:
         for t in self._threads:
             t.join(timeout=5)
 
+    passes = 0  # read by memory.MemoryTrimmer
+
     def process(self, key: JobKey) -> str:
         namespace, name = key
+        self.passes += 1
         try:
             result = self._pass(key)
         except Exception as err:  # noqa: BLE001 - API errors and bugs alike: retried with backoff
