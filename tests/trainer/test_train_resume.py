@@ -116,12 +116,12 @@ def test_time_based_checkpoints_are_written_mid_epoch(manifest, tmp_path, monkey
     log = tmp_path / "steps.log"
     monkeypatch.setenv("FINETUNE_STEP_LOG", str(log))
     m = manifest(hyperparameters={"epochs": 1, "batchSize": 2, "dropout": 0.0},
-                 checkpointing={"intervalMinutes": 0.0001}, output={"keepCheckpoints": 1})
+                 checkpointing={"intervalMinutes": 1e-7}, output={"keepCheckpoints": 1})
     result = run(m, output_dir=str(tmp_path / "out"), progress=False)
     assert result["outcome"] == "completed"
     saves = [line.split() for line in log.read_text().splitlines() if line.startswith("checkpoint ")]
     mid = [int(step) for _, step, kind in saves if kind == "mid"]
-    # A 6 ms interval: every step boundary is due, so every step but the epoch's last was checkpointed mid-epoch.
+    # A 6 µs interval (6 ms was not: a fresh-clone run had one step finish sooner): every step boundary is due, so every step but the epoch's last was checkpointed mid-epoch.
     assert mid == list(range(1, result["globalStep"])) and saves[-1] == ["checkpoint", str(result["globalStep"]), "epoch"]
     # Each newer save replaced the older mid-epoch one; the epoch checkpoint replaced the last of them.
     found = ckpt.complete_checkpoints(str(tmp_path / "out"))
