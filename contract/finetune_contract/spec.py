@@ -40,7 +40,6 @@ def _float_fields(model: type[BaseModel]) -> tuple[tuple[str | None, str], ...]:
     return tuple((f.alias, name) for name, f in model.model_fields.items() if _takes_float(f.annotation))
 
 
-
 def _int_or_string(value: Any) -> int | str:
     # One validator instead of pydantic's `int | str` union, whose errors carry the member names
     # (`requests.cpu.int`, `requests.cpu.str`) instead of the field's path.

@@ -19,17 +19,13 @@ from collections.abc import Callable
 log = logging.getLogger("finetune_operator")
 
 
-def _libc(symbol: str):
-    """A glibc function, or None where the C library has none (musl, macOS)."""
+def _malloc_trim() -> Callable[[], int] | None:
+    """glibc's malloc_trim(0), or None where the C library has none (musl, macOS)."""
     name = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), symbol) if name else None
+        fn = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
         return None
-
-
-def _malloc_trim() -> Callable[[], int] | None:
-    fn = _libc("malloc_trim")
     if fn is None:
         return None
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
@@ -65,7 +61,7 @@ class MemoryTrimmer:
             log.info("no malloc_trim in this C library: memory freed after bursts stays with the process",
                      extra={"action": "memory-trim"})
             return
-        threading.Thread(target=self._run, name="idle-trim", daemon=True).start()
+        threading.Thread(target=self._run, name="memory-trim", daemon=True).start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -24,8 +24,8 @@ class ScrapeClock:
         self.times: deque[float] = deque(maxlen=8)
 
     def wrap(self, app):
-        """A WSGI app that ticks the clock once the body of a successful /metrics answer is written:
-        wsgiref calls the body's close() after its last write, and only then."""
+        """A WSGI app that ticks the clock once the body of an answer is written (every path prometheus_client
+        serves is the metrics): wsgiref calls the body's close() after its last write, and only then."""
         clock = self
 
         class _Body(list):
