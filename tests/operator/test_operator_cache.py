@@ -174,6 +174,29 @@ def test_a_status_change_reuses_the_validated_spec_and_a_spec_change_does_not():
     assert job_input_reusing({**broken, "status": {"phase": "Failed"}}, fourth).problems == fourth.problems
 
 
+def test_parsed_specs_are_kept_for_the_most_recent_jobs_only(monkeypatch):
+    """The reuse above is bounded (memory at 1,000 jobs): the least recently passed job drops out, and its
+    next pass validates it again with the same result."""
+    from finetune_operator.handlers import reconcile
+    from finetune_operator.settings import Settings
+
+    monkeypatch.setattr(reconcile, "PARSED_INPUTS_KEPT", 3)
+    r = reconcile.Reconciler(None, Settings())  # type: ignore[arg-type]
+    objs = {}
+    for i in range(5):
+        obj = manifest()
+        obj["metadata"].update(name=f"job-{i}", uid=f"u{i}", resourceVersion="1", generation=1)
+        objs[i] = obj
+        r._input(("team-a", f"job-{i}"), obj)
+    assert list(r._inputs) == [("team-a", "job-2"), ("team-a", "job-3"), ("team-a", "job-4")]
+    kept = r._inputs[("team-a", "job-2")].resolved
+    assert r._input(("team-a", "job-2"), objs[2]).resolved is kept  # reused, and now the most recent
+    assert list(r._inputs)[-1] == ("team-a", "job-2")
+    again = r._input(("team-a", "job-0"), objs[0])  # dropped out: validated afresh
+    assert again.resolved is not None and again.resolved.spec == reconcile.job_input(objs[0]).resolved.spec
+    assert ("team-a", "job-3") not in r._inputs and len(r._inputs) == 3
+
+
 def test_a_resolved_job_computes_its_config_and_fixed_values_once():
     from finetune_operator.api.validation import validate_manifest
 
