@@ -15,6 +15,7 @@ sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 import kopf  # noqa: E402
 
 from . import logs, metrics  # noqa: E402
+from .handlers.child_watches import ChildWatches  # noqa: E402
 from .handlers.kopf_handlers import register  # noqa: E402
 from .handlers.reconcile import Reconciler  # noqa: E402
 from .handlers.sweep import SweepReconciler  # noqa: E402
@@ -43,14 +44,19 @@ def main() -> None:
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(client, settings)
     register(registry, reconciler, settings)
+    watches = None
     if not settings.peering:
-        # With peering a replica may start paused: kopf delivers events only to the active one, and priming
-        # would queue every job on every replica.
+        # With peering a replica may start paused: kopf delivers events only to the active one (children
+        # included: kopf watches them then), and priming would queue every job on every replica.
+        watches = ChildWatches(client, reconciler.cache, reconciler.queue, settings)
+        watches.sync()
         try:
-            log.info("cache primed with %d jobs", reconciler.prime())
-        except ApiError as err:  # the watches' own listings fill it then, as before
+            log.info("cache primed with %d jobs", reconciler.prime(children=False))
+        except ApiError as err:  # kopf's own listing fills it then, as before
             log.warning("could not prime the cache (%s); starting from the watches' listings", err)
     reconciler.start(settings.workers)
+    if watches is not None:
+        watches.start()
     sweeps = SweepReconciler(client, settings)
     register_sweeps(registry, sweeps)
     sweeps.start()
@@ -71,6 +77,8 @@ def main() -> None:
             liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
         )
     finally:
+        if watches is not None:
+            watches.close()
         trimmer.close()
         sweeps.close()
         reconciler.close()

@@ -1,8 +1,9 @@
 """kopf registrations: watches feed the cache and queue job keys; the reconcile workers do the rest.
 
-This is controller-runtime's shape on kopf: an informer per resource (kopf's watch streams, label-selected
-on the server so only our children and pods travel), event handlers that only update the store and
-enqueue the owning job's key, and a de-duplicating work queue drained by a few worker threads
+This is controller-runtime's shape on kopf: an informer per resource (kopf's watch stream for FineTuneJobs;
+for children and pods the Reflectors of handlers/child_watches.py, or kopf's streams with peering; both
+label-selected on the server so only our children and pods travel), event handlers that only update the
+store and enqueue the owning job's key, and a de-duplicating work queue drained by a few worker threads
 (handlers/reconcile.py). Handlers are async and never block kopf's event loop: no API call here.
 
 Why watch events instead of kopf's on.create/update/resume + kopf.timer: the reconcile is level-based, so
@@ -24,12 +25,13 @@ import kopf
 from ..api import constants as c
 from ..kube.children import WATCHED
 from ..settings import Settings
+from .cache_feed import CacheFeed
+from .child_watches import CHILD_SELECTOR
 from .reconcile import Reconciler
 from .relist import Relists
 
 log = logging.getLogger("finetune_operator")
 CHILD_LABELS = {c.Label.MANAGED_BY: c.FIELD_MANAGER}
-CHILD_SELECTOR = f"{c.Label.MANAGED_BY}={c.FIELD_MANAGER}"
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -83,8 +85,13 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: Settings) -> None:
+    """kopf's handlers. Children and pods are watched by kopf only with peering (`settings.peering`): there kopf
+    decides which replica sees events, and a standby must not reconcile. Standalone, the Reflectors of
+    handlers/child_watches.py watch them at a fraction of kopf's cost per event."""
     cache, queue = reconciler.cache, reconciler.queue
-    relists = Relists(cache, queue, {c.KIND: (c.API_VERSION, c.PLURAL), **WATCHED})
+    kopf_children = bool(settings.peering)
+    relists = Relists(cache, queue, {c.KIND: (c.API_VERSION, c.PLURAL), **(WATCHED if kopf_children else {})})
+    feed = CacheFeed(cache, queue)
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -116,14 +123,13 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
 
     def child_handler(kind: str):
         async def child_event(event: dict[str, Any], **_: Any) -> None:
-            obj = event.get("object") or {}
-            job = cache.drop_child(kind, obj) if event.get("type") == "DELETED" else cache.put_child(kind, obj)
-            if job is not None:
-                queue.add(job)  # a deleted or edited child gets its job a pass (liveness: it comes back)
+            feed.event(kind, event.get("type") or "", event.get("object") or {})
 
         child_event.__name__ = child_event.__qualname__ = f"{kind.lower()}_event"
         return child_event
 
+    if not kopf_children:
+        return
     for kind, (api_version, plural) in WATCHED.items():
         group, _, version = api_version.rpartition("/")
         kopf.on.event(group, version, plural, labels=CHILD_LABELS, registry=registry)(child_handler(kind))

@@ -96,12 +96,13 @@ class Reconciler:
 
     # -- the worker loop --------------------------------------------------------------------------------
 
-    def prime(self) -> int:
+    def prime(self, children: bool = True) -> int:
         """Fill the cache with one LIST per watched resource before any pass runs, and queue every job; the
         number of jobs. Like controller-runtime's WaitForCacheSync: kopf's watches deliver their initial
         listings independently, and a pass that ran with the FineTuneJob cached but not yet its Job or pods
         wrote Pending over Running, and tried to create children that existed (found by the kill drill right
-        after restarts). kopf's listing events that follow carry the same resourceVersions: no second pass."""
+        after restarts). kopf's listing events that follow carry the same resourceVersions: no second pass.
+        `children=False`: only the FineTuneJobs (the Reflectors have listed the children already)."""
         from ..kube.children import WATCHED
 
         selector = f"{c.Label.MANAGED_BY}={c.FIELD_MANAGER}"  # what the child watches select (kopf_handlers)
@@ -111,7 +112,7 @@ class Reconciler:
             for obj in (self.client.get(collection_path(c.API_VERSION, c.PLURAL, ns)) or {}).get("items") or []:
                 self.cache.put_ftj(obj)
                 jobs += 1
-            for kind, (api_version, plural) in WATCHED.items():
+            for kind, (api_version, plural) in WATCHED.items() if children else ():
                 listed = self.client.get(collection_path(api_version, plural, ns), {"labelSelector": selector}) or {}
                 for obj in listed.get("items") or []:
                     self.cache.put_child(kind, obj)

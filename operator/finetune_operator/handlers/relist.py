@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from ..kube.cache import Cache
+from .cache_feed import CacheFeed
 from .workqueue import WorkQueue
 
 log = logging.getLogger("finetune_operator")
@@ -29,6 +30,7 @@ class Relists:
     def __init__(self, cache: Cache, queue: WorkQueue, kinds: dict[str, tuple[str, str]]):
         """`kinds`: kind -> (apiVersion, plural) of every watched resource."""
         self.cache, self.queue = cache, queue
+        self.feed = CacheFeed(cache, queue)
         self._kinds = {(api_version, plural): kind for kind, (api_version, plural) in kinds.items()}
         self._partial: dict[tuple[str, str | None], set[tuple[str, str]]] = {}  # chunks of a paginated LIST
 
@@ -81,9 +83,4 @@ class Relists:
         if meta.get("continue"):
             self._partial[key] = present
             return
-        touched = self.cache.replace(kind, namespace, present, meta.get("resourceVersion"))
-        if touched:
-            log.info("a fresh listing of %s lacks %d cached object(s) deleted while no watch was open; "
-                     "their jobs get a pass", kind, len(touched), extra={"action": "relist", "kind": kind})
-        for job in touched:
-            self.queue.add(job)
+        self.feed.forget_missing(kind, namespace, present, meta.get("resourceVersion"))

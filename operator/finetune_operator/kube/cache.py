@@ -82,6 +82,8 @@ class Cache:
         self._lock = threading.Lock()
         self._ftjs: dict[JobKey, _Stored] = {}
         self._owned: dict[JobKey, dict[ChildKey, _Stored]] = {}
+        # Children whose write (ours) is in flight: their watch events do not queue the job (see `writing`).
+        self._writing: set[tuple[JobKey, ChildKey]] = set()
 
     # -- FineTuneJobs -----------------------------------------------------------------------------------
 
@@ -133,9 +135,26 @@ class Cache:
             if not _replaces(obj, old):
                 return None
             owned[key] = stored
-            if _same(obj, old):
+            if _same(obj, old) or (job, key) in self._writing:
                 return None
         return job
+
+    def writing(self, job: JobKey, kind: str, name: str) -> None:
+        """Our write of this child is in flight. Its watch event can arrive before the write's answer (separate
+        connections); stored then, it would otherwise queue the job for a pass that only finds its own write
+        (measured: one extra pass per new job, ~3 ms each). `written` ends it."""
+        with self._lock:
+            self._writing.add((job, (kind, name)))
+
+    def written(self, job: JobKey, kind: str, name: str, answer: dict[str, Any] | None) -> bool:
+        """The write ended (`answer`: what the server answered, stored by the caller; None when it failed). True
+        when the cache holds a newer version than the answer: someone else's change arrived meanwhile, and
+        its event queued nothing, so the caller must give the job another pass."""
+        with self._lock:
+            self._writing.discard((job, (kind, name)))
+            stored = (self._owned.get(job) or {}).get((kind, name))
+        rv = _rv(answer)
+        return stored is not None and stored.rv is not None and rv is not None and stored.rv > rv
 
     def drop_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:
         job = job or self.job_of(obj)

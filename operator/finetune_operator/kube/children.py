@@ -76,6 +76,7 @@ class Applier:
         self.client, self.cache = client, cache
         self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="apply")
         self._remembered: dict[tuple[str, str, str], tuple[str, str]] = {}  # (kind, ns, name) -> (uid, digest)
+        self._answers: dict[tuple[str, str, str], dict[str, Any]] = {}  # the last write's answer, until _one ends
         self._guard = threading.Lock()
 
     def close(self) -> None:
@@ -100,6 +101,9 @@ class Applier:
             with self._guard:
                 self._remembered[(sent["kind"], job[0], meta.get("name", ""))] = (meta.get("uid", ""), diff.remember(sent, answer))
         self.cache.put_child(sent["kind"], obj, job)
+        if answer:
+            with self._guard:
+                self._answers[(sent["kind"], job[0], meta.get("name", ""))] = answer
         return obj
 
     def plans(self, job: JobKey, wanted: list[dict[str, Any]], owner_uid: str | None, started: bool) -> list[diff.Plan]:
@@ -135,6 +139,7 @@ class Applier:
 
     def _one(self, job: JobKey, p: diff.Plan, owner_uid: str | None, outcome: Outcome) -> None:
         kind, name = p.manifest["kind"], p.manifest["metadata"]["name"]
+        self.cache.writing(job, kind, name)
         try:
             if p.action is diff.Action.APPLY:
                 self._apply(job, p.manifest)
@@ -148,6 +153,9 @@ class Applier:
                     kind if result != "conflict" else f"{kind} {name}")
         except ApiError as err:
             outcome.errors.append(err)
+        finally:
+            if self.cache.written(job, kind, name, self._answers.pop((kind, job[0], name), None)):
+                outcome.found.append(kind)  # changed by someone else while we wrote it: compare next pass
 
     def _apply(self, job: JobKey, manifest: dict[str, Any]) -> dict[str, Any]:
         answer = self.client.request("PATCH", paths(manifest)[1], body=manifest, content_type=APPLY_PATCH,

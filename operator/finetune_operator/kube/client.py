@@ -16,6 +16,7 @@ with capped exponential backoff. The pure parts (`TokenBucket`, `retry_delay`) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -191,6 +192,7 @@ class KubeClient:
         self.sleep = sleep
         self.calls = 0  # requests sent, retries included (for tests and the benchmark)
         self._reloaded = 0.0
+        self._watch_pool: tuple[Connection, urllib3.PoolManager] | None = None
 
     def request(
         self,
@@ -267,8 +269,51 @@ class KubeClient:
                 return None
             raise
 
+    def watch(self, path: str, query: dict[str, str], read_timeout: float) -> WatchStream:
+        """Open a watch (`?watch=true`) on a pool of its own: a stream holds its connection for minutes, and on the
+        request pool it would take a connection from the reconcile's writes. Rate-limited like every call; an
+        error answer raises ApiError (a 401 re-reads the credentials first, for the caller's next attempt)."""
+        conn = self.connection
+        if self._watch_pool is None or self._watch_pool[0] is not conn:
+            kw = {**conn.pool.connection_pool_kw, "maxsize": 64, "block": False}  # one per open watch
+            self._watch_pool = (conn, urllib3.PoolManager(num_pools=64, **kw))
+        url = conn.host + path + "?" + urlencode({**query, "watch": "true"})
+        self.limiter.acquire()
+        self.calls += 1
+        response = self._watch_pool[1].request(
+            "GET", url, headers={"Accept": "application/json", **conn.headers()}, retries=False,
+            preload_content=False, timeout=urllib3.Timeout(connect=self.timeout[0], read=read_timeout))
+        if response.status >= 400:
+            data = response.read()
+            response.release_conn()
+            if response.status == 401:
+                self._reload()
+            raise ApiError(response.status, response.reason or "", data.decode(errors="replace") if data else "",
+                           parse_retry_after((response.headers or {}).get("Retry-After")))
+        return WatchStream(response)
+
     def close(self) -> None:
         self.connection.pool.clear()
+        if self._watch_pool is not None:
+            self._watch_pool[1].clear()
+
+
+class WatchStream:
+    """One open watch: `events()` yields its decoded events (one JSON object per line) until the server ends
+    the stream; `close()` from another thread ends a blocked read at once (shutting the socket's read side)."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse):
+        self.response = response
+
+    def events(self):
+        for line in self.response:
+            if line.strip():
+                yield json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, RuntimeError, OSError):  # already released or closed
+            self.response.shutdown()
+        self.response.close()
 
 
 def collection_path(api_version: str, plural: str, namespace: str | None) -> str:

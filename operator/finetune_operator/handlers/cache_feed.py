@@ -1,0 +1,45 @@
+"""What a watch event or a complete listing of a child kind does: update the cache, queue the jobs concerned.
+
+One place for it, whoever watches: the Reflectors (kube/reflector.py, the default) or kopf's watches (with
+peering, where kopf decides which replica sees events; handlers/kopf_handlers.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..kube.cache import Cache
+from .workqueue import WorkQueue
+
+log = logging.getLogger("finetune_operator")
+
+
+class CacheFeed:
+    def __init__(self, cache: Cache, queue: WorkQueue):
+        self.cache, self.queue = cache, queue
+
+    def event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
+        """One watch event of a child or pod: a deleted or edited child gets its job a pass (it comes back);
+        the echo of our own write (already cached at that resourceVersion) queues nothing."""
+        job = self.cache.drop_child(kind, obj) if type_ == "DELETED" else self.cache.put_child(kind, obj)
+        if job is not None:
+            self.queue.add(job)
+
+    def replaced(self, kind: str, namespace: str | None, listed: list[dict[str, Any]], rv: str | None) -> None:
+        """A complete LIST: every listed object as an event, then what the cache holds but the listing lacks is
+        dropped (deleted while no watch was open)."""
+        present = set()
+        for obj in listed:
+            self.event(kind, "ADDED", obj)
+            meta = obj.get("metadata") or {}
+            present.add((meta.get("namespace") or "", meta.get("name") or ""))
+        self.forget_missing(kind, namespace, present, rv)
+
+    def forget_missing(self, kind: str, namespace: str | None, present: set[tuple[str, str]], rv: str | None) -> None:
+        touched = self.cache.replace(kind, namespace, present, rv)
+        if touched:
+            log.info("a fresh listing of %s lacks %d cached object(s) deleted while no watch was open; "
+                     "their jobs get a pass", kind, len(touched), extra={"action": "relist", "kind": kind})
+        for job in touched:
+            self.queue.add(job)
