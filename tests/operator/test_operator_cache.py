@@ -36,6 +36,23 @@ def test_the_echo_of_our_own_write_triggers_nothing_and_late_events_do_not_go_ba
     assert cache.put_child("ConfigMap", cm("8")) == ("ns", "j")  # someone else's edit: a pass
 
 
+def test_the_echo_of_a_write_still_in_flight_queues_nothing_and_a_newer_change_meanwhile_is_reported():
+    # The Reflector's connection can deliver the watch event of our create before the create's own answer.
+    cache, job = Cache(), ("ns", "j")
+    cache.writing(job, "ConfigMap", "j-config")
+    assert cache.put_child("ConfigMap", cm("7")) is None  # the echo, first: stored, no pass
+    cache.put_child("ConfigMap", cm("7"), job)  # the answer
+    assert cache.written(job, "ConfigMap", "j-config", cm("7")) is False  # nothing newer: no pass needed
+    assert cache.put_child("ConfigMap", cm("8")) == job  # after the write, an edit queues a pass again
+
+    cache.writing(job, "ConfigMap", "j-config")
+    assert cache.put_child("ConfigMap", cm("10")) is None  # someone else's edit, while our apply is in flight
+    cache.put_child("ConfigMap", cm("9"), job)  # our answer is older than what the cache holds
+    assert cache.written(job, "ConfigMap", "j-config", cm("9")) is True  # so the caller passes again
+    assert cache.owned(job)[("ConfigMap", "j-config")]["metadata"]["resourceVersion"] == "10"
+    assert cache.written(job, "ConfigMap", "j-config", None) is False  # a failed write reports nothing
+
+
 def test_a_late_delete_of_an_older_object_keeps_the_new_one():
     cache = Cache()
     cache.put_child("ConfigMap", cm("9", uid="new"))

@@ -128,6 +128,10 @@ class Cache:
         if job is None:
             return None
         key = (kind, (obj.get("metadata") or {}).get("name") or "")
+        with self._lock:
+            old = (self._owned.get(job) or {}).get(key)
+        if not _replaces(obj, old) or _same(obj, old):
+            return None  # older, or the version stored (the echo of our write): not even encoded again
         stored = _Stored(_slim(obj, kind))
         with self._lock:
             owned = self._owned.setdefault(job, {})

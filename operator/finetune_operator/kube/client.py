@@ -1,4 +1,5 @@
-"""A thin synchronous REST client: plain dicts over a bounded urllib3 pool. Every call has a timeout.
+"""A thin synchronous REST client: plain dicts over a bounded connection pool (kube/transport.py). Every call has a
+timeout.
 
 Why not the `kubernetes` package's typed APIs: its generated models validate every response strictly and
 cost a model round-trip per call, and merely importing it costs ~70 MiB and ~1.5 s (767 model modules), more
@@ -16,9 +17,9 @@ with capped exponential backoff. The pure parts (`TokenBucket`, `retry_delay`) a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import urllib3
-
 from ..api.constants import FIELD_MANAGER
+from .transport import HttpPool, Stream, TransportError
 
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply; JSON is valid YAML
@@ -67,35 +67,41 @@ class ApiError(Exception):
 
 @dataclass
 class Connection:
-    """Where the API server is and how to authenticate: a urllib3 pool (TLS, client certificates) and the
-    headers of each call. `reload` re-reads the credentials (a projected service-account token rotates)."""
+    """Where the API server is and how to authenticate: a pool of connections to it (kube/transport.py: TLS,
+    client certificates) and the headers of each call. `reload` re-reads the credentials (a projected
+    service-account token rotates)."""
 
     host: str
-    pool: urllib3.PoolManager
+    pool: HttpPool
     headers: Callable[[], dict[str, str]]
     reload: Callable[[], Connection] | None = None
 
     @classmethod
     def from_kopf(cls, info: Any, pool_size: int, reload: Callable[[], Connection] | None = None) -> Connection:
         """From a kopf ConnectionInfo (kopf.login_with_service_account / login_with_kubeconfig)."""
-        context = info.as_ssl_context() if str(info.server).startswith("https") else None
-        pool = urllib3.PoolManager(num_pools=4, maxsize=pool_size, ssl_context=context, retries=False)
+        server = str(info.server).rstrip("/")
+        context = info.as_ssl_context() if server.startswith("https") else None
         headers = dict(info.as_http_headers())
-        return cls(str(info.server).rstrip("/"), pool, lambda: headers, reload)
+        return cls(server, HttpPool(server, context, pool_size), lambda: headers, reload)
 
     @classmethod
-    def from_configuration(cls, cfg: Any) -> Connection:
+    def from_configuration(cls, cfg: Any, pool_size: int = 4) -> Connection:
         """From a `kubernetes` package Configuration (its exec/OIDC token refresh hook stays in effect)."""
-        from kubernetes import client as k8s
-
-        cfg.retries = False  # urllib3 would retry 429/503 itself, sleeping Retry-After unseen; our loop retries
-        api = k8s.ApiClient(cfg)
+        server = cfg.host.rstrip("/")
+        context = None
+        if server.startswith("https"):
+            context = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None)
+            if not cfg.verify_ssl:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if cfg.cert_file:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
 
         def headers() -> dict[str, str]:
-            # The bearer token (refreshed by the configuration's hook); client certificates are in the pool.
+            # The bearer token (refreshed by the configuration's hook); client certificates are in the context.
             return {a["key"]: a["value"] for a in cfg.auth_settings().values() if a.get("in") == "header" and a.get("value")}
 
-        return cls(cfg.host.rstrip("/"), api.rest_client.pool_manager, headers)
+        return cls(server, HttpPool(server, context, pool_size), headers)
 
 
 def load_configuration(pool_size: int) -> Connection:
@@ -180,19 +186,14 @@ class KubeClient:
         """`connection`: a Connection, or a `kubernetes` Configuration (tests, tools)."""
         if not isinstance(connection, Connection):
             pool_size = pool_size or int(getattr(connection, "connection_pool_maxsize", 0) or 4)
-            connection = Connection.from_configuration(connection)
-        self.connection = connection
-        # At most as many calls in flight as pooled connections: urllib3 would open (and then discard) an
-        # extra connection per call beyond the pool, a TCP (and TLS) handshake each time.
-        size = pool_size or int(connection.pool.connection_pool_kw.get("maxsize") or 4)
-        self._in_flight = threading.BoundedSemaphore(max(1, size))
+            connection = Connection.from_configuration(connection, pool_size)
+        self.connection = connection  # its pool bounds the calls in flight
         self.timeout = (connect_timeout, timeout)
         self.limiter = TokenBucket(qps, burst, sleep=sleep)
         self.retry = retry or RetryPolicy()
         self.sleep = sleep
         self.calls = 0  # requests sent, retries included (for tests and the benchmark)
         self._reloaded = 0.0
-        self._watch_pool: tuple[Connection, urllib3.PoolManager] | None = None
 
     def request(
         self,
@@ -216,7 +217,7 @@ class KubeClient:
                     raise
                 delay = retry_delay(self.retry, attempt, err.retry_after)
                 why = str(err)
-            except (urllib3.exceptions.HTTPError, OSError) as err:  # timeouts, resets, refused connections
+            except TransportError as err:  # timeouts, resets, refused connections, TLS failures
                 if attempt >= self.retry.attempts:
                     raise ApiError(503, "Unavailable", f"{method} {path}: {err}") from err
                 delay = retry_delay(self.retry, attempt, None)
@@ -230,20 +231,17 @@ class KubeClient:
         if method in ("POST", "PATCH", "PUT"):
             params.setdefault("fieldManager", FIELD_MANAGER)
         conn = self.connection
-        url = conn.host + path + ("?" + urlencode(params) if params else "")
+        target = path + ("?" + urlencode(params) if params else "")
         headers = {"Accept": "application/json", "Content-Type": content_type, **conn.headers()}
         data_out = body if body is None or isinstance(body, bytes) else (
             body.encode() if isinstance(body, str) else json.dumps(body).encode())
         self.limiter.acquire()
         self.calls += 1
-        with self._in_flight:
-            response = conn.pool.request(
-                method, url, body=data_out, headers=headers, retries=False, preload_content=True,
-                timeout=urllib3.Timeout(connect=self.timeout[0], read=self.timeout[1]))
-            data = response.data
-        if response.status >= 400:
-            raise ApiError(response.status, response.reason or "", data.decode(errors="replace") if data else "",
-                           parse_retry_after((response.headers or {}).get("Retry-After")))
+        answer = conn.pool.request(method, target, data_out, headers, self.timeout[0], self.timeout[1])
+        data = answer.data
+        if answer.status >= 400:
+            raise ApiError(answer.status, answer.reason, data.decode(errors="replace") if data else "",
+                           parse_retry_after(answer.headers.get("Retry-After")))
         return json.loads(data) if data else None
 
     def _reload(self) -> bool:
@@ -257,7 +255,7 @@ class KubeClient:
             log.warning("could not re-read the API credentials after a 401: %s", err)
             return False
         old, self.connection = self.connection, fresh
-        old.pool.clear()
+        old.pool.close()
         return True
 
     def get(self, path: str, query: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -270,50 +268,41 @@ class KubeClient:
             raise
 
     def watch(self, path: str, query: dict[str, str], read_timeout: float) -> WatchStream:
-        """Open a watch (`?watch=true`) on a pool of its own: a stream holds its connection for minutes, and on the
-        request pool it would take a connection from the reconcile's writes. Rate-limited like every call; an
-        error answer raises ApiError (a 401 re-reads the credentials first, for the caller's next attempt)."""
+        """Open a watch (`?watch=true`) on a connection of its own (held for minutes, it must not take one from
+        the reconcile's writes). Rate-limited like every call; an error answer raises ApiError (a 401 re-reads
+        the credentials first, for the caller's next attempt)."""
         conn = self.connection
-        if self._watch_pool is None or self._watch_pool[0] is not conn:
-            kw = {**conn.pool.connection_pool_kw, "maxsize": 64, "block": False}  # one per open watch
-            self._watch_pool = (conn, urllib3.PoolManager(num_pools=64, **kw))
-        url = conn.host + path + "?" + urlencode({**query, "watch": "true"})
+        target = path + "?" + urlencode({**query, "watch": "true"})
         self.limiter.acquire()
         self.calls += 1
-        response = self._watch_pool[1].request(
-            "GET", url, headers={"Accept": "application/json", **conn.headers()}, retries=False,
-            preload_content=False, timeout=urllib3.Timeout(connect=self.timeout[0], read=read_timeout))
-        if response.status >= 400:
-            data = response.read()
-            response.release_conn()
-            if response.status == 401:
+        stream = conn.pool.stream(target, {"Accept": "application/json", **conn.headers()}, self.timeout[0], read_timeout)
+        if stream.status >= 400:
+            data = stream.read()
+            stream.close()
+            if stream.status == 401:
                 self._reload()
-            raise ApiError(response.status, response.reason or "", data.decode(errors="replace") if data else "",
-                           parse_retry_after((response.headers or {}).get("Retry-After")))
-        return WatchStream(response)
+            raise ApiError(stream.status, stream.reason, data.decode(errors="replace") if data else "",
+                           parse_retry_after(stream.headers.get("Retry-After")))
+        return WatchStream(stream)
 
     def close(self) -> None:
-        self.connection.pool.clear()
-        if self._watch_pool is not None:
-            self._watch_pool[1].clear()
+        self.connection.pool.close()
 
 
 class WatchStream:
     """One open watch: `events()` yields its decoded events (one JSON object per line) until the server ends
     the stream; `close()` from another thread ends a blocked read at once (shutting the socket's read side)."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse):
-        self.response = response
+    def __init__(self, stream: Stream):
+        self.stream = stream
 
     def events(self):
-        for line in self.response:
+        for line in self.stream.lines():
             if line.strip():
                 yield json.loads(line)
 
     def close(self) -> None:
-        with contextlib.suppress(ValueError, RuntimeError, OSError):  # already released or closed
-            self.response.shutdown()
-        self.response.close()
+        self.stream.close()
 
 
 def collection_path(api_version: str, plural: str, namespace: str | None) -> str:

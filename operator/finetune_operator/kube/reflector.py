@@ -23,9 +23,8 @@ import logging
 import threading
 from typing import Any, Protocol
 
-import urllib3
-
 from .client import ApiError, KubeClient, WatchStream, collection_path
+from .transport import TransportError
 
 log = logging.getLogger("finetune_operator.kube")
 
@@ -124,7 +123,7 @@ class Reflector:
                 log.info("watch of %s expired (%s): listing again", self.kind, err,
                          extra={"action": "relist", "kind": self.kind})
                 self.rv = None
-            except (ApiError, urllib3.exceptions.HTTPError, OSError, ValueError) as err:
+            except (ApiError, *TransportError, ValueError) as err:
                 if self._stop.is_set():
                     return
                 failures += 1
