@@ -15,12 +15,12 @@ sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
 import kopf  # noqa: E402
 
 from . import logs, metrics  # noqa: E402
-from .handlers.child_watches import ChildWatches  # noqa: E402
 from .handlers.kopf_handlers import register  # noqa: E402
 from .handlers.reconcile import Reconciler  # noqa: E402
 from .handlers.sweep import SweepReconciler  # noqa: E402
 from .handlers.sweep import register as register_sweeps  # noqa: E402
-from .kube.client import ApiError, KubeClient, RetryPolicy, load_configuration  # noqa: E402
+from .handlers.watches import Watches  # noqa: E402
+from .kube.client import KubeClient, RetryPolicy, load_configuration  # noqa: E402
 from .kube.peering import check_peering  # noqa: E402
 from .memory import MemoryTrimmer  # noqa: E402
 from .settings import from_env  # noqa: E402
@@ -43,22 +43,19 @@ def main() -> None:
         raise SystemExit(1)
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(client, settings)
+    sweeps = SweepReconciler(client, settings)
     register(registry, reconciler, settings)
+    register_sweeps(registry, sweeps, kopf_jobs=bool(settings.peering))
     watches = None
     if not settings.peering:
-        # With peering a replica may start paused: kopf delivers events only to the active one (children
-        # included: kopf watches them then), and priming would queue every job on every replica.
-        watches = ChildWatches(client, reconciler.cache, reconciler.queue, settings)
-        watches.sync()
-        try:
-            log.info("cache primed with %d jobs", reconciler.prime(children=False))
-        except ApiError as err:  # kopf's own listing fills it then, as before
-            log.warning("could not prime the cache (%s); starting from the watches' listings", err)
+        # Standalone, FineTuneJobs, children and pods come from our own Reflectors (handlers/watches.py), listed
+        # before any pass. With peering a replica may start paused: kopf watches them then, and delivers events
+        # only to the active replica.
+        watches = Watches(client, reconciler.cache, reconciler.queue, settings, trial=sweeps.trial_event)
+        log.info("cache primed with %d jobs", watches.sync())
     reconciler.start(settings.workers)
     if watches is not None:
         watches.start()
-    sweeps = SweepReconciler(client, settings)
-    register_sweeps(registry, sweeps)
     sweeps.start()
     trimmer = MemoryTrimmer(lambda: reconciler.passes + sweeps.passes, settings.memory_trim_seconds)
     if settings.memory_trim_seconds > 0:

@@ -53,6 +53,23 @@ def test_the_echo_of_a_write_still_in_flight_queues_nothing_and_a_newer_change_m
     assert cache.written(job, "ConfigMap", "j-config", None) is False  # a failed write reports nothing
 
 
+def test_the_echo_of_a_status_write_in_flight_queues_nothing():
+    from finetune_operator.kube.cache import FTJ_WRITE
+
+    def ftj(rv: str) -> dict:
+        return {"kind": "FineTuneJob", "metadata": {"name": "j", "namespace": "ns", "uid": "u", "resourceVersion": rv}}
+
+    cache, job = Cache(), ("ns", "j")
+    assert cache.put_ftj(ftj("3")) is True
+    cache.writing(job, *FTJ_WRITE)
+    assert cache.put_ftj(ftj("4")) is False  # the status write's watch event, before its answer
+    assert cache.written(job, *FTJ_WRITE, ftj("4")) is False
+    cache.writing(job, *FTJ_WRITE)
+    assert cache.put_ftj(ftj("6")) is False  # a spec edit landing while our status write is in flight
+    assert cache.written(job, *FTJ_WRITE, ftj("5")) is True  # the pass that wrote must run again
+    assert cache.put_ftj(ftj("7")) is True
+
+
 def test_a_late_delete_of_an_older_object_keeps_the_new_one():
     cache = Cache()
     cache.put_child("ConfigMap", cm("9", uid="new"))

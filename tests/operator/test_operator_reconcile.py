@@ -149,8 +149,10 @@ def test_a_failed_pass_is_retried_with_growing_backoff():
 
 
 def test_the_cache_is_primed_before_any_pass_so_a_restart_sees_every_child():
-    # After a restart kopf's listings arrive one resource at a time; a pass that saw the job but not yet its
-    # Job wrote Pending over Running (kill drill). One LIST per resource first, every job queued.
+    # After a restart the listings could arrive one resource at a time; a pass that saw the job but not yet its
+    # Job wrote Pending over Running (kill drill). One LIST per resource first, children before jobs, every job queued.
+    from finetune_operator.handlers.watches import Watches
+
     first, api = reconciler()
     first.process(KEY)
     first.process(KEY)
@@ -159,17 +161,23 @@ def test_the_cache_is_primed_before_any_pass_so_a_restart_sees_every_child():
     lists = {"finetunejobs": [ftj]}
     for (kind, _), obj in owned.items():
         lists.setdefault(kind.lower() + "s", []).append(obj)
+    listed: list[str] = []
+    write = api.request
 
-    def get(path, query=None):
+    def request(method, path, *, body=None, query=None, content_type="application/json"):
+        if method != "GET":
+            return write(method, path, body=body, query=query, content_type=content_type)
         api.calls.append(("GET", path))
         plural = path.rsplit("/", 1)[-1]
-        if plural != "finetunejobs":
-            assert query == {"labelSelector": "app.kubernetes.io/managed-by=finetune-operator"}
-        return {"items": lists.get(plural, [])}
+        listed.append(plural)
+        selector = query.get("labelSelector")
+        assert selector is None if plural == "finetunejobs" else selector == "app.kubernetes.io/managed-by=finetune-operator"
+        return {"items": lists.get(plural, []), "metadata": {"resourceVersion": "500"}}
 
-    api.get = get
+    api.request = request
     restarted = Reconciler(api, Settings(resync_seconds=10))  # type: ignore[arg-type]
-    assert restarted.prime() == 1
+    assert Watches(api, restarted.cache, restarted.queue, Settings()).sync() == 1  # type: ignore[arg-type]
+    assert listed[-1] == "finetunejobs" and len(listed) == 9  # 8 kinds of children and pods, then the jobs
     assert restarted.cache.owned(KEY).keys() == owned.keys()
     api.calls.clear()
     assert restarted.queue.get() == KEY

@@ -26,9 +26,9 @@ from ..api import constants as c
 from ..kube.children import WATCHED
 from ..settings import Settings
 from .cache_feed import CacheFeed
-from .child_watches import CHILD_SELECTOR
 from .reconcile import Reconciler
 from .relist import Relists
+from .watches import CHILD_SELECTOR
 
 log = logging.getLogger("finetune_operator")
 CHILD_LABELS = {c.Label.MANAGED_BY: c.FIELD_MANAGER}
@@ -85,12 +85,12 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: Settings) -> None:
-    """kopf's handlers. Children and pods are watched by kopf only with peering (`settings.peering`): there kopf
-    decides which replica sees events, and a standby must not reconcile. Standalone, the Reflectors of
-    handlers/child_watches.py watch them at a fraction of kopf's cost per event."""
+    """kopf's handlers. FineTuneJobs, children and pods are watched by kopf only with peering (`settings.peering`):
+    there kopf decides which replica sees events, and a standby must not reconcile. Standalone, the Reflectors
+    of handlers/watches.py watch them at a fraction of kopf's cost per event."""
     cache, queue = reconciler.cache, reconciler.queue
-    kopf_children = bool(settings.peering)
-    relists = Relists(cache, queue, {c.KIND: (c.API_VERSION, c.PLURAL), **(WATCHED if kopf_children else {})})
+    kopf_watches = bool(settings.peering)
+    relists = Relists(cache, queue, {c.KIND: (c.API_VERSION, c.PLURAL), **WATCHED})
     feed = CacheFeed(cache, queue)
 
     @kopf.on.startup(registry=registry)
@@ -107,19 +107,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
             connector=aiohttp.TCPConnector(limit=settings.api_pool_size, ssl=info.as_ssl_context()),
             headers=info.as_http_headers(),
             auth=info.as_aiohttp_basic_auth(),
-            trace_configs=[relists.trace_config()],  # listings replace the cache (handlers/relist.py)
+            # kopf's listings replace the cache (handlers/relist.py) where kopf watches jobs and children.
+            trace_configs=[relists.trace_config()] if kopf_watches else [],
         )
         return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace, aiohttp_session=session)
-
-    @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL, registry=registry)
-    async def ftj_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
-        key = (namespace, name)
-        obj = event.get("object") or {}
-        if event.get("type") == "DELETED":
-            cache.drop_ftj(key)
-        elif not cache.put_ftj(obj):
-            return  # older than what our own write already stored
-        queue.add(key)
 
     def child_handler(kind: str):
         async def child_event(event: dict[str, Any], **_: Any) -> None:
@@ -128,8 +119,13 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         child_event.__name__ = child_event.__qualname__ = f"{kind.lower()}_event"
         return child_event
 
-    if not kopf_children:
+    if not kopf_watches:
         return
+
+    @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL, registry=registry)
+    async def ftj_event(event: dict[str, Any], **_: Any) -> None:
+        feed.event(c.KIND, event.get("type") or "", event.get("object") or {})
+
     for kind, (api_version, plural) in WATCHED.items():
         group, _, version = api_version.rpartition("/")
         kopf.on.event(group, version, plural, labels=CHILD_LABELS, registry=registry)(child_handler(kind))

@@ -23,7 +23,7 @@ from .. import metrics
 from ..api import constants as c
 from ..api.constants import Condition, Phase, Reason
 from ..kube import diff
-from ..kube.cache import Cache, JobKey
+from ..kube.cache import FTJ_WRITE, Cache, JobKey
 from ..kube.children import Applier
 from ..kube.client import ApiError, KubeClient, collection_path
 from ..kube.events import post_event
@@ -95,30 +95,6 @@ class Reconciler:
         self._workers: list[threading.Thread] = []
 
     # -- the worker loop --------------------------------------------------------------------------------
-
-    def prime(self, children: bool = True) -> int:
-        """Fill the cache with one LIST per watched resource before any pass runs, and queue every job; the
-        number of jobs. Like controller-runtime's WaitForCacheSync: kopf's watches deliver their initial
-        listings independently, and a pass that ran with the FineTuneJob cached but not yet its Job or pods
-        wrote Pending over Running, and tried to create children that existed (found by the kill drill right
-        after restarts). kopf's listing events that follow carry the same resourceVersions: no second pass.
-        `children=False`: only the FineTuneJobs (the Reflectors have listed the children already)."""
-        from ..kube.children import WATCHED
-
-        selector = f"{c.Label.MANAGED_BY}={c.FIELD_MANAGER}"  # what the child watches select (kopf_handlers)
-        scopes: list[str | None] = list(self.settings.namespaces) or [None]
-        jobs = 0
-        for ns in scopes:
-            for obj in (self.client.get(collection_path(c.API_VERSION, c.PLURAL, ns)) or {}).get("items") or []:
-                self.cache.put_ftj(obj)
-                jobs += 1
-            for kind, (api_version, plural) in WATCHED.items() if children else ():
-                listed = self.client.get(collection_path(api_version, plural, ns), {"labelSelector": selector}) or {}
-                for obj in listed.get("items") or []:
-                    self.cache.put_child(kind, obj)
-        for key in self.cache.ftj_keys():
-            self.queue.add(key)
-        return jobs
 
     passes = 0
 
@@ -271,9 +247,15 @@ class Reconciler:
 
         patch = status_patch(status, new)
         if patch:
-            answer = patch_status(self.client, namespace, name, patch)
-            if answer:
-                self.cache.put_ftj(answer)
+            answer = None
+            self.cache.writing(key, *FTJ_WRITE)
+            try:
+                answer = patch_status(self.client, namespace, name, patch)
+                if answer:
+                    self.cache.put_ftj(answer)
+            finally:
+                # Someone else's change that arrived while the status was written queued nothing: pass again.
+                again = self.cache.written(key, *FTJ_WRITE, answer) or again
             if (patch.get("timings") or {}).get("podStartSeconds") is not None:
                 metrics.POD_START.observe(patch["timings"]["podStartSeconds"])
         if outcome is not None and outcome.conflicts and patch.get("conditions"):

@@ -54,6 +54,16 @@ class SweepReconciler:
 
     passes = 0  # read by memory.MemoryTrimmer
 
+    def trial_event(self, type_: str, obj: dict[str, Any]) -> None:
+        """A watch event of a trial (a FineTuneJob with the sweep label): the sweep's own copy, and a pass of it."""
+        meta = obj.get("metadata") or {}
+        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+        if type_ == "DELETED":
+            self.trials.drop((namespace, name))
+        elif not self.trials.put(obj):
+            return
+        self.queue.add((namespace, (meta.get("labels") or {})[s.SWEEP_LABEL]))
+
     def process(self, key: JobKey) -> str:
         namespace, name = key
         self.passes += 1
@@ -110,7 +120,8 @@ class SweepReconciler:
         return "ok"
 
 
-def register(registry: kopf.OperatorRegistry, sweeps: SweepReconciler) -> None:
+def register(registry: kopf.OperatorRegistry, sweeps: SweepReconciler, kopf_jobs: bool = True) -> None:
+    """kopf's handlers of FineTuneSweeps and (`kopf_jobs`: with peering, where kopf watches FineTuneJobs) of trials."""
 
     @kopf.on.event(c.GROUP, c.VERSION, s.SWEEP_PLURAL, registry=registry)
     async def sweep_event_handler(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
@@ -121,14 +132,13 @@ def register(registry: kopf.OperatorRegistry, sweeps: SweepReconciler) -> None:
             return
         sweeps.queue.add(key)
 
+    if not kopf_jobs:
+        return  # the FineTuneJob Reflector's feed calls sweeps.trial_event (handlers/watches.py)
+
     # A second handler on FineTuneJobs, for trials only: it keeps the sweep's own copy of the trial and
     # queues the trial's sweep (the FineTuneJob handler, untouched, keeps reconciling the trial as a job).
     @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL, labels={s.SWEEP_LABEL: kopf.PRESENT}, registry=registry)
-    async def trial_event(event: dict[str, Any], name: str, namespace: str, labels: dict[str, str], **_: Any) -> None:
-        if event.get("type") == "DELETED":
-            sweeps.trials.drop((namespace, name))
-        elif not sweeps.trials.put(event.get("object") or {}):
-            return
-        sweeps.queue.add((namespace, labels[s.SWEEP_LABEL]))
+    async def trial_event(event: dict[str, Any], **_: Any) -> None:
+        sweeps.trial_event(event.get("type") or "", event.get("object") or {})
 
 

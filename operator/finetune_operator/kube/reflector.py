@@ -66,7 +66,7 @@ class Reflector:
     def list(self) -> None:
         """One complete, label-selected LIST (every page), handed to the sink as a whole."""
         items: list[dict[str, Any]] = []
-        query = {"labelSelector": self.selector, "limit": str(PAGE)}
+        query = {"limit": str(PAGE), **({"labelSelector": self.selector} if self.selector else {})}
         while True:
             answer = self.client.request("GET", self.path, query=query) or {}
             items.extend(answer.get("items") or [])
@@ -82,7 +82,7 @@ class Reflector:
 
     def watch(self) -> None:
         """Stream events from `self.rv` until the server ends the stream (or `close`)."""
-        query = {"labelSelector": self.selector, "allowWatchBookmarks": "true",
+        query = {**({"labelSelector": self.selector} if self.selector else {}), "allowWatchBookmarks": "true",
                  "timeoutSeconds": str(self.timeout_seconds), **({"resourceVersion": self.rv} if self.rv else {})}
         # The read timeout outlasts the server's own by 30 s: a connection that died silently is noticed then.
         stream = self.client.watch(self.path, query, read_timeout=self.timeout_seconds + 30)
