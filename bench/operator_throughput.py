@@ -1,7 +1,7 @@
 """Operator throughput: creation of N FineTuneJobs, then the steady-state API load of N running jobs.
 
-Creation: apply N FineTuneJobs, time until every job has its six children and a status; compared with the
-time a bare async client needs to create the same six-object sets against the same server at the same
+Creation: apply N FineTuneJobs, time until every job has its children and a status; compared with the
+time a bare async client needs to create the same seven children per job against the same server at the same
 concurrency (the cost of the operator itself: watches, status writes, Events).
 
 Steady state: N more FineTuneJobs in their own namespace, watched by a fresh, namespaced operator; once
@@ -77,7 +77,8 @@ async def make_namespace(kube: AsyncKube, prefix: str) -> str:
 
 
 async def bare_client(kube: AsyncKube, n: int, concurrency: int) -> float:
-    """The same six objects per job, created directly (no operator): the floor for this server."""
+    """The same children per job (the seven the operator creates), created directly (no operator): the floor for
+    this server."""
     ns = await make_namespace(kube, "bench-bare")
     settings = Settings()
 
@@ -307,7 +308,7 @@ def main() -> None:
             print(f"steady state: {args.n} running jobs, {count:.0f} API requests in {window:.0f} s ({counted_by}): "
                   f"{count / args.n / (window / 60):.3f} requests per running job per minute")
             print(f"operator memory with {args.n} running jobs: {steady_rss:.0f} MiB RSS")
-        print(f"bare client: {bare:.2f} s ({args.n / bare:.1f} six-object sets/s)")
+        print(f"bare client: {bare:.2f} s ({args.n / bare:.1f} sets of a job's children/s)")
         print(f"operator: {op:.2f} s ({args.n / op:.1f} jobs/s with children and status)")
         print(f"operator memory at N={args.n}: {memory:.0f} MiB RSS")
         # What a real server would expose: the operator's own cost per job, whatever the server's speed.

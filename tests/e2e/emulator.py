@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import copy
@@ -625,7 +626,7 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         method = raw.method
         if p.name is None:
             if method == "GET":
-                return 200, self._list(spec, p.namespace if spec.namespaced else None, raw.query)
+                return 200, self._list_page(spec, p.namespace if spec.namespaced else None, raw.query)
             if method == "POST":
                 return 201, self._create(spec, namespace, data, dry_run)
             if method == "DELETE":
@@ -669,6 +670,42 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         items.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         return {"kind": f"{spec.kind}List", "apiVersion": spec.api_version,
                 "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+
+    def _list_page(self, spec: ResourceSpec, namespace: str | None, query: Any) -> JsonObj:
+        """A LIST as the real server answers `limit` and `continue` (API chunking, on by default since 1.9): at most
+        `limit` items, sorted by namespace/name, `metadata.continue` while more remain, every page carrying the
+        first page's resourceVersion; a token whose version was compacted away answers 410 Expired. The real
+        server serves later pages from the first page's snapshot (etcd); these come from the current store, so an
+        object created between pages may appear (with a newer resourceVersion) where a real server would not
+        show it. Without `limit` (kopf's listings, kubectl get) the whole list, as before."""
+        token = query.get("continue")
+        try:
+            limit = int(query.get("limit") or 0)
+        except ValueError as exc:
+            raise ApiError(400, "BadRequest", f"limit: invalid value {query.get('limit')!r}") from exc
+        if not limit and not token:
+            return self._list(spec, namespace, query)
+        listed = self._list(spec, namespace, query)
+        rv, after = int(listed["metadata"]["resourceVersion"]), None
+        if token:
+            try:
+                decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+                rv, after = int(decoded["rv"]), tuple(decoded["start"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ApiError(400, "BadRequest", f"continue key is not valid: {exc}") from exc
+            if rv < self._log_floor[spec.key]:
+                raise ApiError(410, "Expired", "The provided continue parameter is too old to display a consistent "
+                               "list result. You can start a new list without the continue parameter, or use the "
+                               "continue token in this response to retrieve the remainder of the results.")
+        items = [o for o in listed["items"] if after is None or (o["metadata"].get("namespace", ""), o["metadata"]["name"]) > after]
+        page, rest = (items[:limit], items[limit:]) if limit else (items, [])
+        meta: JsonObj = {"resourceVersion": str(rv)}
+        if rest:
+            last = page[-1]["metadata"]
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps(
+                {"rv": rv, "start": [last.get("namespace", ""), last["name"]]}).encode()).decode()
+            meta["remainingItemCount"] = len(rest)
+        return {**listed, "metadata": meta, "items": page}
 
     # -- writes ---------------------------------------------------------------------------------------
 

@@ -246,6 +246,27 @@ def test_lists_selectors_and_namespaces(api, namespace):
     assert namespace in [n.metadata.name for n in api.core.list_namespace().items]  # GET /api/v1/namespaces
 
 
+def test_lists_are_chunked_by_limit_and_continue_like_the_real_server(api, kube, namespace):
+    # API chunking (on by default since 1.9): `limit` items per page, `metadata.continue` while more remain, every
+    # page at the first page's resourceVersion; an expired token is 410 Expired. Reflectors page with limit=500.
+    for i in range(5):
+        api.core.create_namespaced_config_map(namespace, {"metadata": {"name": f"page-{i}"}})
+    first = api.core.list_namespaced_config_map(namespace, limit=2)
+    assert [o.metadata.name for o in first.items] == ["page-0", "page-1"] and first.metadata.remaining_item_count == 3
+    second = api.core.list_namespaced_config_map(namespace, limit=2, _continue=first.metadata._continue)
+    last = api.core.list_namespaced_config_map(namespace, limit=2, _continue=second.metadata._continue)
+    assert [o.metadata.name for o in second.items + last.items] == ["page-2", "page-3", "page-4"]
+    assert not last.metadata._continue
+    assert first.metadata.resource_version == second.metadata.resource_version == last.metadata.resource_version
+    assert len(api.core.list_namespaced_config_map(namespace).items) == 5  # no limit: everything at once
+    if kube.emulated:
+        from .operator_helpers import faults
+
+        faults(kube.url, {"expire": True}, action="drop-watches")
+        err = api_error(api.core.list_namespaced_config_map, namespace, limit=2, _continue=first.metadata._continue)
+        assert err.status == 410 and json.loads(err.body)["reason"] == "Expired"
+
+
 def test_namespace_deletion_empties_it(api, wait_for):
     api.core.create_namespace({"metadata": {"name": "e2e-doomed"}})
     api.core.create_namespaced_config_map("e2e-doomed", {"metadata": {"name": "x"}})

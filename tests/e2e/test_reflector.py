@@ -143,3 +143,18 @@ def test_close_ends_a_blocked_read_at_once(c, namespace, wait_for):
     began = time.monotonic()
     r.close(timeout=10)
     assert not r._thread.is_alive() and time.monotonic() - began < 5
+
+
+def test_a_listing_is_read_page_by_page_and_handed_over_whole(c, namespace, wait_for, monkeypatch):
+    import finetune_operator.kube.reflector as reflector
+
+    monkeypatch.setattr(reflector, "PAGE", 2)
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    for i in range(5):
+        c.request("POST", path, body=configmap(namespace, f"paged-{i}"))
+    sink = Recorder()
+    calls = c.calls
+    r = Reflector(c, "ConfigMap", "v1", "configmaps", namespace, SELECTOR, sink)
+    r.list()
+    assert sink.listings == [{f"paged-{i}" for i in range(5)}]  # one Replace, after the last page
+    assert c.calls - calls == 3  # pages of 2, 2 and 1

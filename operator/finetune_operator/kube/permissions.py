@@ -15,7 +15,8 @@ _CHILDREN = (
 
 OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
     {
-        # FineTuneJobs: kopf lists/watches them; every read of a pass comes from that watch (no GET).
+        # FineTuneJobs: listed and watched (our Reflectors, or kopf with peering); every read of a pass comes from
+        # that watch (no GET).
         (GROUP, PLURAL, "list"),
         (GROUP, PLURAL, "watch"),
         # Status: a merge patch only when it changed (never spec or metadata).
@@ -33,7 +34,8 @@ OPERATOR_PERMISSIONS: frozenset[tuple[str, str, str]] = frozenset(
         ("", "pods", "watch"),
         # Events for every transition (core/v1, what `kubectl describe` shows).
         ("", "events", "create"),
-        # kopf: resource discovery watches CRDs; namespace list/watch when FTO_NAMESPACES are given.
+        # kopf (FineTuneSweeps, peering): resource discovery watches CRDs; namespace list/watch when FTO_NAMESPACES
+        # are given.
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
         ("", "namespaces", "list"),

@@ -123,15 +123,17 @@ class Reflector:
                 log.info("watch of %s expired (%s): listing again", self.kind, err,
                          extra={"action": "relist", "kind": self.kind})
                 self.rv = None
-            except (ApiError, *TransportError, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 - API and connection errors, and any bug: never stop watching
                 if self._stop.is_set():
                     return
                 failures += 1
                 if isinstance(err, ApiError) and err.status == 410:
                     self.rv = None  # a watch request refused with 410 (not an event): the same as Expired
                 delay = backoff(failures)
-                log.warning("watch of %s failed (%s); again in %.1f s", self.kind, err, delay,
-                            extra={"action": "watch", "kind": self.kind, "result": "error"})
+                expected = isinstance(err, (ApiError, *TransportError, ValueError))
+                log.log(logging.WARNING if expected else logging.ERROR, "watch of %s failed (%s: %s); again in %.1f s",
+                        self.kind, type(err).__name__, err, delay, exc_info=not expected,
+                        extra={"action": "watch", "kind": self.kind, "result": "error"})
                 self._stop.wait(delay)
 
     def start(self) -> threading.Thread:
