@@ -121,11 +121,17 @@ def _walk(obj: Any, path: str):
             yield from _walk(item, f"{path}[{i}]")
 
 
+@functools.cache
+def _rules_of(owner: str) -> tuple[Any, ...]:
+    """The rules of one API type, in RULES's order (every nested object of a spec used to scan all of them)."""
+    return tuple(rule for rule in RULES if rule.owner == owner)
+
+
 def rule_problems(spec: FineTuneJobSpec, prefix: str = "spec") -> list[Problem]:
     problems = []
     for obj, path in _walk(spec, prefix):
-        for rule in RULES:
-            if rule.owner == type(obj).__name__ and not rule.ok(obj):
+        for rule in _rules_of(type(obj).__name__):
+            if not rule.ok(obj):
                 problems.append(Problem(path + rule.field, rule.message))
     # The checks CEL cannot afford (rules.credential_problems says why), naming the variable.
     problems += [Problem(prefix + field, message) for field, message in credential_problems(spec)]

@@ -8,6 +8,7 @@ the operator-owned status fields (docs/contracts.md), so the trainer's fields ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -106,8 +107,13 @@ def _digest(data: Any, n: int) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+@functools.cache
+def _path_digest(path: str) -> str:
+    return _digest(path, 3)  # the paths are a fixed set: hashed once per process
+
+
 def _token(path: str, value: Any) -> str:
-    return _digest(path, 3) + _digest(value, 2)
+    return _path_digest(path) + _digest(value, 2)
 
 
 def _user_spec(job: ResolvedJob | Any) -> Any:
