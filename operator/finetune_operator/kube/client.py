@@ -27,6 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
+# orjson for the wire and the cache: a new job's creation encodes and decodes ~30 JSON documents (bodies, answers,
+# watch events), and the standard json module was ~22% of the operator's CPU while creating jobs (py-spy --gil
+# samples of bench/operator_throughput.py); orjson's encoder is ~15x and its decoder ~2.5x faster (a Job: 32 -> 2 us,
+# 21 -> 8.5 us). Hashes that must stay stable across versions (kube/diff.py) keep the json module's formatting.
+import orjson
+
 from ..api.constants import FIELD_MANAGER
 from .transport import HttpPool, Stream, TransportError
 
@@ -234,7 +240,7 @@ class KubeClient:
         target = path + ("?" + urlencode(params) if params else "")
         headers = {"Accept": "application/json", "Content-Type": content_type, **conn.headers()}
         data_out = body if body is None or isinstance(body, bytes) else (
-            body.encode() if isinstance(body, str) else json.dumps(body).encode())
+            body.encode() if isinstance(body, str) else orjson.dumps(body))
         self.limiter.acquire()
         self.calls += 1
         answer = conn.pool.request(method, target, data_out, headers, self.timeout[0], self.timeout[1])
@@ -242,7 +248,7 @@ class KubeClient:
         if answer.status >= 400:
             raise ApiError(answer.status, answer.reason, data.decode(errors="replace") if data else "",
                            parse_retry_after(answer.headers.get("Retry-After")))
-        return json.loads(data) if data else None
+        return orjson.loads(data) if data else None
 
     def _reload(self) -> bool:
         """Re-read the credentials after a 401, at most once a minute (a wrong token stays a 401)."""
@@ -299,7 +305,7 @@ class WatchStream:
     def events(self):
         for line in self.stream.lines():
             if line.strip():
-                yield json.loads(line)
+                yield orjson.loads(line)
 
     def close(self) -> None:
         self.stream.close()
