@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Protocol
 
 from .client import ApiError, KubeClient, WatchStream, collection_path
@@ -28,6 +29,7 @@ from .transport import TransportError
 
 log = logging.getLogger("finetune_operator.kube")
 
+SHORT_WATCH_SECONDS = 1.0  # a watch that ends sooner without an event counts as a failure (backoff)
 PAGE = 500  # LIST page size: a real server then answers in bounded chunks (client-go's default is 500 too)
 
 
@@ -80,8 +82,8 @@ class Reflector:
 
     # -- WATCH -----------------------------------------------------------------------------------------
 
-    def watch(self) -> None:
-        """Stream events from `self.rv` until the server ends the stream (or `close`)."""
+    def watch(self) -> int:
+        """Stream events from `self.rv` until the server ends the stream (or `close`); how many arrived."""
         query = {**({"labelSelector": self.selector} if self.selector else {}), "allowWatchBookmarks": "true",
                  "timeoutSeconds": str(self.timeout_seconds), **({"resourceVersion": self.rv} if self.rv else {})}
         # The read timeout outlasts the server's own by 30 s: a connection that died silently is noticed then.
@@ -89,11 +91,13 @@ class Reflector:
         with self._guard:
             if self._stop.is_set():
                 stream.close()
-                return
+                return 0
             self._stream = stream
         self.watches += 1
+        seen = 0
         try:
             for event in stream.events():
+                seen += 1
                 type_, obj = event.get("type"), event.get("object") or {}
                 if type_ == "ERROR":
                     if obj.get("code") == 410:
@@ -108,6 +112,7 @@ class Reflector:
             with self._guard:
                 self._stream = None
             stream.close()
+        return seen
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -117,7 +122,13 @@ class Reflector:
             try:
                 if self.rv is None:
                     self.list()
-                self.watch()
+                began = time.monotonic()
+                if self.watch() == 0 and time.monotonic() - began < SHORT_WATCH_SECONDS:
+                    # Ended at once with nothing in it (a proxy that cuts streams, a server shutting down): like
+                    # client-go's "very short watch", back off instead of hammering the server with watches.
+                    failures += 1
+                    self._stop.wait(backoff(failures))
+                    continue
                 failures = 0
             except Expired as err:
                 log.info("watch of %s expired (%s): listing again", self.kind, err,
