@@ -58,8 +58,14 @@ class Plan:
 
 
 # Where orjson's output could differ from the json module's: a float below 1e-4 (orjson `0.00001`, `2.5e-7`;
-# json `1e-05`, `2.5e-07`). A match inside a string only sends that object down the slow, exact path.
-_SMALL_FLOAT = re.compile(rb"(?:^|[:,\[])-?(?:0\.0000|[0-9.]+e-[0-9](?![0-9]))")
+# json `1e-05`, `2.5e-07`). A match inside a string only sends that object down the slow, exact path. (A pattern
+# with alternatives took 60 us per Job manifest, twenty times orjson's encoding; a literal-first one ~2.)
+_EXPONENT = re.compile(rb"e-[0-9](?![0-9])")  # a literal first: searched at memchr speed (~2 us per Job manifest)
+
+
+def _small_float(out: bytes) -> bool:
+    """A float below 1e-4 may be in `out` (a match inside a string only costs the exact path)."""
+    return b"0.0000" in out or any(m.start() and out[m.start() - 1] in b"0123456789." for m in _EXPONENT.finditer(out))
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -73,7 +79,7 @@ def canonical_json(obj: Any) -> bytes:
         out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # a non-string key (json converts it) or a type orjson does not know
         out = None
-    if out is None or not out.isascii() or b"\x7f" in out or _SMALL_FLOAT.search(out):
+    if out is None or not out.isascii() or b"\x7f" in out or _small_float(out):
         return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return out
 
