@@ -55,7 +55,23 @@ class CacheFeed:
             self.event(kind, "ADDED", obj)
             meta = obj.get("metadata") or {}
             present.add((meta.get("namespace") or "", meta.get("name") or ""))
+        trials = self._trials_missing(kind, namespace, present)
         self.forget_missing(kind, namespace, present, rv)
+        for key, obj in trials:
+            if self.cache.ftj(key) is None:  # dropped (not newer than the listing): its sweep learns it is gone
+                self.trial("DELETED", obj)  # type: ignore[misc]
+
+    def _trials_missing(self, kind: str, namespace: str | None, present: set[tuple[str, str]]) -> list[tuple[Any, dict]]:
+        if kind != c.KIND or self.trial is None:
+            return []
+        out = []
+        for key in self.cache.ftj_keys():
+            if key in present or (namespace is not None and key[0] != namespace):
+                continue
+            obj = self.cache.ftj(key)
+            if obj is not None and self.trial_label in ((obj.get("metadata") or {}).get("labels") or {}):
+                out.append((key, obj))
+        return out
 
     def forget_missing(self, kind: str, namespace: str | None, present: set[tuple[str, str]], rv: str | None) -> None:
         touched = self.cache.replace(kind, namespace, present, rv)
