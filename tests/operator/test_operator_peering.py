@@ -51,3 +51,26 @@ def test_an_unreadable_discovery_warns_and_starts():
     get, _ = discovery(ApiError(503, "Service Unavailable", ""))
     result = check_peering("finetune-operator", True, get)
     assert result.ok and result.level == logging.WARNING and PEERING_CRDS_FILE in result.message
+
+
+def test_standalone_kopf_watches_only_sweeps_and_with_peering_everything():
+    # Standalone, FineTuneJobs, children and pods come from the Reflectors (handlers/watches.py); with peering kopf
+    # must see them, because it decides which replica gets events at all.
+    import kopf
+
+    from finetune_operator.handlers.kopf_handlers import register
+    from finetune_operator.handlers.reconcile import Reconciler
+    from finetune_operator.handlers.sweep import SweepReconciler
+    from finetune_operator.handlers.sweep import register as register_sweeps
+    from finetune_operator.settings import Settings
+
+    def watched(peering: str) -> set[str]:
+        settings = Settings(peering=peering)
+        registry = kopf.OperatorRegistry()
+        register(registry, Reconciler(None, settings), settings)  # type: ignore[arg-type]
+        register_sweeps(registry, SweepReconciler(None, settings), kopf_jobs=bool(peering))  # type: ignore[arg-type]
+        return {h.selector.any_name or h.selector.plural for h in registry._watching.get_all_handlers()}
+
+    assert watched("") == {"finetunesweeps"}
+    assert watched("finetune-operator") == {"finetunesweeps", "finetunejobs", "configmaps", "services", "serviceaccounts",
+                                            "roles", "rolebindings", "jobs", "persistentvolumeclaims", "pods"}
