@@ -1,10 +1,10 @@
 """kopf registrations: watches feed the cache and queue job keys; the reconcile workers do the rest.
 
-This is controller-runtime's shape on kopf: an informer per resource (kopf's watch stream for FineTuneJobs;
-for children and pods the Reflectors of handlers/child_watches.py, or kopf's streams with peering; both
-label-selected on the server so only our children and pods travel), event handlers that only update the
-store and enqueue the owning job's key, and a de-duplicating work queue drained by a few worker threads
-(handlers/reconcile.py). Handlers are async and never block kopf's event loop: no API call here.
+This is controller-runtime's shape on kopf: an informer per resource (with peering kopf's watch streams, children
+and pods label-selected on the server so only ours travel; standalone the Reflectors of handlers/watches.py
+instead), event handlers that only update the store and enqueue the owning job's key (handlers/cache_feed.py),
+and a de-duplicating work queue drained by a few worker threads (handlers/reconcile.py). Handlers are async and
+never block kopf's event loop: no API call here.
 
 Why watch events instead of kopf's on.create/update/resume + kopf.timer: the reconcile is level-based, so
 kopf's per-change bookkeeping would only add writes of kopf's own annotations to every FineTuneJob
@@ -112,19 +112,19 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
         )
         return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace, aiohttp_session=session)
 
-    def child_handler(kind: str):
-        async def child_event(event: dict[str, Any], **_: Any) -> None:
-            feed.event(kind, event.get("type") or "", event.get("object") or {})
-
-        child_event.__name__ = child_event.__qualname__ = f"{kind.lower()}_event"
-        return child_event
-
     if not kopf_watches:
         return
 
     @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL, registry=registry)
     async def ftj_event(event: dict[str, Any], **_: Any) -> None:
         feed.event(c.KIND, event.get("type") or "", event.get("object") or {})
+
+    def child_handler(kind: str):
+        async def child_event(event: dict[str, Any], **_: Any) -> None:
+            feed.event(kind, event.get("type") or "", event.get("object") or {})
+
+        child_event.__name__ = child_event.__qualname__ = f"{kind.lower()}_event"
+        return child_event
 
     for kind, (api_version, plural) in WATCHED.items():
         group, _, version = api_version.rpartition("/")

@@ -29,7 +29,6 @@ log = logging.getLogger("finetune_operator")
 class Relists:
     def __init__(self, cache: Cache, queue: WorkQueue, kinds: dict[str, tuple[str, str]]):
         """`kinds`: kind -> (apiVersion, plural) of every watched resource."""
-        self.cache, self.queue = cache, queue
         self.feed = CacheFeed(cache, queue)
         self._kinds = {(api_version, plural): kind for kind, (api_version, plural) in kinds.items()}
         self._partial: dict[tuple[str, str | None], set[tuple[str, str]]] = {}  # chunks of a paginated LIST

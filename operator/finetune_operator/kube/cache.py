@@ -2,13 +2,13 @@
 
 Why: a reconcile that GETs the FineTuneJob, its Job and LISTs its pods costs ~3 requests per pass (65-104
 requests per running job per minute were measured on a real server); controller-runtime's informers
-serve those reads from watch-fed caches, so steady state costs only the open watches. kopf already
-streams every FineTuneJob and every labelled child and pod (handlers/kopf_handlers.py feeds this store);
-our own writes are stored with the answer the server gave (write-through), so the next pass compares
-against what the server holds without waiting for the watch echo.
+serve those reads from watch-fed caches, so steady state costs only the open watches. Every FineTuneJob and
+every labelled child and pod is streamed into this store (handlers/cache_feed.py: from the Reflectors of
+handlers/watches.py, or kopf's watches with peering); our own writes are stored with the answer the server
+gave (write-through), so the next pass compares against what the server holds without waiting for the echo.
 
 Objects are kept without `metadata.managedFields` (often half of an object's size and never read here).
-Thread-safe: kopf's event loop writes, the reconcile workers read snapshots.
+Thread-safe: the watch threads (or kopf's event loop) write, the reconcile workers read snapshots.
 """
 
 from __future__ import annotations
