@@ -41,16 +41,18 @@ def test_the_echo_of_a_write_still_in_flight_queues_nothing_and_a_newer_change_m
     cache, job = Cache(), ("ns", "j")
     cache.writing(job, "ConfigMap", "j-config")
     assert cache.put_child("ConfigMap", cm("7")) is None  # the echo, first: stored, no pass
-    cache.put_child("ConfigMap", cm("7"), job)  # the answer
-    assert cache.written(job, "ConfigMap", "j-config", cm("7")) is False  # nothing newer: no pass needed
+    cache.put_child("ConfigMap", cm("7"), job, answer=True)  # the answer
+    assert cache.written(job, "ConfigMap", "j-config") is False  # nothing newer: no pass needed
     assert cache.put_child("ConfigMap", cm("8")) == job  # after the write, an edit queues a pass again
 
     cache.writing(job, "ConfigMap", "j-config")
     assert cache.put_child("ConfigMap", cm("10")) is None  # someone else's edit, while our apply is in flight
-    cache.put_child("ConfigMap", cm("9"), job)  # our answer is older than what the cache holds
-    assert cache.written(job, "ConfigMap", "j-config", cm("9")) is True  # so the caller passes again
+    cache.put_child("ConfigMap", cm("9"), job, answer=True)  # our answer is older than what the cache holds
+    assert cache.written(job, "ConfigMap", "j-config") is True  # so the caller passes again
     assert cache.owned(job)[("ConfigMap", "j-config")]["metadata"]["resourceVersion"] == "10"
-    assert cache.written(job, "ConfigMap", "j-config", None) is False  # a failed write reports nothing
+    cache.writing(job, "ConfigMap", "j-config")
+    assert cache.put_child("ConfigMap", cm("11")) is None
+    assert cache.written(job, "ConfigMap", "j-config") is False  # a failed write (no answer) reports nothing
 
 
 def test_the_echo_of_a_status_write_in_flight_queues_nothing():
@@ -63,10 +65,12 @@ def test_the_echo_of_a_status_write_in_flight_queues_nothing():
     assert cache.put_ftj(ftj("3")) is True
     cache.writing(job, *FTJ_WRITE)
     assert cache.put_ftj(ftj("4")) is False  # the status write's watch event, before its answer
-    assert cache.written(job, *FTJ_WRITE, ftj("4")) is False
+    cache.put_ftj(ftj("4"), answer=True)
+    assert cache.written(job, *FTJ_WRITE) is False
     cache.writing(job, *FTJ_WRITE)
     assert cache.put_ftj(ftj("6")) is False  # a spec edit landing while our status write is in flight
-    assert cache.written(job, *FTJ_WRITE, ftj("5")) is True  # the pass that wrote must run again
+    cache.put_ftj(ftj("5"), answer=True)  # our answer, older than the edit
+    assert cache.written(job, *FTJ_WRITE) is True  # the pass that wrote must run again
     assert cache.put_ftj(ftj("7")) is True
 
 

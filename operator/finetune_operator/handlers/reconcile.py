@@ -247,15 +247,14 @@ class Reconciler:
 
         patch = status_patch(status, new)
         if patch:
-            answer = None
             self.cache.writing(key, *FTJ_WRITE)
             try:
                 answer = patch_status(self.client, namespace, name, patch)
                 if answer:
-                    self.cache.put_ftj(answer)
+                    self.cache.put_ftj(answer, answer=True)
             finally:
                 # Someone else's change that arrived while the status was written queued nothing: pass again.
-                again = self.cache.written(key, *FTJ_WRITE, answer) or again
+                again = self.cache.written(key, *FTJ_WRITE) or again
             if (patch.get("timings") or {}).get("podStartSeconds") is not None:
                 metrics.POD_START.observe(patch["timings"]["podStartSeconds"])
         if outcome is not None and outcome.conflicts and patch.get("conditions"):

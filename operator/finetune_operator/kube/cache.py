@@ -87,18 +87,21 @@ class Cache:
         self._lock = threading.Lock()
         self._ftjs: dict[JobKey, _Stored] = {}
         self._owned: dict[JobKey, dict[ChildKey, _Stored]] = {}
-        # Children whose write (ours) is in flight: their watch events do not queue the job (see `writing`).
-        self._writing: set[tuple[JobKey, ChildKey]] = set()
+        # Objects whose write (ours) is in flight -> the resourceVersion of its answer, once stored (see `writing`).
+        self._writing: dict[tuple[JobKey, ChildKey], int | None] = {}
 
     # -- FineTuneJobs -----------------------------------------------------------------------------------
 
-    def put_ftj(self, obj: dict[str, Any]) -> bool:
+    def put_ftj(self, obj: dict[str, Any], answer: bool = False) -> bool:
         """Store a FineTuneJob; False when this or a newer version is already stored (nothing new: the
-        watch echo of our own status write, whose answer was stored when we made it)."""
+        watch echo of our own status write, whose answer was stored when we made it). `answer`: the answer to
+        our status write in flight (see `writing`)."""
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
         stored = _Stored(_slim(obj))
         with self._lock:
+            if answer:
+                self._answered(key, FTJ_WRITE, obj)
             old = self._ftjs.get(key)
             if not _replaces(obj, old):
                 return False
@@ -126,7 +129,7 @@ class Cache:
         job = (meta.get("labels") or {}).get(c.Label.JOB_NAME)
         return (meta.get("namespace") or "", job) if job else None
 
-    def put_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:
+    def put_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None, answer: bool = False) -> JobKey | None:
         """Store a child (or pod) under its job label; the job's key, or None for an unlabelled object and
         for a version already stored (the watch echo of our own write: nothing new to reconcile)."""
         job = job or self.job_of(obj)
@@ -134,6 +137,8 @@ class Cache:
             return None
         key = (kind, (obj.get("metadata") or {}).get("name") or "")
         with self._lock:
+            if answer:
+                self._answered(job, key, obj)
             old = (self._owned.get(job) or {}).get(key)
         if not _replaces(obj, old) or _same(obj, old):
             return None  # older, or the version stored (the echo of our write): not even encoded again
@@ -151,19 +156,23 @@ class Cache:
     def writing(self, job: JobKey, kind: str, name: str) -> None:
         """Our write of this child is in flight. Its watch event can arrive before the write's answer (separate
         connections); stored then, it would otherwise queue the job for a pass that only finds its own write
-        (measured: one extra pass per new job, ~3 ms each). `written` ends it. A job's own status write is
-        `writing(job, *FTJ_WRITE)`: the FineTuneJob's watch event races its answer the same way."""
+        (measured: one extra pass per new job, ~3 ms each). The answer is stored with `answer=True`; `written`
+        ends it. A job's own status write is `writing(job, *FTJ_WRITE)`: the FineTuneJob's watch event races
+        its answer the same way."""
         with self._lock:
-            self._writing.add((job, (kind, name)))
+            self._writing[(job, (kind, name))] = None
 
-    def written(self, job: JobKey, kind: str, name: str, answer: dict[str, Any] | None) -> bool:
-        """The write ended (`answer`: what the server answered, stored by the caller; None when it failed). True
-        when the cache holds a newer version than the answer: someone else's change arrived meanwhile, and
-        its event queued nothing, so the caller must give the job another pass."""
+    def _answered(self, job: JobKey, key: ChildKey, obj: dict[str, Any]) -> None:
+        if (job, key) in self._writing:
+            self._writing[(job, key)] = _rv(obj)
+
+    def written(self, job: JobKey, kind: str, name: str) -> bool:
+        """The write ended. True when the cache holds a newer version than the write's answer: someone else's
+        change arrived meanwhile, and its event queued nothing, so the caller must give the job another pass.
+        False without an answer (the write failed: the caller retries anyway)."""
         with self._lock:
-            self._writing.discard((job, (kind, name)))
+            rv = self._writing.pop((job, (kind, name)), None)
             stored = self._ftjs.get(job) if (kind, name) == FTJ_WRITE else (self._owned.get(job) or {}).get((kind, name))
-        rv = _rv(answer)
         return stored is not None and stored.rv is not None and rv is not None and stored.rv > rv
 
     def drop_child(self, kind: str, obj: dict[str, Any], job: JobKey | None = None) -> JobKey | None:

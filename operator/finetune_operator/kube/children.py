@@ -76,7 +76,6 @@ class Applier:
         self.client, self.cache = client, cache
         self.pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="apply")
         self._remembered: dict[tuple[str, str, str], tuple[str, str]] = {}  # (kind, ns, name) -> (uid, digest)
-        self._answers: dict[tuple[str, str, str], dict[str, Any]] = {}  # the last write's answer, until _one ends
         self._guard = threading.Lock()
 
     def close(self) -> None:
@@ -100,10 +99,7 @@ class Applier:
         if answer:
             with self._guard:
                 self._remembered[(sent["kind"], job[0], meta.get("name", ""))] = (meta.get("uid", ""), diff.remember(sent, answer))
-        self.cache.put_child(sent["kind"], obj, job)
-        if answer:
-            with self._guard:
-                self._answers[(sent["kind"], job[0], meta.get("name", ""))] = answer
+        self.cache.put_child(sent["kind"], obj, job, answer=bool(answer))
         return obj
 
     def plans(self, job: JobKey, wanted: list[dict[str, Any]], owner_uid: str | None, started: bool) -> list[diff.Plan]:
@@ -154,7 +150,7 @@ class Applier:
         except ApiError as err:
             outcome.errors.append(err)
         finally:
-            if self.cache.written(job, kind, name, self._answers.pop((kind, job[0], name), None)):
+            if self.cache.written(job, kind, name):
                 outcome.found.append(kind)  # changed by someone else while we wrote it: compare next pass
 
     def _apply(self, job: JobKey, manifest: dict[str, Any]) -> dict[str, Any]:

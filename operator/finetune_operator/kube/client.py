@@ -297,7 +297,7 @@ class KubeClient:
 
 class WatchStream:
     """One open watch: `events()` yields its decoded events (one JSON object per line) until the server ends
-    the stream; `close()` from another thread ends a blocked read at once (shutting the socket's read side)."""
+    the stream; `close()` from another thread ends a blocked read at once (it shuts the socket down)."""
 
     def __init__(self, stream: Stream):
         self.stream = stream
