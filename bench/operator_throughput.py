@@ -323,6 +323,8 @@ def main() -> None:
             cpu = cpu_seconds(proc.pid) - cpu_before
             memory = rss_mib(proc.pid)
         writes = audit_writes(kubeconfig, CREATE_TOKEN) if emulated else None
+        # A run throttled by the operator's own client-side limit measures the setting, not the operator.
+        throttled = (workdir / "operator.log").read_text(errors="replace").count("client-side throttling")
         # The bare client after the operator (which is stopped by then): its objects carry the labels the
         # operator watches, so created first they would be listed and looked at by the operator (~1,400 extra
         # events at N=200) while it is being timed.
@@ -343,6 +345,8 @@ def main() -> None:
         print(f"operator: {op:.2f} s ({args.n / op:.1f} jobs/s with children and status); ratio to the same writes "
               f"made bare: {op / same:.2f} (the operator's own cost: watches, planning, its CPU)")
         print(f"operator memory at N={args.n}: {memory:.0f} MiB RSS")
+        print("operator waited for its own client-side rate limit: " + (
+            f"yes ({throttled} warning{'s' if throttled > 1 else ''}; this run measured FTO_API_QPS/FTO_API_BURST)" if throttled else "no"))
         # What a real server would expose: the operator's own cost per job, whatever the server's speed.
         print(f"operator CPU while creating: {cpu:.1f} s, {1000 * cpu / args.n:.1f} ms per job")
         if writes is not None:

@@ -29,6 +29,8 @@ UNITS = {
     "finetune_operator_stalled_jobs": "FineTuneJobs",
     "finetune_operator_group_restarts": "group restarts",
     "finetune_operator_stops_enforced": "Jobs suspended",
+    "finetune_operator_api_client_throttled_calls": "API calls",
+    "finetune_operator_api_client_throttled_seconds": "seconds",
     "finetune_trainer_epoch": "epochs",
     "finetune_trainer_step": "optimizer steps",
     "finetune_train_loss": "dimensionless (the task's loss)",

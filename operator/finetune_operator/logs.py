@@ -13,7 +13,8 @@ LOGGER_NAME = "finetune_operator"
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; the structured fields passed as `extra={"job": ...}` become keys."""
 
-    FIELDS = ("job", "namespace", "action", "phase", "reason", "result", "duration_s")
+    FIELDS = ("job", "namespace", "action", "phase", "reason", "result", "duration_s", "calls", "waited_seconds",
+              "longest_seconds")
 
     def format(self, record: logging.LogRecord) -> str:
         out = {

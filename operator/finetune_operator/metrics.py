@@ -42,6 +42,17 @@ POD_START = Histogram(
     registry=REGISTRY,
 )
 
+API_THROTTLED_CALLS = Counter(
+    "finetune_operator_api_client_throttled_calls",
+    "API calls that waited for the operator's own client-side rate limit (FTO_API_QPS/FTO_API_BURST).",
+    registry=REGISTRY,
+)
+API_THROTTLED_SECONDS = Counter(
+    "finetune_operator_api_client_throttled_seconds",
+    "Seconds API calls waited for the operator's own client-side rate limit, summed over calls.",
+    registry=REGISTRY,
+)
+
 
 class PhaseTracker:
     """Keeps `finetune_operator_jobs{phase}` equal to the phases last written, per job."""

@@ -17,6 +17,7 @@ from finetune_operator.kube.client import (
     Connection,
     KubeClient,
     RetryPolicy,
+    ThrottleReport,
     TokenBucket,
     parse_retry_after,
     retry_delay,
@@ -128,6 +129,46 @@ def test_5xx_is_retried_with_backoff_and_4xx_is_not(server):
     with pytest.raises(ApiError) as info:
         client.request("POST", "/api/v1/namespaces/a/configmaps", body={})
     assert info.value.status == 422 and slept == [0.2, 0.4]
+
+
+def _throttled() -> tuple[float, float]:
+    from finetune_operator import metrics
+
+    return (metrics.REGISTRY.get_sample_value("finetune_operator_api_client_throttled_calls_total"),
+            metrics.REGISTRY.get_sample_value("finetune_operator_api_client_throttled_seconds_total"))
+
+
+def test_waiting_for_the_client_side_rate_limit_is_counted_and_logged(server, caplog):
+    """The operator's own limit must never slow it silently: each wait is in the metrics and the log (once per
+    30 s, with what happened since), naming the setting to raise; a call that did not wait adds nothing."""
+    cfg = k8s.Configuration()
+    cfg.host = f"http://127.0.0.1:{server.server_address[1]}"
+    slept: list[float] = []
+    client = KubeClient(cfg, timeout=5, qps=10, burst=2, sleep=slept.append)
+    clock = FakeClock()
+    client.limiter = TokenBucket(10, 2, clock=clock, sleep=slept.append)  # sleeping lets no time pass
+    client.throttle = ThrottleReport(10, 2, clock=clock)
+    calls, seconds = _throttled()
+    with caplog.at_level("WARNING", logger="finetune_operator.kube"):
+        for _ in range(2):
+            client.request("GET", "/api/v1/namespaces/a/configmaps/x")
+        assert _throttled() == (calls, seconds) and not caplog.records  # the burst: no wait
+        for _ in range(3):  # each waits 0.1 s longer than the last
+            client.request("GET", "/api/v1/namespaces/a/configmaps/x")
+    assert slept == pytest.approx([0.1, 0.2, 0.3])
+    after = _throttled()
+    assert after[0] - calls == 3 and after[1] - seconds == pytest.approx(0.6)
+    warnings = [r for r in caplog.records if "client-side throttling" in r.getMessage()]
+    assert len(warnings) == 1  # the first wait is logged; the next two fall in the same 30 s
+    assert "FTO_API_QPS" in warnings[0].getMessage() and warnings[0].calls == 1
+    clock.now += 31  # the bucket is full again (2), and the report may speak again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune_operator.kube"):
+        for _ in range(3):
+            client.request("GET", "/api/v1/namespaces/a/configmaps/x")
+    (warning,) = caplog.records
+    # the two held back, and this one
+    assert (warning.calls, warning.waited_seconds, warning.longest_seconds) == (3, pytest.approx(0.6), pytest.approx(0.3))
 
 
 def test_retries_end_with_the_error(server):
