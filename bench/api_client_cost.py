@@ -1,10 +1,10 @@
-"""CPU per API request of the operator's client (kube/transport.py on http.client) against urllib3, the transport
-it replaced, measured in the same run against the test API emulation.
+"""CPU per API request of the operator's client (kube/transport.py: sockets and httptools) against the transports
+it replaced, urllib3 and then the standard library's http.client, measured in the same run against the test API
+emulation.
 
-Both send the same ConfigMap POSTs one after another on one keep-alive connection, encode the body and decode the
+All send the same ConfigMap POSTs one after another on one keep-alive connection, encode the body and decode the
 answer; only the client's own thread CPU (time.thread_time) is counted, so the emulation's speed does not enter.
-Rounds alternate the order (urllib3 first, then ours; then the reverse); the medians are printed and the ratio
-ours/urllib3 is the LAST line.
+Rounds rotate the order; the medians are printed and the ratio ours/urllib3 is the LAST line.
 
     .venv/bin/python bench/api_client_cost.py            # 1,500 requests per client per round, 4 rounds
 """
@@ -56,6 +56,23 @@ def plain_urllib3(server: str, token: str, n: int, tag: str) -> float:
     return took
 
 
+def plain_http_client(server: str, token: str, n: int, tag: str) -> float:
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    headers = {"Accept": "application/json", "Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    started = time.thread_time()
+    for i in range(n):
+        conn.request("POST", "/api/v1/namespaces/bench/configmaps?fieldManager=finetune-operator",
+                     body=json.dumps(configmap(f"{tag}-{i}")).encode(), headers=headers)
+        json.loads(conn.getresponse().read())
+    took = (time.thread_time() - started) / n
+    conn.close()
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=1500, help="requests per client per round")
@@ -69,16 +86,18 @@ def main() -> None:
         server, token = config["clusters"][0]["cluster"]["server"], config["users"][0]["user"]["token"]
         client = KubeClient(load_configuration(1))
         client.request("POST", "/api/v1/namespaces", body={"metadata": {"name": "bench"}})
-        times: dict[str, list[float]] = {"urllib3": [], "ours": []}
+        times: dict[str, list[float]] = {"urllib3": [], "http.client": [], "ours": []}
+        runs = {"ours": lambda tag: ours(client, args.n, tag),
+                "urllib3": lambda tag: plain_urllib3(server, token, args.n, tag),
+                "http.client": lambda tag: plain_http_client(server, token, args.n, tag)}
+        names = list(runs)
         for r in range(args.rounds):
-            order = ("urllib3", "ours") if r % 2 == 0 else ("ours", "urllib3")
-            for which in order:
-                tag = f"{which}-{r}"
-                times[which].append(ours(client, args.n, tag) if which == "ours" else
-                                    plain_urllib3(server, token, args.n, tag))
+            for which in names[r % 3:] + names[:r % 3]:
+                times[which].append(runs[which](f"{which}-{r}"))
         client.close()
     base, mine = statistics.median(times["urllib3"]), statistics.median(times["ours"])
-    print(f"urllib3 (the transport replaced): {1000 * base:.3f} ms CPU per request (median of {args.rounds} rounds)")
+    print(f"urllib3 (the first transport replaced): {1000 * base:.3f} ms CPU per request (median of {args.rounds} rounds)")
+    print(f"http.client (the second): {1000 * statistics.median(times['http.client']):.3f} ms CPU per request")
     print(f"operator client (kube/transport.py): {1000 * mine:.3f} ms CPU per request")
     print(f"ratio operator client/urllib3: {mine / base:.2f}")
 

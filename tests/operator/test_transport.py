@@ -119,3 +119,148 @@ def test_a_stream_is_read_line_by_line_and_close_ends_a_blocked_read(server):
     stream.close()  # the server still holds the stream open
     reader.join(5)
     assert not reader.is_alive() and time.monotonic() - began < 2
+
+
+class _Raw(socketserver.BaseRequestHandler):
+    """Answers every request with the server's `raw` bytes, as they are (framings http.server does not write)."""
+
+    def handle(self) -> None:
+        with self.server.lock:
+            self.server.connections += 1
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                more = self.request.recv(65536)
+                if not more:
+                    return
+                data += more
+            head, data = data.split(b"\r\n\r\n", 1)
+            self.server.heads.append(head.decode())
+            self.request.sendall(self.server.raw)
+            if self.server.close_after:
+                self.request.shutdown(socket.SHUT_RDWR)
+                return
+
+
+@pytest.fixture
+def raw_server():
+    srv = _Server(("127.0.0.1", 0), _Raw)
+    srv.lock, srv.connections, srv.heads, srv.raw, srv.close_after = threading.Lock(), 0, [], b"", False
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_chunked_and_length_answers_keep_the_connection_and_headers_take_any_case(raw_server):
+    raw_server.raw = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: 3\r\n"
+                      b"Transfer-Encoding: chunked\r\nWarning: a\r\nWarning: b\r\n\r\n"
+                      b"4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n")
+    p = pool(raw_server)
+    for _ in range(3):
+        answer = p.request("GET", "/api/v1/pods?limit=1", None, {"Accept": "application/json"}, 5, 5)
+        assert (answer.status, answer.reason, answer.data) == (429, "Too Many Requests", b'{"a":1}')
+        assert answer.headers.get("retry-after") == answer.headers.get("Retry-After") == "3"
+        assert answer.headers.get("Warning") == "a, b"
+    assert raw_server.connections == 1
+    request_line, *headers = raw_server.heads[0].split("\r\n")
+    assert request_line == "GET /api/v1/pods?limit=1 HTTP/1.1"
+    assert f"Host: 127.0.0.1:{raw_server.server_address[1]}" in headers and "Accept: application/json" in headers
+
+
+def test_an_answer_read_until_close_ends_at_close_and_the_connection_is_not_reused(raw_server):
+    raw_server.raw, raw_server.close_after = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"whole\": true}", True
+    p = pool(raw_server)
+    for _ in range(2):
+        answer = p.request("POST", "/x", b"{}", {}, 5, 5)
+        assert answer.status == 200 and json.loads(answer.data) == {"whole": True}
+    assert raw_server.connections == 2 and "Content-Length: 2" in raw_server.heads[0]
+
+
+def test_an_answer_cut_short_or_garbled_is_a_transport_error_not_a_short_body(raw_server):
+    from finetune_operator.kube.transport import ProtocolError, TransportError
+
+    p = pool(raw_server)
+    raw_server.close_after = True
+    for raw in (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"cut\":",  # the server died mid-answer
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",  # ... mid-chunk
+                b"SSH-2.0-OpenSSH_9.6\r\n\r\n"):  # not HTTP at all
+        raw_server.raw = raw
+        with pytest.raises(ProtocolError) as info:
+            p.request("GET", "/x", None, {}, 5, 5)
+        assert isinstance(info.value, TransportError)  # what the client retries
+
+
+def test_a_header_with_a_line_break_is_refused_before_sending(raw_server):
+    p = pool(raw_server)
+    with pytest.raises(ValueError, match="line break"):
+        p.request("GET", "/x", None, {"Authorization": "Bearer t\r\nX-Injected: 1"}, 5, 5)
+    assert raw_server.heads == []
+
+
+def test_a_watch_line_split_across_chunks_is_one_line(raw_server):
+    raw_server.raw = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"6\r\n{\"n\":0\r\n" b"7\r\n}\n{\"n\":\r\n" b"3\r\n1}\n\r\n" b"0\r\n\r\n")
+    stream = pool(raw_server).stream("/watch", {}, 5, 5)
+    assert stream.status == 200
+    assert [json.loads(line) for line in stream.lines()] == [{"n": 0}, {"n": 1}]  # then the stream's end
+
+
+def test_tls_with_the_callers_ca_and_the_hostname_checked(tmp_path):
+    """The API server's certificate is checked against the kubeconfig's CA and the server's name (the operator
+    reaches a real cluster only over TLS); a certificate for another name is refused."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def certificate(name: str):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+                .not_valid_after(now + datetime.timedelta(hours=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        (tmp_path / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                               serialization.PrivateFormat.PKCS8,
+                                                               serialization.NoEncryption()))
+
+    for name in ("localhost", "elsewhere.example"):
+        certificate(name)
+
+    class _Tls(_Server):
+        def get_request(self):
+            sock, addr = super().get_request()
+            return self.context.wrap_socket(sock, server_side=True), addr
+
+    def serve(name: str):
+        srv = _Tls(("127.0.0.1", 0), _Handler)
+        srv.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        srv.context.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        srv.lock, srv.connections, srv.sockets, srv.in_flight, srv.most, srv.delay = threading.Lock(), 0, [], 0, 0, 0.0
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        return srv
+
+    client_context = ssl.create_default_context(cafile=str(tmp_path / "localhost.crt"))
+    good = serve("localhost")
+    try:
+        p = HttpPool(f"https://localhost:{good.server_address[1]}", client_context, 2)
+        assert [json.loads(p.request("POST", "/x", b"7", {}, 5, 5).data)["echo"] for _ in range(3)] == [7, 7, 7]
+        assert good.connections == 1
+    finally:
+        good.shutdown()
+        good.server_close()
+    wrong = serve("elsewhere.example")  # trusted by nobody here, and for another name
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            HttpPool(f"https://localhost:{wrong.server_address[1]}", client_context, 2).request("GET", "/x", None, {}, 5, 5)
+    finally:
+        wrong.shutdown()
+        wrong.server_close()
