@@ -1,5 +1,6 @@
 """kube/diff.py's canonical_json is the json module's sorted, compact encoding byte for byte (the digests it feeds are
-stored in annotations, so a faster encoder must not change one of them)."""
+stored in annotations, so a faster encoder must not change one of them), and the trainer's config.json is its sorted,
+indented encoding (its hash is in the ConfigMap and the pod template): both through jsonbytes.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from finetune_operator.jsonbytes import indented_sorted
 from finetune_operator.kube.diff import canonical_json, digest
 
 
@@ -24,6 +26,7 @@ documents = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) | st
 @given(documents)
 def test_generated_documents_encode_exactly_as_the_json_module_does(doc):
     assert canonical_json(doc) == reference(doc)
+    assert indented_sorted(doc) == json.dumps(doc, sort_keys=True, indent=2)
 
 
 def test_the_cases_where_the_encoders_differ_take_the_exact_path():
@@ -33,6 +36,7 @@ def test_the_cases_where_the_encoders_differ_take_the_exact_path():
         {1: "int key"}, {"big": 2**70, "neg": -(2**70)}, {"a:1e-5": "a string that looks like a float", "b": [1, 2.0]},
         (1, 2, ("nested", "tuple")), {"b": 1, "a": {"d": 2, "c": [3, {"f": 4, "e": 5}]}},
     ]
-    for doc in cases:
+    for doc in [*cases, {}, [], {"empty": {}, "list": [], "nested": [[], [{}]]}, "top", 1.5, None]:
         assert canonical_json(doc) == reference(doc), doc
+        assert indented_sorted(doc) == json.dumps(doc, sort_keys=True, indent=2), doc
     assert digest({"b": 1, "a": 2}) == digest({"a": 2, "b": 1})

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_contract.config import trainer_config
 
+from ..jsonbytes import indented_sorted
 from . import constants as c
 from .presets import PATIENCE, resolve_hyperparameters
 from .rules import MAX_METRICS, NAME_MAX_LENGTH, NAME_PATTERN, ROOT_RULES, RULES, credential_problems
@@ -58,8 +59,9 @@ class ResolvedJob:
     # was most of a pass's CPU (profile of bench/operator_throughput.py --profile). Both are read-only.
     @functools.cached_property
     def config_json(self) -> str:
-        """trainer_config() as the ConfigMap's text (sorted keys, so its hash is stable)."""
-        return json.dumps(self.trainer_config(), sort_keys=True, indent=2)
+        """trainer_config() as the ConfigMap's text (sorted keys, so its hash is stable; the json module's bytes,
+        through orjson where they are the same: jsonbytes.py)."""
+        return indented_sorted(self.trainer_config())
 
     @functools.cached_property
     def fixed_values(self) -> dict[str, Any]:

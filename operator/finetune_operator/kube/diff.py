@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from ..api import constants as c
+from ..jsonbytes import compact_sorted
 
 APPLIED_HASH = f"{c.GROUP}/applied-hash"
 TEMPLATE_HASH = f"{c.GROUP}/template-hash"
@@ -57,31 +54,10 @@ class Plan:
     why: str = ""
 
 
-# Where orjson's output could differ from the json module's: a float below 1e-4 (orjson `0.00001`, `2.5e-7`;
-# json `1e-05`, `2.5e-07`). A match inside a string only sends that object down the slow, exact path. (A pattern
-# with alternatives took 60 us per Job manifest, twenty times orjson's encoding; a literal-first one ~2.)
-_EXPONENT = re.compile(rb"e-[0-9](?![0-9])")  # a literal first: searched at memchr speed (~2 us per Job manifest)
-
-
-def _small_float(out: bytes) -> bool:
-    """A float below 1e-4 may be in `out` (a match inside a string only costs the exact path)."""
-    return b"0.0000" in out or any(m.start() and out[m.start() - 1] in b"0123456789." for m in _EXPONENT.finditer(out))
-
-
 def canonical_json(obj: Any) -> bytes:
-    """`json.dumps(obj, sort_keys=True, separators=(",", ":"))`, byte for byte (the digests below are stored in
-    annotations and compared across operator versions), through orjson where that is the same: printable ASCII
-    output (json escapes DEL and everything above), string keys, no float below 1e-4, no NaN or infinity (json
-    writes NaN, orjson null; neither is in a Kubernetes object, whose JSON has none). Measured: the json module's encoder was ~10% of the operator's CPU
-    while creating jobs (py-spy --gil), in these digests; tests/operator/test_operator_diff_json.py checks the
-    equality on generated documents."""
-    try:
-        out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # a non-string key (json converts it) or a type orjson does not know
-        out = None
-    if out is None or not out.isascii() or b"\x7f" in out or _small_float(out):
-        return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-    return out
+    """`json.dumps(obj, sort_keys=True, separators=(",", ":"))`, byte for byte: the digests below are stored in
+    annotations and compared across operator versions (orjson where it writes the same bytes: jsonbytes.py)."""
+    return compact_sorted(obj)
 
 
 def digest(obj: Any) -> str:
