@@ -79,3 +79,19 @@ def test_a_corrupt_validation_source_is_named_as_such(manifest, tiny_data, tmp_p
     m["spec"]["dataset"] = {"source": tiny_data, "validationSource": str(val), "maxLength": 32}
     with pytest.raises(failures.DatasetUnreadable, match=f"spec.dataset.validationSource {val} is corrupt"):
         run(m, output_dir=str(tmp_path / "out"), progress=False)
+
+
+def test_the_rank_that_declared_a_fatal_error_is_the_root_cause_not_the_earliest_peer():
+    """A full disk on rank 0 ends its peer's barrier ("Connection closed by peer"); the peer's error file can be
+    stamped before the agent notices rank 0's exit (seen in CI: the pod exited 143 and named rank 1, so the Job
+    would be retried instead of failed). Without a declared fatal code the earliest failure stays the cause,
+    a signal included (an OOM-killed rank's peers fail after it)."""
+    from types import SimpleNamespace as Failure
+
+    disk_full = Failure(exitcode=EXIT_DISK_FULL, timestamp=1002)
+    peer = Failure(exitcode=-15, timestamp=1001)
+    assert failures.root_failure({1: peer, 0: disk_full}) == (0, disk_full)
+    oom_killed, collateral = Failure(exitcode=-9, timestamp=1000), Failure(exitcode=1, timestamp=1001)
+    assert failures.root_failure({0: collateral, 1: oom_killed}) == (1, oom_killed)
+    unreadable, world = Failure(exitcode=EXIT_DATASET_UNREADABLE, timestamp=5), Failure(exitcode=1, timestamp=4)
+    assert failures.root_failure({3: world, 2: unreadable}) == (2, unreadable)

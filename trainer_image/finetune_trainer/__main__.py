@@ -78,7 +78,7 @@ def run_torchrun(command: list[str]) -> int:
     try:
         run(parse_args(command[3:]))
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        rank, failure = failures.root_failure(err.failures)
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # a signal: the shell's 128+N
         message = failures.rank_failure_message(rank, failure, sorted(err.failures))
         print(json.dumps({"level": "error", "rank": rank, "exitCode": code, "message": message}), file=sys.stderr)

@@ -22,7 +22,12 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-from finetune_contract.config import EXIT_DATASET_UNREADABLE, EXIT_DISK_FULL, FailureReason
+from finetune_contract.config import (
+    EXIT_DATASET_UNREADABLE,
+    EXIT_DISK_FULL,
+    EXIT_NOT_RETRYABLE,
+    FailureReason,
+)
 
 log = logging.getLogger("finetune_trainer")
 
@@ -170,6 +175,19 @@ def write_termination_text(text: str) -> None:
             f.write(text[:TERMINATION_MESSAGE_LIMIT])
     except OSError:
         pass  # outside a pod (no /dev/termination-log): the log line carries the same message
+
+
+def root_failure(failed: dict[int, Any]) -> tuple[int, Any]:
+    """The rank whose failure caused the others', from torch elastic's {rank: ProcessFailure}.
+
+    torch's `get_first_failure()` takes the earliest timestamp, and that is a race: a rank that declared a fatal
+    error (full disk, unreadable dataset: its own exit code and termination message) exits, its peers' next
+    collective fails ("Connection closed by peer"), and a peer's error file can carry an earlier time than the one
+    the agent records when its monitor notices the first exit. The peer was then blamed, with exit 143, and the
+    Job's podFailurePolicy retried what it should have failed at once. A rank that exited with a code of
+    EXIT_NOT_RETRYABLE decided to stop, so it goes first; otherwise the earliest, as torch does (a rank killed by
+    a signal, the OOM killer's, can be the cause, so signals are not ranked below exits)."""
+    return min(failed.items(), key=lambda item: (item[1].exitcode not in EXIT_NOT_RETRYABLE, item[1].timestamp))
 
 
 RANK_ERROR_CHARS = 160  # the operator shows a termination message's last 300 characters: keep the rank in them
