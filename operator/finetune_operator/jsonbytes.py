@@ -19,11 +19,17 @@ import json
 import re
 from typing import Any
 
-import orjson
+try:
+    import orjson
+except ImportError:  # the API types alone need only pydantic and PyYAML (pyproject.toml): the json module then
+    orjson = None  # type: ignore[assignment]
 
 # A literal first, so the search runs at memchr speed (~2 us per Job manifest; a pattern with alternatives took
 # 60 us, twenty times orjson's encoding). A match inside a string only sends that object down the exact path.
 _EXPONENT = re.compile(rb"e-[0-9](?![0-9])")
+
+
+_SORT, _INDENT = (orjson.OPT_SORT_KEYS, orjson.OPT_INDENT_2) if orjson is not None else (0, 0)
 
 
 def _small_float(out: bytes) -> bool:
@@ -32,6 +38,8 @@ def _small_float(out: bytes) -> bool:
 
 
 def _orjson(obj: Any, option: int) -> bytes | None:
+    if orjson is None:
+        return None
     try:
         out = orjson.dumps(obj, option=option)
     except TypeError:
@@ -43,11 +51,19 @@ def _orjson(obj: Any, option: int) -> bytes | None:
 
 def compact_sorted(obj: Any) -> bytes:
     """`json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()`."""
-    out = _orjson(obj, orjson.OPT_SORT_KEYS)
+    out = _orjson(obj, _SORT)
     return out if out is not None else json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def indented_sorted(obj: Any) -> str:
     """`json.dumps(obj, sort_keys=True, indent=2)`."""
-    out = _orjson(obj, orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
+    out = _orjson(obj, _SORT | _INDENT)
     return out.decode() if out is not None else json.dumps(obj, sort_keys=True, indent=2)
+
+
+def equality_key(obj: Any) -> bytes:
+    """A sorted encoding for comparing values in this process only (never stored or hashed, so any encoder
+    will do): orjson, or the json module without it. Non-JSON values are compared as their str()."""
+    if orjson is not None:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+    return json.dumps(obj, sort_keys=True, default=str).encode()

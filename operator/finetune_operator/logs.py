@@ -10,6 +10,9 @@ from datetime import UTC, datetime
 LOGGER_NAME = "finetune_operator"
 
 
+_ENCODER = json.JSONEncoder(default=str)  # json.dumps(out, default=str) without an encoder built per line
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; the structured fields passed as `extra={"job": ...}` become keys."""
 
@@ -28,7 +31,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = getattr(record, key)
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(out, default=str)
+        return _ENCODER.encode(out)
 
 
 def configure(log_format: str = "text", level: str = "INFO") -> None:

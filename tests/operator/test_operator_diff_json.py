@@ -40,3 +40,16 @@ def test_the_cases_where_the_encoders_differ_take_the_exact_path():
         assert canonical_json(doc) == reference(doc), doc
         assert indented_sorted(doc) == json.dumps(doc, sort_keys=True, indent=2), doc
     assert digest({"b": 1, "a": 2}) == digest({"a": 2, "b": 1})
+
+
+def test_without_orjson_the_json_module_writes_the_same_bytes(monkeypatch):
+    """The API types need only pydantic and PyYAML (the CLI may be installed without the operator's extras)."""
+    from finetune_operator import jsonbytes
+
+    doc = {"b": [1, 2.5, None, "ü"], "a": {"small": 1e-05, "n": 3}}
+    expected = (canonical_json(doc), indented_sorted(doc))
+    same_key = jsonbytes.equality_key({"x": 1, "y": [1]}) == jsonbytes.equality_key({"y": [1], "x": 1})
+    monkeypatch.setattr(jsonbytes, "orjson", None)
+    assert (canonical_json(doc), indented_sorted(doc)) == expected
+    assert same_key and jsonbytes.equality_key({"x": 1, "y": [1]}) == jsonbytes.equality_key({"y": [1], "x": 1})
+    assert jsonbytes.equality_key({"v": 1}) != jsonbytes.equality_key({"v": 1.0})

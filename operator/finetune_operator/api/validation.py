@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_contract.config import trainer_config
 
-from ..jsonbytes import indented_sorted
+from ..jsonbytes import equality_key, indented_sorted
 from . import constants as c
 from .presets import PATIENCE, resolve_hyperparameters
 from .rules import MAX_METRICS, NAME_MAX_LENGTH, NAME_PATTERN, ROOT_RULES, RULES, credential_problems
@@ -112,15 +112,23 @@ def _pydantic_problems(err: ValidationError, prefix: str, root: type[BaseModel])
     return problems
 
 
-def _walk(obj: Any, path: str):
-    """Yield (api model, path) for every nested API object."""
-    if isinstance(obj, BaseModel):
-        yield obj, path
-        for name, field in type(obj).model_fields.items():
-            yield from _walk(getattr(obj, name), f"{path}.{field.alias or name}")
-    elif isinstance(obj, list):
-        for i, item in enumerate(obj):
-            yield from _walk(item, f"{path}[{i}]")
+@functools.cache
+def _field_names(model: type[BaseModel]) -> tuple[tuple[str, str], ...]:
+    return tuple((name, field.alias or name) for name, field in model.model_fields.items())
+
+
+def _walk(obj: BaseModel, path: str):
+    """Yield (api model, path) for every nested API object. Only objects and lists are descended into (a call
+    per scalar field made this walk ~3% of the operator's CPU while creating jobs)."""
+    yield obj, path
+    for name, alias in _field_names(type(obj)):
+        value = getattr(obj, name)
+        if isinstance(value, BaseModel):
+            yield from _walk(value, f"{path}.{alias}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from _walk(item, f"{path}.{alias}[{i}]")
 
 
 @functools.cache
@@ -258,8 +266,8 @@ def immutable_groups() -> list[str]:
 
 
 @functools.cache
-def _groups() -> tuple[tuple[str, tuple[str, ...], str], ...]:
-    """(group path, the attribute names leading to it, its default as canonical JSON) per fixed group. Fixed
+def _groups() -> tuple[tuple[str, tuple[str, ...], bytes], ...]:
+    """(group path, the attribute names leading to it, its default's `_canonical`) per fixed group. Fixed
     by the types, so computed once: every reconcile pass that checks for refused changes walks them."""
     out = []
     for name, field in FineTuneJobSpec.model_fields.items():
@@ -281,8 +289,10 @@ def _as_json(x: Any) -> Any:
     return x.value if hasattr(x, "value") and not isinstance(x, int | float | str) else x
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+def _canonical(value: Any) -> bytes:
+    # Compared with the defaults' in this process only: json.dumps with keyword arguments builds an encoder per
+    # call, ~80 calls per new job, ~4% of the operator's CPU while creating jobs (py-spy --gil).
+    return equality_key(value)
 
 
 def immutable_values(spec: FineTuneJobSpec) -> dict[str, Any]:

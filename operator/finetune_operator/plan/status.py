@@ -103,8 +103,13 @@ FINGERPRINT_PREFIX = "v2/"
 SPEC_HASH_MAX = 253  # status.specHash's maxLength in the CRD (an older CRD may still be installed)
 
 
+# json.dumps(data, sort_keys=True, default=str) byte for byte (the digests are stored in status.specHash), without
+# building an encoder per call as json.dumps does when given keyword arguments.
+_SORTED = json.JSONEncoder(sort_keys=True, default=str)
+
+
 def _digest(data: Any, n: int) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
+    return hashlib.sha256(_SORTED.encode(data).encode()).hexdigest()[:n]
 
 
 @functools.cache
