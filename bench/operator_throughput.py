@@ -17,6 +17,10 @@ The ratio operator/bare is the LAST line (CI reads it).
     .venv/bin/python bench/operator_throughput.py -n 20                    # against the test API emulation
     .venv/bin/python bench/operator_throughput.py -n 1000 --window 60      # the issue's figures, emulated
     .venv/bin/python bench/operator_throughput.py -n 200 --kubeconfig ~/.kube/config   # a real API server
+    .venv/bin/python bench/operator_throughput.py -n 1000 --peering bench  # as several replicas run (kopf's watches)
+
+The operator's client-side rate limit must not bind (a run that waited for it measured FTO_API_QPS, and the
+output says so); with --peering the operator runs as it does with more than one replica.
 
 Throughput is only meaningful against a real API server; against the emulation read only the ratio and
 the request counts (they do not depend on the server's speed).
@@ -291,6 +295,22 @@ async def apply_crd(kube: AsyncKube) -> None:
         await kube.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", body=crd)
 
 
+async def make_peering(kube: AsyncKube, name: str, namespace: str | None = None) -> None:
+    """The kopf peering object FTO_PEERING names (ClusterKopfPeering; KopfPeering for a namespaced operator)."""
+    kind, path = ("KopfPeering", f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings") if namespace else \
+        ("ClusterKopfPeering", "/apis/kopf.dev/v1/clusterkopfpeerings")
+    body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
+    with contextlib.suppress(Exception):  # already there
+        await kube.request("POST", path, body=body)
+
+
+def peering_env(args, namespace: str | None = None) -> dict[str, str]:
+    if not args.peering:
+        return {}
+    asyncio.run(with_kube(args.kubeconfig_path, make_peering, args.peering, namespace))
+    return {"FTO_PEERING": args.peering}
+
+
 async def with_kube(kubeconfig: Path, fn, *args):
     """`fn(kube, *args)` with a client of its own, closed afterwards (each asyncio.run needs its own session)."""
     kube = AsyncKube(kubeconfig)
@@ -307,6 +327,10 @@ def main() -> None:
     parser.add_argument("--kubeconfig", type=Path, help="a real cluster; default: start the test API emulation")
     parser.add_argument("--window", type=float, default=60.0, help="steady-state window, seconds (default 60)")
     parser.add_argument("--no-steady", action="store_true", help="only the creation ratio")
+    parser.add_argument("--peering", metavar="NAME",
+                        help="run the operator with FTO_PEERING=NAME, as several replicas run (kopf's watches in "
+                             "place of the Reflectors); the peering object is created (a real cluster needs the "
+                             "kopf.dev CRDs: crds/kopf-peering.yaml)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the creating operator (CPU time, every thread) into BENCH_WORKDIR/operator.prof")
     args = parser.parse_args()
@@ -315,9 +339,10 @@ def main() -> None:
         kubeconfig = args.kubeconfig or stack.enter_context(emulator(workdir))
 
         asyncio.run(with_kube(kubeconfig, apply_crd))
+        args.kubeconfig_path = kubeconfig
         emulated = args.kubeconfig is None
         op_config = token_kubeconfig(kubeconfig, workdir / "create-kubeconfig.yaml", CREATE_TOKEN) if emulated else kubeconfig
-        with operator_process(op_config, workdir, profile=args.profile) as proc:
+        with operator_process(op_config, workdir, profile=args.profile, **peering_env(args)) as proc:
             cpu_before = cpu_seconds(proc.pid)
             op = asyncio.run(with_kube(kubeconfig, with_operator, args.n, args.concurrency))
             cpu = cpu_seconds(proc.pid) - cpu_before
@@ -332,7 +357,8 @@ def main() -> None:
         same = asyncio.run(with_kube(kubeconfig, bare_same_writes, args.n, args.concurrency))
         steady = None if args.no_steady else steady_state(args, kubeconfig, workdir)
         where = "real API server" if args.kubeconfig else "test API emulation"
-        print(f"server: {where}; N={args.n}; concurrency={args.concurrency}")
+        print(f"server: {where}; N={args.n}; concurrency={args.concurrency}; "
+              f"peering: {args.peering or 'off (standalone: the Reflectors)'}")
         if steady is not None:
             count, window, steady_rss, counted_by = steady
             print(f"steady state: {args.n} running jobs, {count:.0f} API requests in {window:.0f} s ({counted_by}): "
@@ -360,7 +386,7 @@ def steady_state(args, kubeconfig: Path, workdir: Path) -> tuple[float, float, f
     emulated = args.kubeconfig is None
     ns = asyncio.run(with_kube(kubeconfig, make_namespace, "bench-steady"))
     op_config = kubeconfig if not emulated else token_kubeconfig(kubeconfig, workdir / "steady-kubeconfig.yaml")
-    with operator_process(op_config, workdir, "steady-operator", FTO_NAMESPACES=ns) as proc:
+    with operator_process(op_config, workdir, "steady-operator", FTO_NAMESPACES=ns, **peering_env(args, ns)) as proc:
         started = time.perf_counter()
         asyncio.run(with_kube(kubeconfig, create_jobs, ns, args.n, args.concurrency, False))
         jobs = asyncio.run(with_kube(kubeconfig, wait_for_jobs, ns, args.n))
