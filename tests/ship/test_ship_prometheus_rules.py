@@ -36,7 +36,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_promtool_check_rules(tmp_path: Path):
     proc = _run("check", "rules", str(_write_rules(tmp_path)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "5 rules found" in proc.stdout
+    assert "6 rules found" in proc.stdout
 
 
 def test_promtool_unit_tests(tmp_path: Path):
