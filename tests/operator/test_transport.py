@@ -264,3 +264,25 @@ def test_tls_with_the_callers_ca_and_the_hostname_checked(tmp_path):
     finally:
         wrong.shutdown()
         wrong.server_close()
+
+
+def test_a_send_that_fails_raises_the_socket_error_and_drops_the_connection(raw_server, monkeypatch):
+    """The reset arrives while the request is sent (the server closed the kept-alive connection just then): the
+    client must see a TransportError to retry, not an error of ours (the answer's reader once did not exist yet)."""
+    from finetune_operator.kube.transport import TransportError
+
+    class Reset:
+        closed = False
+
+        def sendall(self, data: bytes) -> None:
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        def close(self) -> None:
+            self.closed = True
+
+    sock = Reset()
+    p = pool(raw_server)
+    monkeypatch.setattr(p, "_take", lambda *_: sock)
+    with pytest.raises(TransportError) as info:
+        p.request("POST", "/x", b"{}", {}, 5, 5)
+    assert isinstance(info.value, ConnectionResetError) and sock.closed and not p._idle

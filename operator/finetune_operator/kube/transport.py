@@ -172,26 +172,29 @@ class HttpPool:
         """One exchange on a pooled connection; raises one of TransportError when it fails."""
         out = self._head(method, path, headers, body) + (body or b"")
         with self._slots:
-            sock = self._take(connect_timeout, read_timeout)
-            try:
-                sock.sendall(out)
-                reading = _Reading()
-                while not reading.complete:
-                    reading.feed(sock.recv(READ_SIZE))
-            except BaseException:
-                _close(sock)
-                raise
-            finally:
-                reading.done()
-            if not reading.keep_alive:
-                _close(sock)
-            else:
-                with self._lock:
-                    if self._closed:
-                        _close(sock)
-                    else:
-                        self._idle.append(sock)
-            return Answer(reading.code, reading.reason, reading.headers, reading.take_body())
+            return self._exchange(out, connect_timeout, read_timeout)
+
+    def _exchange(self, out: bytes, connect_timeout: float, read_timeout: float) -> Answer:
+        sock = self._take(connect_timeout, read_timeout)
+        reading = _Reading()
+        try:
+            sock.sendall(out)
+            while not reading.complete:
+                reading.feed(sock.recv(READ_SIZE))
+        except BaseException:
+            _close(sock)
+            raise
+        finally:
+            reading.done()
+        if not reading.keep_alive:
+            _close(sock)
+        else:
+            with self._lock:
+                if self._closed:
+                    _close(sock)
+                else:
+                    self._idle.append(sock)
+        return Answer(reading.code, reading.reason, reading.headers, reading.take_body())
 
     def stream(self, path: str, headers: dict[str, str], connect_timeout: float, read_timeout: float) -> Stream:
         """A GET whose answer is read as it arrives (a watch), on a connection of its own (never pooled: it is
