@@ -208,7 +208,8 @@ def test_a_watch_line_split_across_chunks_is_one_line(raw_server):
 
 def test_tls_with_the_callers_ca_and_the_hostname_checked(tmp_path):
     """The API server's certificate is checked against the kubeconfig's CA and the server's name (the operator
-    reaches a real cluster only over TLS); a certificate for another name is refused."""
+    reaches a real cluster only over TLS), a client certificate is presented when the server asks; a server
+    certificate for another name is refused."""
     import datetime
     import ssl
 
@@ -232,7 +233,7 @@ def test_tls_with_the_callers_ca_and_the_hostname_checked(tmp_path):
                                                                serialization.PrivateFormat.PKCS8,
                                                                serialization.NoEncryption()))
 
-    for name in ("localhost", "elsewhere.example"):
+    for name in ("localhost", "elsewhere.example", "operator-client"):
         certificate(name)
 
     class _Tls(_Server):
@@ -257,6 +258,20 @@ def test_tls_with_the_callers_ca_and_the_hostname_checked(tmp_path):
     finally:
         good.shutdown()
         good.server_close()
+    # A kubeconfig's client certificate (kind, kubeadm): the server asks for one and checks it.
+    mutual = serve("localhost")
+    mutual.context.verify_mode = ssl.CERT_REQUIRED
+    mutual.context.load_verify_locations(tmp_path / "operator-client.crt")
+    try:
+        url = f"https://localhost:{mutual.server_address[1]}"
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            HttpPool(url, client_context, 2).request("POST", "/x", b"1", {}, 5, 5)  # no certificate: refused
+        with_cert = ssl.create_default_context(cafile=str(tmp_path / "localhost.crt"))
+        with_cert.load_cert_chain(tmp_path / "operator-client.crt", tmp_path / "operator-client.key")
+        assert json.loads(HttpPool(url, with_cert, 2).request("POST", "/x", b"8", {}, 5, 5).data)["echo"] == 8
+    finally:
+        mutual.shutdown()
+        mutual.server_close()
     wrong = serve("elsewhere.example")  # trusted by nobody here, and for another name
     try:
         with pytest.raises(ssl.SSLCertVerificationError):
