@@ -304,10 +304,11 @@ async def make_peering(kube: AsyncKube, name: str, namespace: str | None = None)
         await kube.request("POST", path, body=body)
 
 
-def peering_env(args, namespace: str | None = None) -> dict[str, str]:
+def peering_env(args, kubeconfig: Path, namespace: str | None = None) -> dict[str, str]:
+    """The operator's environment for --peering (its peering object created first); empty without it."""
     if not args.peering:
         return {}
-    asyncio.run(with_kube(args.kubeconfig_path, make_peering, args.peering, namespace))
+    asyncio.run(with_kube(kubeconfig, make_peering, args.peering, namespace))
     return {"FTO_PEERING": args.peering}
 
 
@@ -339,10 +340,9 @@ def main() -> None:
         kubeconfig = args.kubeconfig or stack.enter_context(emulator(workdir))
 
         asyncio.run(with_kube(kubeconfig, apply_crd))
-        args.kubeconfig_path = kubeconfig
         emulated = args.kubeconfig is None
         op_config = token_kubeconfig(kubeconfig, workdir / "create-kubeconfig.yaml", CREATE_TOKEN) if emulated else kubeconfig
-        with operator_process(op_config, workdir, profile=args.profile, **peering_env(args)) as proc:
+        with operator_process(op_config, workdir, profile=args.profile, **peering_env(args, kubeconfig)) as proc:
             cpu_before = cpu_seconds(proc.pid)
             op = asyncio.run(with_kube(kubeconfig, with_operator, args.n, args.concurrency))
             cpu = cpu_seconds(proc.pid) - cpu_before
@@ -386,7 +386,7 @@ def steady_state(args, kubeconfig: Path, workdir: Path) -> tuple[float, float, f
     emulated = args.kubeconfig is None
     ns = asyncio.run(with_kube(kubeconfig, make_namespace, "bench-steady"))
     op_config = kubeconfig if not emulated else token_kubeconfig(kubeconfig, workdir / "steady-kubeconfig.yaml")
-    with operator_process(op_config, workdir, "steady-operator", FTO_NAMESPACES=ns, **peering_env(args, ns)) as proc:
+    with operator_process(op_config, workdir, "steady-operator", FTO_NAMESPACES=ns, **peering_env(args, kubeconfig, ns)) as proc:
         started = time.perf_counter()
         asyncio.run(with_kube(kubeconfig, create_jobs, ns, args.n, args.concurrency, False))
         jobs = asyncio.run(with_kube(kubeconfig, wait_for_jobs, ns, args.n))

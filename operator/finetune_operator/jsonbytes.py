@@ -24,12 +24,11 @@ try:
 except ImportError:  # the API types alone need only pydantic and PyYAML (pyproject.toml): the json module then
     orjson = None  # type: ignore[assignment]
 
+_SORT, _INDENT = (orjson.OPT_SORT_KEYS, orjson.OPT_INDENT_2) if orjson is not None else (0, 0)
+
 # A literal first, so the search runs at memchr speed (~2 us per Job manifest; a pattern with alternatives took
 # 60 us, twenty times orjson's encoding). A match inside a string only sends that object down the exact path.
 _EXPONENT = re.compile(rb"e-[0-9](?![0-9])")
-
-
-_SORT, _INDENT = (orjson.OPT_SORT_KEYS, orjson.OPT_INDENT_2) if orjson is not None else (0, 0)
 
 
 def _small_float(out: bytes) -> bool:

@@ -25,7 +25,6 @@ import kopf
 from ..api import constants as c
 from ..kube.children import WATCHED
 from ..settings import Settings
-from .cache_feed import CacheFeed
 from .reconcile import Reconciler
 from .relist import Relists
 from .watches import CHILD_SELECTOR
@@ -97,7 +96,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, settings: 
     cache, queue = reconciler.cache, reconciler.queue
     kopf_watches = bool(settings.peering)
     relists = Relists(cache, queue, {c.KIND: (c.API_VERSION, c.PLURAL), **WATCHED})
-    feed = CacheFeed(cache, queue)
+    feed = relists.feed  # one feed for events and listings alike
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -278,16 +278,20 @@ class KubeClient:
         headers = {"Accept": "application/json", "Content-Type": content_type, **conn.headers()}
         data_out = body if body is None or isinstance(body, bytes) else (
             body.encode() if isinstance(body, str) else orjson.dumps(body))
-        waited = self.limiter.acquire()
-        if waited:
-            self.throttle.waited(waited)
-        self.calls += 1
+        self._admit()
         answer = conn.pool.request(method, target, data_out, headers, self.timeout[0], self.timeout[1])
         data = answer.data
         if answer.status >= 400:
             raise ApiError(answer.status, answer.reason, data.decode(errors="replace") if data else "",
                            parse_retry_after(answer.headers.get("Retry-After")))
         return orjson.loads(data) if data else None
+
+    def _admit(self) -> None:
+        """Wait for a token of the client-side rate limit (a wait is reported), then count the request."""
+        waited = self.limiter.acquire()
+        if waited:
+            self.throttle.waited(waited)
+        self.calls += 1
 
     def _reload(self) -> bool:
         """Re-read the credentials after a 401, at most once a minute (a wrong token stays a 401)."""
@@ -318,10 +322,7 @@ class KubeClient:
         the credentials first, for the caller's next attempt)."""
         conn = self.connection
         target = path + "?" + urlencode({**query, "watch": "true"})
-        waited = self.limiter.acquire()
-        if waited:
-            self.throttle.waited(waited)
-        self.calls += 1
+        self._admit()
         stream = conn.pool.stream(target, {"Accept": "application/json", **conn.headers()}, self.timeout[0], read_timeout)
         if stream.status >= 400:
             data = stream.read()

@@ -123,10 +123,10 @@ class HttpPool:
     def __init__(self, url: str, ssl_context: ssl.SSLContext | None, size: int):
         parts = urlsplit(url)
         self.https = parts.scheme == "https"
-        self.host, self.port = parts.hostname or "localhost", parts.port or (443 if self.https else 80)
-        default_port = self.port == (443 if self.https else 80)
+        default_port = 443 if self.https else 80
+        self.host, self.port = parts.hostname or "localhost", parts.port or default_port
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.host_header = host if default_port else f"{host}:{self.port}"
+        self.host_header = host if self.port == default_port else f"{host}:{self.port}"
         self.prefix = parts.path.rstrip("/")  # a server URL with a path (a proxy's) keeps it
         self.ssl_context = ssl_context if ssl_context is not None or not self.https else ssl.create_default_context()
         self._idle: list[socket.socket] = []
