@@ -77,6 +77,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server: _Server = self.server  # type: ignore[assignment]
         server.seen.append(self.command)
         server.auth = [*getattr(server, "auth", []), self.headers.get("Authorization")]
+        server.agents = [*getattr(server, "agents", []), self.headers.get("User-Agent")]
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
@@ -118,6 +119,8 @@ def test_429_retry_after_is_honoured(server):
     client, slept = _client(server)
     assert client.request("PATCH", "/api/v1/namespaces/a/configmaps/x", body={}, content_type="application/apply-patch+yaml")
     assert slept == [3.0, 1.0] and server.seen == ["PATCH"] * 3
+    # Every request names the operator (the API server's audit log shows it as userAgent).
+    assert all(agent and agent.startswith("finetune-operator (python/") for agent in server.agents)
 
 
 def test_5xx_is_retried_with_backoff_and_4xx_is_not(server):
