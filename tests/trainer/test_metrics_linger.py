@@ -21,6 +21,13 @@ def _scrape(port: int) -> str:
         return r.read().decode()
 
 
+def _wait_for_ticks(m: TrainerMetrics, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(m.scrapes.times) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(m.scrapes.times) == n
+
+
 def test_nobody_scraping_means_no_wait():
     m = TrainerMetrics("j", "ns")
     m.serve(_free_port(), addr="127.0.0.1")
@@ -51,6 +58,7 @@ def test_a_scraper_that_went_away_bounds_the_wait():
     _scrape(port)
     time.sleep(0.2)
     _scrape(port)
+    _wait_for_ticks(m, 2)  # the server ticks after its write; the client may have read the answer first
     start = time.monotonic()
     assert m.linger(30) is False
     assert time.monotonic() - start < 5  # about two scrape intervals, not the 30 s maximum
@@ -81,3 +89,27 @@ def test_a_scrape_counts_only_once_its_answer_is_written(monkeypatch):
     while not m.scrapes.times and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(m.scrapes.times) == 1
+
+
+def test_a_scrape_that_began_before_the_final_values_does_not_count(monkeypatch):
+    """A scrape collected before linger() was called, still being written when it starts, does not carry the
+    final values: linger() must wait for the next one (here none comes, so it gives up)."""
+    m = TrainerMetrics("j", "ns")
+    port = _free_port()
+    m.serve(port, addr="127.0.0.1")
+    _scrape(port)
+    original = m.registry.collect
+    collected = threading.Event()
+
+    def slow_collect():
+        yield from original()
+        collected.set()
+        time.sleep(0.5)  # collected with the old values; written after linger() began
+
+    monkeypatch.setattr(m.registry, "collect", slow_collect)
+    scraper = threading.Thread(target=_scrape, args=(port,))
+    scraper.start()
+    assert collected.wait(5)
+    m.epoch.set(7)  # the final value, after that scrape was collected
+    assert m.linger(2) is False
+    scraper.join(5)

@@ -16,9 +16,12 @@ LABELS = ("finetune_job", "namespace")
 
 
 class ScrapeClock:
-    """Remembers when a scrape's answer had been written out. Not when the registry was collected: the
-    process exits as soon as linger() returns, and a scrape that was collected but not yet sent is lost
-    with it (a CI run caught exactly that)."""
+    """Remembers the scrapes whose answers have been written out, by the time each request began.
+
+    A scrape counts once its body is written, not when the registry was collected: the process exits as soon
+    as linger() returns, and a scrape that was collected but not yet sent is lost with it (a CI run caught
+    exactly that). It is dated by when it began: one that began before the final values were set may still
+    be writing when linger() starts, and it does not carry them (a later CI run caught that)."""
 
     def __init__(self) -> None:
         self.times: deque[float] = deque(maxlen=8)
@@ -29,24 +32,34 @@ class ScrapeClock:
         clock = self
 
         class _Body(list):
+            began = 0.0
+
             def close(self) -> None:
-                clock.times.append(time.monotonic())
+                clock.times.append(self.began)
 
         def scraped(environ, start_response):
-            return _Body(app(environ, start_response))
+            began = time.monotonic()
+            body = _Body(app(environ, start_response))
+            body.began = began
+            return body
 
         return scraped
 
+    def _budget(self, max_seconds: float) -> float:
+        """About two of the scraper's intervals (at most max_seconds), from the scrapes seen so far."""
+        times = sorted(self.times)  # concurrent scrapes may finish out of order
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        return min(max_seconds, 2 * statistics.median(gaps) + 1) if gaps else max_seconds
+
     def wait_for_scrape_after(self, mark: float, max_seconds: float, poll: float = 0.1) -> bool:
-        """Block until a scrape after `mark`, if anyone scrapes us at all: without a scraper there is nothing
-        to wait for; with one, wait about two of its intervals (at most max_seconds)."""
+        """Block until a scrape that began after `mark` has been answered, if anyone scrapes us at all:
+        without a scraper there is nothing to wait for; with one, wait about two of its intervals. The
+        budget is re-read while waiting: a scrape still being written at `mark` refines it."""
         if not self.times or max_seconds <= 0:
             return False
-        gaps = [b - a for a, b in zip(self.times, list(self.times)[1:], strict=False)]
-        budget = min(max_seconds, 2 * statistics.median(gaps) + 1) if gaps else max_seconds
-        deadline = time.monotonic() + budget
-        while time.monotonic() < deadline:
-            if self.times and self.times[-1] > mark:
+        start = time.monotonic()
+        while time.monotonic() < start + self._budget(max_seconds):
+            if max(self.times) > mark:
                 return True
             time.sleep(poll)
         return False
