@@ -64,3 +64,34 @@ def test_a_full_disk_on_a_rank_fails_the_pod_with_exit_code_4(manifest, tmp_path
     assert code == EXIT_DISK_FULL, stderr[-3000:]
     parsed = json.loads(message)  # the worker's own message (reason and fix) is kept
     assert parsed["reason"] == FailureReason.DISK_FULL and "checkpoint" in parsed["message"]
+
+
+def test_a_full_disk_on_a_multi_node_job_spends_no_group_restart(manifest, tmp_path):
+    """torch elastic restarts a failed group in place up to maxRestarts times whatever the exit code; a full disk
+    cannot be fixed by a restart, so node 0's agent must not spend one: its pod exits 4 after the first failure
+    (the podFailurePolicy then fails the Job, which stops pod 1; here the test stops it)."""
+    spec = _manifest(manifest)
+    spec["spec"]["distributed"] = {"nodes": 2, "processesPerNode": 1, "processGroupTimeoutSeconds": 60, "maxRestarts": 3}
+    port = _port()
+    pods = []
+    for index in (0, 1):
+        out = tmp_path / f"pod-{index}"
+        env = trainer_env(spec, tmp_path / "shared", "disk-full-multinode", FINETUNE_NNODES="2",
+                          FINETUNE_NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          FINETUNE_RDZV_ID=f"disk-full-{port}", JOB_COMPLETION_INDEX=str(index),
+                          FINETUNE_TERMINATION_MESSAGE_PATH=str(out / "termination-log"), FINETUNE_FAULT_DISK_FULL="1")
+        out.mkdir()
+        pods.append(subprocess.Popen([sys.executable, "-m", "finetune_trainer"], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=(out / "stderr").open("w"), text=True))
+    try:
+        code = pods[0].wait(ENDS_WITHIN)
+    finally:
+        for pod in pods:
+            pod.kill()
+            pod.wait()
+    stderr = (tmp_path / "pod-0" / "stderr").read_text()
+    assert code == EXIT_DISK_FULL, stderr[-3000:]
+    assert stderr.count("optimizer adamw") == 1, stderr[-3000:]  # the worker started once: no restart in place
+    assert "the agent's 3 remaining restarts are not used" in stderr
+    parsed = json.loads((tmp_path / "pod-0" / "termination-log").read_text())
+    assert parsed["reason"] == FailureReason.DISK_FULL

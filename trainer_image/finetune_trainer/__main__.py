@@ -58,6 +58,37 @@ def torchrun_command(rt: Runtime, nnodes: int, nproc: int, distributed: Distribu
     ]
 
 
+def _no_restart_on_fatal_exit() -> None:
+    """Make the elastic agent spend no restart on a worker exit code that no restart can fix.
+
+    torch elastic restarts a failed worker group in place up to --max-restarts times whatever the exit code: a full
+    disk or an unreadable dataset on a multi-node job was retried maxRestarts times (each one a rendezvous, a
+    checkpoint load and training up to the next save) before the pod exited 4 or 5 and the Job's podFailurePolicy
+    failed it. The agent reads its budget after every look at its workers, so zeroing it when a failed rank's code is
+    one of EXIT_NOT_RETRYABLE makes that look final: the agent stops the other ranks and run_torchrun exits with
+    that code. torch has no option for this (its restarts are by count only); _monitor_workers is the one place
+    that sees the codes before the restart decision, so it is wrapped here, in the agent's own process only.
+    """
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+    if getattr(monitor, "finetune_no_restart_on_fatal", False):
+        return
+
+    def _monitor_workers(self, worker_group):
+        result = monitor(self, worker_group)
+        if result.is_failed() and any(f.exitcode in EXIT_NOT_RETRYABLE for f in result.failures.values()):
+            if self._remaining_restarts:
+                print(json.dumps({"level": "warning", "message": "a rank exited with a code no restart can fix; "
+                                  f"the agent's {self._remaining_restarts} remaining restarts are not used"}),
+                      file=sys.stderr)
+            self._remaining_restarts = 0
+        return result
+
+    _monitor_workers.finetune_no_restart_on_fatal = True  # type: ignore[attr-defined]
+    LocalElasticAgent._monitor_workers = _monitor_workers  # type: ignore[method-assign]
+
+
 def run_torchrun(command: list[str]) -> int:
     """Run torchrun's elastic agent in this process (what exec'ing it did: SIGTERM from the kubelet reaches the agent,
     which forwards it to every worker), and exit the way the pod should.
@@ -75,6 +106,7 @@ def run_torchrun(command: list[str]) -> int:
     from . import failures
 
     assert command[1:3] == ["-m", "torch.distributed.run"], command
+    _no_restart_on_fatal_exit()
     try:
         run(parse_args(command[3:]))
     except ChildFailedError as err:
