@@ -134,15 +134,25 @@ def _builtin_resources() -> list[ResourceSpec]:
     ]
 
 
+# The real server's message for an expired continue token (k8s.io/apiserver storage/etcd3, inconsistentContinue).
+_INCONSISTENT_CONTINUE = (
+    "The provided continue parameter is too old to display a consistent list result. You can start a new list "
+    "without the continue parameter, or use the continue token in this response to retrieve the remainder of the "
+    "results. Continuing with the provided token results in an inconsistent list - objects that were created, "
+    "modified, or deleted between the time the first chunk was returned and now may show up in the list.")
+
+
 class ApiError(Exception):
     """A failure answered as a `kind: Status` body, as the real server does."""
 
-    def __init__(self, code: int, reason: str, message: str, details: JsonObj | None = None) -> None:
+    def __init__(self, code: int, reason: str, message: str, details: JsonObj | None = None,
+                 metadata: JsonObj | None = None) -> None:
         super().__init__(message)
         self.code, self.reason, self.message, self.details = code, reason, message, details or {}
+        self.metadata = metadata or {}  # the Status's ListMeta (an expired continue token's replacement)
 
     def status(self) -> JsonObj:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        return {"kind": "Status", "apiVersion": "v1", "metadata": self.metadata, "status": "Failure",
                 "message": self.message, "reason": self.reason, "details": self.details, "code": self.code}
 
 
@@ -690,22 +700,30 @@ class FaithfulKubernetesEmulator(kmock.KubernetesEmulator):
         if token:
             try:
                 decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
-                rv, after = int(decoded["rv"]), tuple(decoded["start"])
+                token_rv, after = int(decoded["rv"]), tuple(decoded["start"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise ApiError(400, "BadRequest", f"continue key is not valid: {exc}") from exc
-            if rv < self._log_floor[spec.key]:
-                raise ApiError(410, "Expired", "The provided continue parameter is too old to display a consistent "
-                               "list result. You can start a new list without the continue parameter, or use the "
-                               "continue token in this response to retrieve the remainder of the results.")
+            if token_rv == -1:
+                pass  # the replacement token of an expired one: the rest at the latest version (inconsistent)
+            elif token_rv < self._log_floor[spec.key]:
+                # As the real server (storage/etcd3 handleCompactedErrorForPaging): 410 whose Status carries a
+                # new token at resourceVersion -1, which continues from the same key at the latest version.
+                raise ApiError(410, "Expired", _INCONSISTENT_CONTINUE,
+                               metadata={"continue": self._continue_token(-1, after)})
+            else:
+                rv = token_rv
         items = [o for o in listed["items"] if after is None or (o["metadata"].get("namespace", ""), o["metadata"]["name"]) > after]
         page, rest = (items[:limit], items[limit:]) if limit else (items, [])
         meta: JsonObj = {"resourceVersion": str(rv)}
         if rest:
             last = page[-1]["metadata"]
-            meta["continue"] = base64.urlsafe_b64encode(json.dumps(
-                {"rv": rv, "start": [last.get("namespace", ""), last["name"]]}).encode()).decode()
+            meta["continue"] = self._continue_token(rv, (last.get("namespace", ""), last["name"]))
             meta["remainingItemCount"] = len(rest)
         return {**listed, "metadata": meta, "items": page}
+
+    @staticmethod
+    def _continue_token(rv: int, start: tuple[str, str]) -> str:
+        return base64.urlsafe_b64encode(json.dumps({"rv": rv, "start": list(start)}).encode()).decode()
 
     # -- writes ---------------------------------------------------------------------------------------
 

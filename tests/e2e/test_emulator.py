@@ -264,7 +264,16 @@ def test_lists_are_chunked_by_limit_and_continue_like_the_real_server(api, kube,
 
         faults(kube.url, {"expire": True}, action="drop-watches")
         err = api_error(api.core.list_namespaced_config_map, namespace, limit=2, _continue=first.metadata._continue)
-        assert err.status == 410 and json.loads(err.body)["reason"] == "Expired"
+        status = json.loads(err.body)
+        assert err.status == 410 and status["reason"] == "Expired"
+        # As the real server (storage/etcd3 handleCompactedErrorForPaging): the Status carries a new token that
+        # continues after the same key at the latest version, an inconsistent list the message warns about.
+        assert "use the continue token in this response" in status["message"]
+        assert "inconsistent list" in status["message"]
+        api.core.create_namespaced_config_map(namespace, {"metadata": {"name": "page-5"}})
+        rest = api.core.list_namespaced_config_map(namespace, limit=10, _continue=status["metadata"]["continue"])
+        assert [o.metadata.name for o in rest.items] == ["page-2", "page-3", "page-4", "page-5"]
+        assert int(rest.metadata.resource_version) > int(first.metadata.resource_version)
 
 
 def test_namespace_deletion_empties_it(api, wait_for):
