@@ -144,6 +144,8 @@ LOCAL_ONLY_MODULES = {"test_pod_runner": "tests the local pod runner itself"}
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "local_pods: needs the local pod runner (its knobs, local paths or files); "
                                        "skipped when FTJ_E2E_POD_RUNNER is off")
+    config.addinivalue_line("markers", "emulation_only(reason): acts on the emulation itself (fault injection, "
+                                       "restarts, compaction), which a real cluster does not offer; skipped there")
 
 
 def pod_runner_enabled(kube: KubeTarget | None = None) -> bool:
@@ -168,7 +170,12 @@ def _local_only_reason(node: pytest.Item) -> str | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With the cluster running pods itself, tests that need local processes (or an image to run) are skipped
-    at collection, each with its reason in the report."""
+    at collection, each with its reason in the report; so are tests marked emulation_only against a real cluster."""
+    if os.environ.get("FTJ_E2E_KUBECONFIG"):
+        for item in items:
+            marker = item.get_closest_marker("emulation_only")
+            if marker is not None:
+                item.add_marker(pytest.mark.skip(reason=f"needs the emulation: {marker.args[0]}"))
     if pod_runner_enabled():
         return
     for item in items:

@@ -311,9 +311,8 @@ def test_watch_resumes_from_resource_version_and_follows_selectors(api, namespac
     assert events() == [("ADDED", "w1")]  # no resourceVersion: the current state
 
 
+@pytest.mark.emulation_only("compacts the emulation's event history")
 def test_expired_history_answers_410_gone_and_a_fresh_listing_can_be_watched(api, kube, namespace):
-    if not kube.emulated:
-        pytest.skip("compacts the emulation's event history")
     from .operator_helpers import faults
 
     api.custom.create_namespaced_custom_object(G, V, namespace, P, ftj("old"))

@@ -37,7 +37,7 @@ from .operator_helpers import (
 )
 
 pytest_plugins = ["e2e.operator_fixture"]
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.emulation_only("injects faults through the emulation's /_e2e/faults endpoint")]
 
 TOKEN = "faults-operator"
 API_TIMEOUT = 2  # FTO_API_TIMEOUT_SECONDS of the module's operator: the slow-answer test waits beyond it
@@ -45,8 +45,6 @@ API_TIMEOUT = 2  # FTO_API_TIMEOUT_SECONDS of the module's operator: the slow-an
 
 @pytest.fixture(scope="module")
 def op(kube, tmp_path_factory):
-    if not kube.emulated:
-        pytest.skip("injects faults through the emulation's /_e2e/faults endpoint")
     workdir = tmp_path_factory.mktemp("faults-operator")
     proc = OperatorProcess(token_kubeconfig(kube.kubeconfig, TOKEN, workdir / "kubeconfig.yaml"), workdir,
                            FTO_API_TIMEOUT_SECONDS=str(API_TIMEOUT))
@@ -215,9 +213,8 @@ class RestartableApi:
             self.proc.wait(30)
 
 
+@pytest.mark.emulation_only("restarts the emulation")
 def test_api_server_restart_with_state_kept(kube, tmp_path, wait_for):
-    if not kube.emulated:
-        pytest.skip("restarts the emulation")
     server = RestartableApi(tmp_path)
     server.start()
     operator = OperatorProcess(server.kubeconfig, tmp_path / "operator")
