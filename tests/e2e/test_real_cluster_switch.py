@@ -59,7 +59,7 @@ class _Item:
         self._marker = marker
 
     def get_closest_marker(self, name):
-        return self._marker if name == "local_pods" else None
+        return self._marker if self._marker is not None and self._marker.name == name else None
 
     def add_marker(self, marker):
         self.markers.append(marker)
@@ -83,3 +83,19 @@ def test_tests_needing_local_pods_are_skipped_at_collection_on_a_real_cluster(mo
     monkeypatch.setenv("FTJ_E2E_POD_RUNNER", "on")
     pytest_collection_modifyitems(None, [local])
     assert len(local.markers) == 1  # unchanged: with the runner on nothing is skipped
+
+
+def test_tests_acting_on_the_emulation_are_skipped_at_collection_on_a_real_cluster(monkeypatch):
+    from .conftest import pytest_collection_modifyitems
+
+    faults = _Item(["namespace"], marker=pytest.mark.emulation_only("injects faults").mark)
+    plain = _Item(["namespace"])
+    monkeypatch.delenv("FTJ_E2E_KUBECONFIG", raising=False)
+    pytest_collection_modifyitems(None, [faults, plain])
+    assert faults.markers == [] == plain.markers  # the emulation: both run
+    monkeypatch.setenv("FTJ_E2E_KUBECONFIG", "/path/to/kubeconfig")
+    monkeypatch.setenv("FTJ_E2E_POD_RUNNER", "off")
+    monkeypatch.setenv("FTJ_E2E_TRAINER_IMAGE", "registry.example/finetune-trainer:1")
+    pytest_collection_modifyitems(None, [faults, plain])
+    assert [m.kwargs["reason"] for m in faults.markers] == ["needs the emulation: injects faults"]
+    assert plain.markers == []
