@@ -58,6 +58,16 @@ def events_for(c: KubeClient, ns: str, name: str) -> list[dict[str, Any]]:
     return [e for e in items(c, f"/api/v1/namespaces/{ns}/events") if (e.get("involvedObject") or {}).get("name") == name]
 
 
+def events_with(c: KubeClient, ns: str, name: str, wait_for: Any, *reasons: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The object's Events, once one of each reason has been posted. The operator posts an Event after the status
+    patch it follows (client-go's recorder even sends them in the background), so a test that has just seen the
+    status can read the Events before that one arrives (a CI run under load did)."""
+    def posted() -> list[dict[str, Any]]:
+        events = events_for(c, ns, name)
+        return events if set(reasons) <= {e["reason"] for e in events} else []
+    return wait_for(posted, timeout=timeout, what=f"Events {', '.join(reasons)} of {ns}/{name}")
+
+
 def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in st.get("conditions") or [] if c.get("type") == type_), {})
 

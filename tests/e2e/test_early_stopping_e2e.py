@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from trainer.tiny_models import COMMON, SPECIAL, TOPICS
 
-from .operator_helpers import condition, create, events_for, kube_client, status
+from .operator_helpers import condition, create, events_with, kube_client, status
 
 pytest_plugins = ["e2e.operator_fixture"]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
@@ -146,7 +146,7 @@ def test_overfitting_job_is_stopped_by_the_operator_and_keeps_the_best_model(
     assert st["stopReason"] == st["trainerStopMessage"] and st["trainerStopReason"] == "PatienceExhausted"
     decided_at = int(re.search(r"\(at epoch (\d+)\)", requested["message"]).group(1))
     assert decided_at == st["trainerStopEpoch"]
-    assert "PatienceExhausted" in [e["reason"] for e in events_for(c, namespace, name)]
+    events_with(c, namespace, name, wait_for, "PatienceExhausted")
 
     # What the trainer reported: it learned, then overfitted, and ran fewer epochs than configured.
     history = st["history"]

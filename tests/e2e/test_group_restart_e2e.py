@@ -21,7 +21,7 @@ import pytest
 from trainer.local_train import run as local_run
 from trainer.tiny_models import build_tiny_bert, make_manifest, write_tiny_data
 
-from .operator_helpers import create, events_for, kube_client, status
+from .operator_helpers import create, events_with, kube_client, status
 
 pytest_plugins = ["e2e.operator_fixture"]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
@@ -78,7 +78,7 @@ def _lose_pod_one(kube, pod_runner, namespace, wait_for, inputs, name: str, *, d
                   timeout=300, what="a finished job", interval=0.5)
     job = c.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{batch}")
     result = json.loads((out / "result.json").read_text())
-    events = events_for(c, namespace, name)
+    events = events_with(c, namespace, name, wait_for, "GroupRestarted")
     c.close()
     print(json.dumps({"killedToFinishSeconds": round(time.monotonic() - killed, 1), "restarts": st.get("restarts"),
                       "lastRestart": st.get("lastRestart"), "jobFailed": (job.get("status") or {}).get("failed"),

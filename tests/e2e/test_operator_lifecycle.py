@@ -13,6 +13,7 @@ from .operator_helpers import (
     condition,
     create,
     events_for,
+    events_with,
     ftj,
     get,
     items,
@@ -46,8 +47,7 @@ def test_job_runs_to_success_with_children_status_and_events(c, operator, pod_ru
         assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == uid
     job = kids["Job"][0]
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["suspend"] is False
-    reasons = [e["reason"] for e in events_for(c, namespace, "plain")]
-    assert "ChildrenCreated" in reasons and "TrainingCompleted" in reasons
+    events_with(c, namespace, "plain", wait_for, "ChildrenCreated", "TrainingCompleted")
     # the operator never writes the FineTuneJob's spec or metadata
     meta = get(c, namespace, "plain")["metadata"]
     assert meta.get("generation") == 1 and not meta.get("finalizers") and not meta.get("annotations")
@@ -133,7 +133,7 @@ def test_suspend_and_resume(c, operator, pod_runner, namespace, fake_trainer_env
     assert children(c, namespace, "queued")["Job"][0]["spec"]["suspend"] is True
     patch(c, namespace, "queued", {"spec": {"suspend": False}})
     wait_for(lambda: status(c, namespace, "queued").get("phase") == "Succeeded", timeout=60, what="phase Succeeded")
-    assert "JobResumed" in [e["reason"] for e in events_for(c, namespace, "queued")]
+    events_with(c, namespace, "queued", wait_for, "JobResumed")
 
 
 def test_early_stop_obeyed_by_the_trainer(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
@@ -157,7 +157,7 @@ def test_stop_enforced_when_the_trainer_ignores_it(c, operator, pod_runner, name
     assert st["reason"] == "EarlyStopped" and st["stopEnforced"] is True
     assert "grace period" in st["message"]
     assert children(c, namespace, "stubborn")["Job"][0]["spec"]["suspend"] is True
-    assert "StopEnforced" in [e["reason"] for e in events_for(c, namespace, "stubborn")]
+    events_with(c, namespace, "stubborn", wait_for, "StopEnforced")
     pods = items(c, f"/api/v1/namespaces/{namespace}/pods", "finetune.dev/job-name=stubborn")
     wait_for(lambda: not [p for p in pods if (p.get("status") or {}).get("phase") == "Running"], what="no running pod")
 
@@ -190,7 +190,7 @@ def test_immutable_change_refused_while_running(c, operator, pod_runner, namespa
                     what="SpecChangeRefused")
     assert "spec.distributed" in cond["message"]
     assert children(c, namespace, "fixed")["Job"][0]["spec"]["parallelism"] == 1
-    assert "ImmutableFieldChanged" in [e["reason"] for e in events_for(c, namespace, "fixed")]
+    events_with(c, namespace, "fixed", wait_for, "ImmutableFieldChanged")
     # A mid-run learning-rate edit is refused too: the running trainer read its config once.
     patch(c, namespace, "fixed", {"spec": {"distributed": {"nodes": 1}, "hyperparameters": {"learningRate": 1e-3}}})
     cond = wait_for(lambda: (x := condition(status(c, namespace, "fixed"), "SpecChangeRefused")).get("message", "")

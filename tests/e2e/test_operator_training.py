@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .operator_helpers import condition, create, events_for, kube_client, status
+from .operator_helpers import condition, create, events_with, kube_client, status
 
 pytest_plugins = ["e2e.operator_fixture"]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -34,5 +34,5 @@ def test_classification_example_succeeds(kube, operator, pod_runner, namespace, 
     # podStartSeconds merged into the object whose other keys the trainer wrote).
     assert 0.0 <= st["testMetrics"]["test_accuracy"] <= 1.0 and st["testExamples"] == 200, st.get("testMetrics")
     assert st["timings"]["podStartSeconds"] >= 0 and st["timings"]["firstStepTime"] and st["timings"]["dataSeconds"] >= 0
-    assert st["reason"] in [e["reason"] for e in events_for(c, namespace, name)]
+    events_with(c, namespace, name, wait_for, st["reason"])
     c.close()

@@ -17,7 +17,7 @@ import json
 import pytest
 from trainer.tiny_models import build_tiny_bert, write_tiny_data
 
-from .operator_helpers import condition, events_for, items, kube_client, status
+from .operator_helpers import condition, events_with, items, kube_client, status
 
 pytest_plugins = ["e2e.operator_fixture"]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
@@ -118,7 +118,7 @@ def test_sweep_runs_trials_prunes_and_finds_the_best(kube, operator, pod_runner,
     assert st["epochsSpent"] == sum(t["epochs"] for t in trials)
     assert st["epochsSavedByPruning"] == sum(t["epochsSaved"] for t in pruned)
     assert (st["trialsCreated"], st["trialsPruned"], st["trialsSucceeded"]) == (6, len(pruned), len(completed))
-    reasons = [e["reason"] for e in events_for(c, namespace, name)]
+    reasons = [e["reason"] for e in events_with(c, namespace, name, wait_for, "TrialCreated", "Pruned", "BudgetSpent")]
     assert reasons.count("TrialCreated") == 6 and "Pruned" in reasons and "BudgetSpent" in reasons
 
     metrics = operator.metrics()

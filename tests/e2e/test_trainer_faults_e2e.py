@@ -30,7 +30,7 @@ from trainer.tiny_models import build_tiny_bert, write_tiny_data
 
 from finetune_operator.cli import main as cli_main
 
-from .operator_helpers import audit, condition, create, events_for, get, items, kube_client, status
+from .operator_helpers import audit, condition, create, events_with, get, items, kube_client, status
 from .pod_runner import METRICS_PORT_ANNOTATION, service_account_token
 
 pytest_plugins = ["e2e.operator_fixture"]
@@ -215,7 +215,7 @@ def test_a_full_disk_and_a_missing_dataset_fail_at_once_naming_the_path(kube, op
     assert f"spec.dataset.source {missing}" in nodata["message"] and "does not exist" in nodata["message"]
     for name, st in done.items():
         assert condition(st, "Failed")["reason"] == st["reason"]
-        warnings = [e for e in events_for(c, namespace, name) if e["reason"] == st["reason"]]
+        warnings = [e for e in events_with(c, namespace, name, wait_for, st["reason"]) if e["reason"] == st["reason"]]
         assert warnings and warnings[0]["type"] == "Warning" and st["message"] in warnings[0]["message"]
         # One pod, not backoffLimit + 1: the podFailurePolicy failed the Job at the first exit code 4/5.
         pods = [pod_runner.pods[(namespace, p)] for p in pod_runner.pod_names(f"{name}-train", include_gone=True)]
