@@ -145,7 +145,9 @@ def test_early_stop_obeyed_by_the_trainer(c, operator, pod_runner, namespace, fa
     cond = condition(st, "EarlyStopRequested")
     assert cond["status"] == "True" and cond["reason"] == "PatienceExhausted" and "best 0.4 at epoch 2" in cond["message"]
     assert st["epoch"] < 20 and st["epochsSaved"] == 20 - st["epoch"]
-    assert 'finetune_operator_early_stops_total{reason="PatienceExhausted"} 1.0' in operator.metrics()
+    # Counted with the Event, after the status patch: wait for it rather than read it once.
+    wait_for(lambda: 'finetune_operator_early_stops_total{reason="PatienceExhausted"} 1.0' in operator.metrics(),
+             what="the early stop counted")
 
 
 def test_stop_enforced_when_the_trainer_ignores_it(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):
@@ -178,7 +180,7 @@ def test_stall_watchdog_fails_a_hung_trainer(c, operator, pod_runner, namespace,
     st = wait_for(lambda: (s := status(c, namespace, "hung")).get("phase") == "Failed" and s, timeout=60, what="phase Failed")
     assert st["reason"] == "Stalled" and condition(st, "Stalled")["status"] == "True"
     assert children(c, namespace, "hung")["Job"][0]["spec"]["suspend"] is True
-    assert "finetune_operator_stalled_jobs_total 1.0" in operator.metrics()
+    wait_for(lambda: "finetune_operator_stalled_jobs_total 1.0" in operator.metrics(), what="the stall counted")
 
 
 def test_immutable_change_refused_while_running(c, operator, pod_runner, namespace, fake_trainer_env, wait_for):

@@ -121,8 +121,8 @@ def test_sweep_runs_trials_prunes_and_finds_the_best(kube, operator, pod_runner,
     reasons = [e["reason"] for e in events_with(c, namespace, name, wait_for, "TrialCreated", "Pruned", "BudgetSpent")]
     assert reasons.count("TrialCreated") == 6 and "Pruned" in reasons and "BudgetSpent" in reasons
 
-    metrics = operator.metrics()
-    assert f'finetune_operator_sweep_trials{{state="Pruned"}} {float(len(pruned))}' in metrics
+    wait_for(lambda: f'finetune_operator_sweep_trials{{state="Pruned"}} {float(len(pruned))}' in operator.metrics(),
+             what="the pruned trials counted")
     print(json.dumps({"trials": [(t["params"]["hyperparameters.learningRate"], t["state"], t["epochs"]) for t in trials],
                       "best": st["bestParams"], "epochsSpent": st["epochsSpent"], "saved": st["epochsSavedByPruning"]}))
     c.close()
