@@ -47,7 +47,7 @@ class ScrapeClock:
 
     def _budget(self, max_seconds: float) -> float:
         """About two of the scraper's intervals (at most max_seconds), from the scrapes seen so far."""
-        times = sorted(self.times)  # concurrent scrapes may finish out of order
+        times = sorted(tuple(self.times))  # a snapshot (scrape threads append); they may finish out of order
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         return min(max_seconds, 2 * statistics.median(gaps) + 1) if gaps else max_seconds
 
@@ -59,7 +59,7 @@ class ScrapeClock:
             return False
         start = time.monotonic()
         while time.monotonic() < start + self._budget(max_seconds):
-            if max(self.times) > mark:
+            if max(tuple(self.times)) > mark:
                 return True
             time.sleep(poll)
         return False
