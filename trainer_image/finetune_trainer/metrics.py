@@ -32,16 +32,16 @@ class ScrapeClock:
         clock = self
 
         class _Body(list):
-            began = 0.0
+            def __init__(self, chunks, began: float) -> None:
+                super().__init__(chunks)
+                self.began = began
 
             def close(self) -> None:
                 clock.times.append(self.began)
 
         def scraped(environ, start_response):
             began = time.monotonic()
-            body = _Body(app(environ, start_response))
-            body.began = began
-            return body
+            return _Body(app(environ, start_response), began)
 
         return scraped
 
