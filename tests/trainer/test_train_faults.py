@@ -95,3 +95,9 @@ def test_the_rank_that_declared_a_fatal_error_is_the_root_cause_not_the_earliest
     assert failures.root_failure({0: collateral, 1: oom_killed}) == (1, oom_killed)
     unreadable, world = Failure(exitcode=EXIT_DATASET_UNREADABLE, timestamp=5), Failure(exitcode=1, timestamp=4)
     assert failures.root_failure({3: world, 2: unreadable}) == (2, unreadable)
+    # A rank's own crash and its peer's lost connection, both exit 1, the peer's error stamped first (seen under load).
+    crash = Failure(exitcode=1, timestamp=1001, message={"message": "RuntimeError: fault injection: rank 1 fails"})
+    lost = Failure(exitcode=1, timestamp=1000, message={"message": "RuntimeError: [../gloo/transport/tcp/pair.cc:553] "
+                                                                  "Connection closed by peer [127.0.0.1]:7067"})
+    assert failures.root_failure({0: lost, 1: crash}) == (1, crash)
+    assert failures.lost_a_peer(lost) and not failures.lost_a_peer(crash)

@@ -185,9 +185,32 @@ def root_failure(failed: dict[int, Any]) -> tuple[int, Any]:
     collective fails ("Connection closed by peer"), and a peer's error file can carry an earlier time than the one
     the agent records when its monitor notices the first exit. The peer was then blamed, with exit 143, and the
     Job's podFailurePolicy retried what it should have failed at once. A rank that exited with a code of
-    EXIT_NOT_RETRYABLE decided to stop, so it goes first; otherwise the earliest, as torch does (a rank killed by
-    a signal, the OOM killer's, can be the cause, so signals are not ranked below exits)."""
-    return min(failed.items(), key=lambda item: (item[1].exitcode not in EXIT_NOT_RETRYABLE, item[1].timestamp))
+    EXIT_NOT_RETRYABLE decided to stop, so it goes first. The same race blamed a peer for a rank's own crash (exit
+    1 both, the peer's "Connection closed by peer" stamped first, seen under CPU load): a rank whose error says a
+    peer went away is a consequence, so it goes after the others. Otherwise the earliest, as torch does (a rank
+    killed by a signal, the OOM killer's, can be the cause, so signals are not ranked below exits)."""
+    return min(failed.items(), key=lambda item: (item[1].exitcode not in EXIT_NOT_RETRYABLE, lost_a_peer(item[1]),
+                                                 item[1].timestamp))
+
+
+# What a rank's error says when the rank itself was fine and a peer of its collective went away (gloo's TCP pair,
+# NCCL's watchdog, a socket of the store).
+PEER_LOSS_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                     "remote process exited", "communicator was aborted")
+
+
+def lost_a_peer(failure: Any) -> bool:
+    """Whether a torch elastic ProcessFailure's error is a peer's loss rather than this rank's own fault."""
+    text = _error_text(failure).lower()
+    return any(marker in text for marker in PEER_LOSS_MARKERS)
+
+
+def _error_text(failure: Any) -> str:
+    """A ProcessFailure's error on one line: the exception its worker's `record` wrapper wrote, or nothing."""
+    error = getattr(failure, "message", None)
+    if isinstance(error, dict):  # the error file's {"message": ..., "extraInfo": {...}}
+        error = error.get("message") or ""
+    return " ".join(str(error or "").split())
 
 
 RANK_ERROR_CHARS = 160  # the operator shows a termination message's last 300 characters: keep the rank in them
@@ -196,10 +219,7 @@ RANK_ERROR_CHARS = 160  # the operator shows a termination message's last 300 ch
 def rank_failure_message(rank: int, failure: Any, failed_ranks: list[int]) -> str:
     """One line for a torch elastic ProcessFailure: which rank, how it ended, its error (the exception a worker's
     `record` wrapper wrote, or the signal), and that the other ranks were stopped with it."""
-    error = failure.message
-    if isinstance(error, dict):  # the error file's {"message": ..., "extraInfo": {...}}
-        error = error.get("message") or ""
-    error = " ".join(str(error or "").split())
+    error = _error_text(failure)
     if len(error) > RANK_ERROR_CHARS:
         error = error[: RANK_ERROR_CHARS - 3] + "..."
     how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
