@@ -12,7 +12,6 @@ from .operator_helpers import (
     children,
     condition,
     create,
-    events_for,
     events_with,
     ftj,
     get,
@@ -71,8 +70,7 @@ def test_job_runs_to_success_with_children_status_and_events(c, operator, pod_ru
     ready = wait_for(lambda: (r := condition(status(c, namespace, "plain"), "Ready")).get("reason") == "OutputClaimInUse"
                      and r, what="Ready=False OutputClaimInUse")
     assert ready["status"] == "False" and "plain-output" in ready["message"] and "reuseRetainedClaim" in ready["message"]
-    wait_for(lambda: any(e["reason"] == "OutputClaimInUse" for e in events_for(c, namespace, "plain")),
-             what="OutputClaimInUse event")
+    events_with(c, namespace, "plain", wait_for, "OutputClaimInUse")
     assert not children(c, namespace, "plain").get("Job")
     assert c.get(claim)["metadata"]["annotations"]["finetune.dev/job-uid"] == uid  # left alone
     # Deleting the claim is one of the fixes: the job then gets a fresh claim of its own, and its training Job.
@@ -115,7 +113,7 @@ def test_invalid_spec_fails_with_the_field_named_and_no_children(c, crd_without_
     st = wait_for(lambda: (s := status(c, namespace, "bad")).get("phase") == "Failed" and s, what="phase Failed")
     assert st["reason"] == "InvalidSpec" and "warmupSteps" in st["message"]
     assert condition(st, "Valid")["status"] == "False"
-    wait_for(lambda: any(e["reason"] == "InvalidSpec" for e in events_for(c, namespace, "bad")), what="InvalidSpec event")
+    events_with(c, namespace, "bad", wait_for, "InvalidSpec")
     assert all(not v for v in children(c, namespace, "bad").values())
 
 

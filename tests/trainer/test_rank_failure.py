@@ -31,12 +31,17 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _pod_env(manifest: dict, out: Path, job: str, port: int, *, nodes: int, procs: int, index: int, pod_dir: Path,
+             **fault: str) -> dict[str, str]:
+    """The environment of pod `index` of a job of `nodes` pods on loopback (its rendezvous at `port`)."""
+    return trainer_env(manifest, out, job, FINETUNE_NNODES=str(nodes), FINETUNE_NPROC_PER_NODE=str(procs),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FINETUNE_RDZV_ID=f"{job}-{port}",
+                       JOB_COMPLETION_INDEX=str(index),
+                       FINETUNE_TERMINATION_MESSAGE_PATH=str(pod_dir / "termination-log"), **fault)
+
+
 def _pod(manifest: dict, out: Path, **fault: str) -> tuple[int, str, str]:
-    port = _port()
-    env = trainer_env(manifest, out, "rank-failure", FINETUNE_NNODES="1", FINETUNE_NPROC_PER_NODE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FINETUNE_RDZV_ID=f"rank-failure-{port}",
-                      JOB_COMPLETION_INDEX="0", FINETUNE_TERMINATION_MESSAGE_PATH=str(out / "termination-log"),
-                      **fault)
+    env = _pod_env(manifest, out, "rank-failure", _port(), nodes=1, procs=2, index=0, pod_dir=out, **fault)
     proc = subprocess.run([sys.executable, "-m", "finetune_trainer"], env=env, capture_output=True, text=True,
                           timeout=ENDS_WITHIN)
     message = (out / "termination-log").read_text() if (out / "termination-log").exists() else ""
@@ -76,10 +81,8 @@ def test_a_full_disk_on_a_multi_node_job_spends_no_group_restart(manifest, tmp_p
     pods = []
     for index in (0, 1):
         out = tmp_path / f"pod-{index}"
-        env = trainer_env(spec, tmp_path / "shared", "disk-full-multinode", FINETUNE_NNODES="2",
-                          FINETUNE_NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                          FINETUNE_RDZV_ID=f"disk-full-{port}", JOB_COMPLETION_INDEX=str(index),
-                          FINETUNE_TERMINATION_MESSAGE_PATH=str(out / "termination-log"), FINETUNE_FAULT_DISK_FULL="1")
+        env = _pod_env(spec, tmp_path / "shared", "disk-full-multinode", port, nodes=2, procs=1, index=index,
+                       pod_dir=out, FINETUNE_FAULT_DISK_FULL="1")
         out.mkdir()
         pods.append(subprocess.Popen([sys.executable, "-m", "finetune_trainer"], env=env, stdout=subprocess.DEVNULL,
                                      stderr=(out / "stderr").open("w"), text=True))

@@ -43,6 +43,7 @@ APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply; JSON is valid
 # What the API server's audit log records as each request's userAgent (client-go sends "<binary>/<version>
 # (<os>/<arch>)"; since http.client, and now plain sockets, replaced urllib3 the operator sent none at all).
 USER_AGENT = f"{FIELD_MANAGER} (python/{platform.python_version()})"
+_HEADERS = {"Accept": "application/json", "User-Agent": USER_AGENT}  # on every request and watch
 
 log = logging.getLogger("finetune_operator.kube")
 
@@ -279,7 +280,7 @@ class KubeClient:
             params.setdefault("fieldManager", FIELD_MANAGER)
         conn = self.connection
         target = path + ("?" + urlencode(params) if params else "")
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT, "Content-Type": content_type, **conn.headers()}
+        headers = {**_HEADERS, "Content-Type": content_type, **conn.headers()}
         data_out = body if body is None or isinstance(body, bytes) else (
             body.encode() if isinstance(body, str) else orjson.dumps(body))
         self._admit()
@@ -327,8 +328,7 @@ class KubeClient:
         conn = self.connection
         target = path + "?" + urlencode({**query, "watch": "true"})
         self._admit()
-        stream = conn.pool.stream(target, {"Accept": "application/json", "User-Agent": USER_AGENT, **conn.headers()},
-                                  self.timeout[0], read_timeout)
+        stream = conn.pool.stream(target, {**_HEADERS, **conn.headers()}, self.timeout[0], read_timeout)
         if stream.status >= 400:
             data = stream.read()
             stream.close()
